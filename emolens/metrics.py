@@ -1,0 +1,148 @@
+"""Evaluation metrics as pure functions on arrays.
+
+Classification (accuracy, balanced accuracy, macro-F1, per-class scores, confusion matrix),
+polarity (accuracy and recall of the positive class, paper 003), label-distribution measures
+(Geng's six), and Mikels-wheel-aware errors that weigh a mistake by how far apart the two
+emotions lie on the wheel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EPS = 1e-12
+
+
+def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
+    """``cm[i, j]`` = samples of true class i predicted as j."""
+    t = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(y_pred, dtype=np.int64)
+    return np.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def per_class_scores(y_true, y_pred, num_classes: int) -> dict[str, np.ndarray]:
+    """Precision, recall, F1 and support per class (0 where undefined)."""
+    cm = confusion_matrix(y_true, y_pred, num_classes).astype(np.float64)
+    tp = np.diag(cm)
+    predicted, support = cm.sum(0), cm.sum(1)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": support.astype(np.int64)}
+
+
+def accuracy(y_true, y_pred) -> float:
+    t, p = np.asarray(y_true), np.asarray(y_pred)
+    return float((t == p).mean()) if len(t) else float("nan")
+
+
+def balanced_accuracy(y_true, y_pred, num_classes: int) -> float:
+    """Mean recall over the classes present in ``y_true``."""
+    s = per_class_scores(y_true, y_pred, num_classes)
+    present = s["support"] > 0
+    return float(s["recall"][present].mean())
+
+
+def macro_f1(y_true, y_pred, num_classes: int) -> float:
+    """Unweighted mean F1 over the classes present in ``y_true`` or predicted."""
+    s = per_class_scores(y_true, y_pred, num_classes)
+    cm = confusion_matrix(y_true, y_pred, num_classes)
+    used = (cm.sum(0) + cm.sum(1)) > 0
+    return float(s["f1"][used].mean())
+
+
+def classification_report(y_true, y_pred, num_classes: int) -> dict[str, float]:
+    return {
+        "accuracy": accuracy(y_true, y_pred),
+        "balanced_accuracy": balanced_accuracy(y_true, y_pred, num_classes),
+        "macro_f1": macro_f1(y_true, y_pred, num_classes),
+    }
+
+
+def polarity_report(y_true, y_pred) -> dict[str, float]:
+    """Paper 003's two figures on 0 = negative / 1 = positive labels: accuracy and positive-class recall."""
+    t, p = np.asarray(y_true), np.asarray(y_pred)
+    pos = t == 1
+    return {"accuracy": accuracy(t, p), "positive_recall": float((p[pos] == 1).mean()) if pos.any() else float("nan")}
+
+
+# --- label distributions (means over samples; target first, prediction second) ------------
+
+
+def _pair(target, predicted) -> tuple[np.ndarray, np.ndarray]:
+    t = np.atleast_2d(np.asarray(target, dtype=np.float64))
+    p = np.atleast_2d(np.asarray(predicted, dtype=np.float64))
+    if t.shape != p.shape:
+        raise ValueError(f"distribution shapes differ: {t.shape} vs {p.shape}")
+    return t, p
+
+
+def kl_divergence(target, predicted) -> float:
+    """Mean KL(target || predicted); lower is better."""
+    t, p = _pair(target, predicted)
+    return float(np.sum(np.where(t > 0, t * np.log((t + EPS) / (p + EPS)), 0.0), -1).mean())
+
+
+def chebyshev(target, predicted) -> float:
+    t, p = _pair(target, predicted)
+    return float(np.abs(t - p).max(-1).mean())
+
+
+def clark(target, predicted) -> float:
+    t, p = _pair(target, predicted)
+    s = t + p
+    r = np.divide((t - p) ** 2, s ** 2, out=np.zeros_like(t), where=s > 0)
+    return float(np.sqrt(r.sum(-1)).mean())
+
+
+def canberra(target, predicted) -> float:
+    t, p = _pair(target, predicted)
+    s = t + p
+    return float(np.divide(np.abs(t - p), s, out=np.zeros_like(t), where=s > 0).sum(-1).mean())
+
+
+def cosine(target, predicted) -> float:
+    """Mean cosine similarity; higher is better."""
+    t, p = _pair(target, predicted)
+    denom = np.linalg.norm(t, axis=-1) * np.linalg.norm(p, axis=-1)
+    return float(((t * p).sum(-1) / np.maximum(denom, EPS)).mean())
+
+
+def intersection(target, predicted) -> float:
+    """Mean histogram intersection; higher is better."""
+    t, p = _pair(target, predicted)
+    return float(np.minimum(t, p).sum(-1).mean())
+
+
+DISTRIBUTION_METRICS = {
+    "kl": kl_divergence, "chebyshev": chebyshev, "clark": clark, "canberra": canberra,
+    "cosine": cosine, "intersection": intersection,
+}
+
+
+def distribution_report(target, predicted) -> dict[str, float]:
+    return {name: fn(target, predicted) for name, fn in DISTRIBUTION_METRICS.items()}
+
+
+# --- Mikels-wheel-aware errors ----------------------------------------------------------------
+
+
+def wheel_errors(y_true, y_pred, steps: np.ndarray) -> dict[str, float]:
+    """Mistakes weighed by wheel distance (``steps`` from :func:`emolens.taxonomy.wheel_steps`).
+
+    In the spirit of the ECC/EMC measures of "To Err Like Human" (NeurIPS 2024), not a copy of
+    their formulas: ``wheel_distance`` is the mean normalised wheel distance between truth and
+    prediction over all samples (0 = all right, 1 = all opposite), ``wheel_score`` is
+    ``1 - wheel_distance``, and ``misclassification_distance`` the same mean over the wrong
+    predictions only (how far the mistakes go; NaN when there are none).
+    """
+    t = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(y_pred, dtype=np.int64)
+    d = steps[t, p] / steps.max()
+    wrong = t != p
+    return {
+        "wheel_distance": float(d.mean()),
+        "wheel_score": float(1.0 - d.mean()),
+        "misclassification_distance": float(d[wrong].mean()) if wrong.any() else float("nan"),
+    }
