@@ -91,7 +91,7 @@ class Taxonomy:
         return Taxonomy(self.name, self.classes, tuple(pol), self.description)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "classes": list(self.classes), "polarity": list(self.polarity)}
+        return {"name": self.name, "classes": list(self.classes), "polarity": list(self.polarity), "description": self.description}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Taxonomy":

@@ -1,0 +1,86 @@
+import pytest
+import timm
+import torch
+from sklearn.datasets import load_sample_image
+from PIL import Image
+from timm.data import ImageNetInfo
+
+from emolens.backbones import Backbone, bundled_state_dict, create_backbone
+from emolens.checkpoints import CheckpointError
+from emolens.data.transforms import eval_transform
+from safetensors.torch import save_file
+
+
+def imagenet_top5(name, image_name):
+    b = create_backbone(name)
+    net = timm.create_model(b.net.pretrained_cfg["architecture"], pretrained=False).eval()
+    net.load_state_dict(bundled_state_dict(name))
+    x = eval_transform(b.preprocessing)(Image.fromarray(load_sample_image(image_name)))[None]
+    with torch.inference_mode():
+        top = net(x).softmax(-1)[0].topk(5).indices.tolist()
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in top]
+
+
+def test_bundled_lite0_recognises_package_sample_images():
+    assert "palace" in imagenet_top5("efficientnet_lite0", "china.jpg")
+    assert imagenet_top5("efficientnet_lite0", "flower.jpg")[0] == "daisy"
+
+
+def test_bundled_lite2_recognises_a_package_sample_image():
+    assert imagenet_top5("efficientnet_lite2", "china.jpg")[0] == "palace"
+
+
+def test_backbone_levels_channels_strides_and_preprocessing():
+    b = create_backbone().eval()
+    assert b.preprocessing.mean == (0.5, 0.5, 0.5) and b.preprocessing.size == 224
+    out = b(torch.zeros(2, 3, 224, 224))
+    assert [t.shape[1] for t in out["levels"]] == b.channels
+    assert [224 // t.shape[-1] for t in out["levels"]] == b.strides == [4, 8, 16, 32]
+    assert out["pooled"].shape == (2, b.num_features)
+    assert create_backbone("efficientnet_lite2").preprocessing.size == 260
+
+
+def test_other_backbones_need_a_local_file_or_explicit_random_init(tmp_path):
+    with pytest.raises(ValueError, match="no bundled weights"):
+        create_backbone("resnet18")
+    random = create_backbone("resnet18", weights=None)
+    path = tmp_path / "r18.safetensors"
+    save_file({k: v.contiguous() for k, v in random.net.state_dict().items()}, str(path))
+    loaded = create_backbone("resnet18", weights=path)
+    key = "conv1.weight"
+    assert torch.equal(loaded.net.state_dict()[key], random.net.state_dict()[key])
+    pth = tmp_path / "r18.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in random.net.state_dict().items()}}, pth)
+    assert torch.equal(create_backbone("resnet18", weights=pth).net.state_dict()[key], random.net.state_dict()[key])
+
+
+def test_weights_that_do_not_fit_fail_loudly(tmp_path):
+    small = create_backbone("resnet18", weights=None)
+    path = tmp_path / "r18.safetensors"
+    state = {k: v.contiguous() for k, v in small.net.state_dict().items()}
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        create_backbone("resnet34", weights=path)
+    state.pop("conv1.weight")
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match="1 missing"):
+        create_backbone("resnet18", weights=path)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        create_backbone("resnet18", weights=tmp_path / "junk.pth")
+
+
+def test_a_pickle_with_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"w": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError):
+        Backbone("resnet18", weights=tmp_path / "evil.pth")
+
+
+def test_unknown_stride_is_reported():
+    with pytest.raises(ValueError, match="stride"):
+        create_backbone("resnet18", weights=None, out_strides=(64,))

@@ -1,0 +1,98 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from corpus import bomb_png, make_bad_images, make_good_images, make_odd_paths
+from emolens.images import ImageLoadError, load_image, scan_images
+
+
+def test_every_bad_file_raises_the_one_error_type_with_path_and_reason(tmp_path):
+    cases = make_bad_images(tmp_path)
+    for name, word in cases.items():
+        with pytest.raises(ImageLoadError) as info:
+            load_image(tmp_path / name)
+        assert info.value.path == str(tmp_path / name)
+        assert word in info.value.reason, (name, info.value.reason)
+        assert str(tmp_path / name) in str(info.value)
+
+
+def test_awkward_modes_load_as_rgb_with_the_right_size(tmp_path):
+    sizes = make_good_images(tmp_path)
+    for name, size in sizes.items():
+        img = load_image(tmp_path / name)
+        assert img.mode == "RGB", name
+        assert img.size == size, name
+
+
+def test_pixel_values_survive_mode_conversion(tmp_path):
+    make_good_images(tmp_path)
+    assert np.asarray(load_image(tmp_path / "gray16.png"))[0, 0].tolist() == [255, 255, 255]  # 65535 -> white, not clipped noise
+    assert np.asarray(load_image(tmp_path / "palette_transparent.png"))[0, 0].tolist() == [255, 255, 255]  # transparent on white
+    assert np.asarray(load_image(tmp_path / "animated.gif"))[0, 0].tolist() == [255, 0, 0]  # first frame
+    cmyk = np.asarray(load_image(tmp_path / "cmyk.jpg"))[0, 0]
+    assert cmyk[0] > 200 and cmyk[1] < 60 and cmyk[2] < 60  # C=0, M=Y=255 is red
+
+
+def test_sixteen_bit_mid_grey_is_rescaled(tmp_path):
+    Image.fromarray(np.full((4, 4), 32896, dtype=np.uint16)).save(tmp_path / "g.png")
+    assert np.asarray(load_image(tmp_path / "g.png"))[0, 0, 0] == 128
+
+
+def test_bytes_and_pil_inputs(tmp_path):
+    make_good_images(tmp_path)
+    data = (tmp_path / "rgb.jpg").read_bytes()
+    assert load_image(data).size == (32, 24)
+    assert load_image(Image.new("LA", (3, 3))).mode == "RGB"
+    with pytest.raises(ImageLoadError, match="empty"):
+        load_image(b"")
+    with pytest.raises(ImageLoadError, match="too large"):
+        load_image(bomb_png())
+
+
+def test_pixel_limit_is_configurable(tmp_path):
+    Image.new("RGB", (100, 100)).save(tmp_path / "a.png")
+    with pytest.raises(ImageLoadError, match="too large"):
+        load_image(tmp_path / "a.png", max_pixels=9_999)
+    assert load_image(tmp_path / "a.png", max_pixels=10_000).size == (100, 100)
+
+
+def test_missing_and_folder_paths(tmp_path):
+    with pytest.raises(ImageLoadError, match="cannot access"):
+        load_image(tmp_path / "nope.jpg")
+    with pytest.raises(ImageLoadError, match="not a regular file"):
+        load_image(tmp_path)
+
+
+def test_scan_reports_bad_files_and_goes_on(tmp_path):
+    good = make_good_images(tmp_path / "good")
+    bad = make_bad_images(tmp_path / "bad")
+    odd = make_odd_paths(tmp_path / "odd")
+    (tmp_path / "notes.txt").write_text("not an image extension, not scanned")
+    scan = scan_images([tmp_path, tmp_path / "missing-folder"])
+    assert [e.path for e in scan.errors] == [str(tmp_path / "missing-folder")]
+    names = {p.name for p in scan.files}
+    assert names == set(good) | set(bad) | set(odd)
+    loaded, errors = 0, []
+    for p in scan.files:
+        try:
+            load_image(p)
+            loaded += 1
+        except ImageLoadError as e:
+            errors.append(e)
+    assert loaded == len(good)
+    reasons = {Path(e.path).name: e.reason for e in errors}
+    assert set(reasons) == set(bad) | set(odd)
+    for name, word in {**bad, **odd}.items():
+        assert word in reasons[name]
+
+
+def test_scan_order_is_stable_and_deduplicated(tmp_path):
+    for n in ("b.png", "a.png", "sub/c.png"):
+        p = tmp_path / n
+        p.parent.mkdir(exist_ok=True)
+        Image.new("RGB", (2, 2)).save(p)
+    scan = scan_images([tmp_path, tmp_path / "a.png"])
+    assert [p.relative_to(tmp_path).as_posix() for p in scan.files] == ["a.png", "b.png", "sub/c.png"]
