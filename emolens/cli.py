@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ app.add_typer(datasets_app, name="datasets")
 console = Console()
 err_console = Console(stderr=True)
 
+#: Exit codes: every input got a result / some inputs failed / the command could not run.
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 3, 2
 
 
@@ -109,6 +111,218 @@ def datasets_info(
         console.print(f"images checked: {n - len(errors)} readable, {len(errors)} unreadable")
         if errors:
             raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience) -> "TrainConfig":
+    from .engine import TrainConfig
+
+    return TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, freeze_backbone=freeze_backbone,
+                       workers=workers, seed=seed, select=select, patience=patience or None)
+
+
+EPOCHS = typer.Option(30, help="Training epochs.")
+BATCH = typer.Option(32, "--batch-size", help="Images per batch.")
+OPTIM = typer.Option("sgd", help="sgd (momentum 0.9, step decay, as in the papers) or adamw.")
+LR = typer.Option(None, help="Learning rate (default: 1e-3 fine-tuning, 1e-2 frozen; a tenth with adamw).")
+FREEZE = typer.Option(False, "--freeze-backbone", help="Cache the backbone's features once and train only the model's own layers.")
+WORKERS = typer.Option(2, help="Image-decoding worker processes.")
+SEED = typer.Option(0, help="Seed for splits, initialisation and batches.")
+SELECT = typer.Option("loss", help="Validation figure that picks the checkpoint: loss, accuracy, macro_f1, balanced_accuracy, kl.")
+PATIENCE = typer.Option(10, help="Stop after this many epochs without a better validation figure (0: never).")
+TASK = typer.Option("emotion", help="emotion (the dataset's classes), polarity, or distribution.")
+
+
+@app.command()
+def train(
+    model: str = typer.Option(..., help="NAME[:key=value,...], e.g. global:loss=multitask,lambda=0.4"),
+    data: str = typer.Option(..., help="KIND=ROOT[:option=value,...]"),
+    out: Path = typer.Option(..., help="Run folder (checkpoints, protocol, metrics)."),
+    task: str = TASK,
+    protocol: str = typer.Option("split", help="split (80/5/15), kfold, or official (the dataset's own split)."),
+    fold: int = typer.Option(0, help="Which fold of a k-fold protocol to train."),
+    folds: int = typer.Option(5, help="k of the k-fold protocol."),
+    backbone: str = typer.Option("efficientnet_lite0", help="timm backbone name."),
+    backbone_weights: str = typer.Option("imagenet", help="'imagenet' (bundled), a local weights file, or 'none'."),
+    freeze_backbone: bool = FREEZE, epochs: int = EPOCHS, batch_size: int = BATCH, optimizer: str = OPTIM,
+    lr: float = LR, workers: int = WORKERS, seed: int = SEED, select: str = SELECT, patience: int = PATIENCE,
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its last checkpoint."),
+) -> None:
+    """Train a model; the checkpoint is chosen on validation data, then scored once on the test part."""
+    from .data import Protocol, make_protocol
+    from .engine import evaluate, fit
+    from .engine.distributed import is_main
+    from .models import create_model
+    from .weights import load_model
+    from .checkpoints import atomic_write_json
+
+    try:
+        ds = load_dataset(data)
+        proto_path = out / "protocol.json"
+        if resume and proto_path.is_file():
+            proto = Protocol.load(proto_path, ds)
+        else:
+            proto = make_protocol(ds, protocol, seed=seed, k=folds, task=task)
+            if is_main():
+                proto.save(proto_path)
+        if not 0 <= fold < len(proto.folds):
+            fail(f"fold {fold} does not exist: the protocol has {len(proto.folds)}")
+        weights = None if backbone_weights.lower() == "none" else backbone_weights
+        net = create_model(model, taxonomy=ds.taxonomy, task=task, backbone=backbone, backbone_weights=weights)
+        config = _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience)
+        chosen = proto.folds[fold]
+        result = fit(net, ds, chosen, out, config, resume=resume)
+        if is_main():
+            test = evaluate(load_model(out), ds, chosen.test, config, cache_dir=out / "cache")
+            atomic_write_json(out / "metrics.json", {"best_epoch": result.best_epoch, "val": result.val_metrics,
+                                                     "test": test, "train_seconds": result.train_seconds,
+                                                     "bad_images": {ds.samples[i].path.as_posix(): r for i, r in result.bad_images.items()}})
+            console.print(f"best epoch {result.best_epoch} (on validation); test: " +
+                          ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k != "n"))
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        fail(str(e))
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Argument(..., help="Run folder or .safetensors checkpoint."),
+    data: str = typer.Option(None, help="KIND=ROOT[:...]; default: the dataset the model was trained on."),
+    split: str = typer.Option("test", help="test, val or train part of the run's split; 'all' for every sample."),
+    batch_size: int = BATCH, workers: int = WORKERS,
+) -> None:
+    """Score a trained model on a part of its split, or on all of another dataset."""
+    from .engine import TrainConfig, evaluate as evaluate_model
+    from .weights import load_model
+
+    try:
+        model = load_model(run)
+        spec = data or model.meta.get("dataset")
+        if not spec:
+            fail("the checkpoint names no dataset: pass --data")
+        ds = load_dataset(spec)
+        if split == "all":
+            rows = list(range(len(ds)))
+        elif spec == model.meta.get("dataset") and split in model.meta.get("split", {}):
+            rows = model.meta["split"][split]
+        else:
+            fail(f"the split part {split!r} belongs to the training dataset; use --split all for another dataset")
+        metrics = evaluate_model(model, ds, rows, TrainConfig(batch_size=batch_size, workers=workers))
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        fail(str(e))
+    table = Table(title=f"{run} on {spec} ({split}, {int(metrics.pop('n'))} images)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        table.add_row(k, f"{v:.4f}")
+    console.print(table)
+
+
+@app.command()
+def benchmark(
+    data: str = typer.Option(..., help="KIND=ROOT[:...]"),
+    models: str = typer.Option(..., help="Model specs separated by ; or spaces (a spec may hold commas: global:loss=multitask,lambda=0.4)."),
+    out: Path = typer.Option(Path("results"), help="Folder for folds, runs, feature cache and results.json."),
+    task: str = TASK, folds: int = typer.Option(5, help="k of the k-fold cross-validation."),
+    backbone: str = typer.Option(None, help="timm backbone for every model (default: each model's default)."),
+    freeze_backbone: bool = FREEZE, epochs: int = EPOCHS, batch_size: int = BATCH, optimizer: str = OPTIM,
+    lr: float = LR, workers: int = WORKERS, seed: int = SEED, select: str = SELECT, patience: int = PATIENCE,
+) -> None:
+    """k-fold cross-validation of several models on identical folds; prints mean ± std per model."""
+    from .engine.benchmark import HEADLINE, run_benchmark
+
+    specs = split_model_list(models)
+    try:
+        ds = load_dataset(data)
+        config = _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience)
+        results = run_benchmark(ds, specs, task, out, folds, seed, config, backbone, progress=True,
+                                log=lambda m: err_console.print(m))
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        fail(str(e))
+    first = next(iter(results["models"].values()))["mean"]
+    columns = [m for m in HEADLINE if m in first] + ["train_seconds", "infer_ms_per_image"]
+    table = Table(title=f"{data}: {task}, {folds}-fold CV (mean ± std), seed {seed}")
+    table.add_column("model")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for spec, r in results["models"].items():
+        table.add_row(spec, *[f"{r['mean'][c]:.3f} ± {r['std'][c]:.3f}" for c in columns])
+    console.print(table)
+    console.print(f"results: {out / 'results.json'}")
+
+
+def split_model_list(models: str) -> list[str]:
+    """Model specs contain commas (``global:loss=multitask,lambda=0.4``), so specs are separated by ';' or spaces."""
+    return [m for m in re.split(r"[;\s]+", models.strip()) if m]
+
+
+@app.command()
+def predict(
+    paths: list[str] = typer.Argument(None, help="Image files or folders (recursive); '-' reads a list from stdin."),
+    model: str = typer.Option(None, help="Run folder or .safetensors file (default: the embedded model)."),
+    fmt: str = typer.Option("table", "--format", help="table, json or csv."),
+    batch_size: int = BATCH,
+    workers: int = typer.Option(None, help="Decoding worker processes (default: CPUs - 1, at most 4)."),
+    demo: bool = typer.Option(False, "--demo", help="Run on sample photos that scikit-learn ships."),
+) -> None:
+    """Which emotions each image evokes: top emotion, its probability, polarity and the full distribution."""
+    import csv
+    import json
+    import sys
+
+    from .images import scan_images
+    from .predict import PredictionError, Predictor
+
+    inputs = list(paths or [])
+    if demo:
+        inputs += [str(p) for p in demo_images()]
+    if inputs == ["-"] or "-" in inputs:
+        inputs = [p for p in inputs if p != "-"] + [line.strip() for line in sys.stdin if line.strip()]
+    if not inputs:
+        fail("no images given: name files or folders, '-' for a list on stdin, or --demo")
+    scan = scan_images(inputs)
+    try:
+        predictor = Predictor(model, batch_size=batch_size, workers=workers)
+    except Exception as e:  # any failure to build the model means nothing can run
+        fail(f"cannot load model {model or 'default'}: {e}")
+    with Progress(console=err_console, transient=True) as progress:
+        bar = progress.add_task("predicting", total=len(scan.files))
+        good, bad = predictor.predict(scan.files, on_batch=lambda n: progress.advance(bar, n))
+    bad = [PredictionError(e.path, e.reason) for e in scan.errors] + bad
+    classes = predictor.taxonomy.classes
+    if fmt == "json":
+        print(json.dumps({"predictions": [p.to_dict() for p in good],
+                          "errors": [{"source": e.source, "reason": e.reason} for e in bad]}, indent=2))
+    elif fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["source", "emotion", "probability", "polarity", "positive_probability", *classes])
+        for p in good:
+            writer.writerow([p.source, p.emotion, f"{p.probability:.4f}", p.polarity or "",
+                             "" if p.positive_probability is None else f"{p.positive_probability:.4f}",
+                             *[f"{p.distribution[c]:.4f}" for c in classes]])
+    elif fmt == "table":
+        table = Table(title=f"emolens: {len(good)} image(s)")
+        table.add_column("image", overflow="fold")
+        table.add_column("emotion")
+        table.add_column("p", justify="right")
+        table.add_column("polarity")
+        for c in classes:
+            table.add_column(c[:5], justify="right")
+        for p in good:
+            table.add_row(p.source, p.emotion, f"{p.probability:.2f}", p.polarity or "-",
+                          *[f"{p.distribution[c]:.2f}" for c in classes])
+        console.print(table)
+    else:
+        fail(f"unknown format {fmt!r}; use table, json or csv")
+    report_bad_files([ImageLoadError(e.source, e.reason) for e in bad])
+    if bad:
+        raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def demo_images() -> list[Path]:
+    """Photos that scikit-learn ships (a temple in China, a flower)."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("sklearn.datasets") / "images"))
+    return sorted(folder.glob("*.jpg"))
 
 
 def main() -> None:

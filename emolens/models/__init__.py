@@ -6,6 +6,7 @@ import inspect
 from typing import Any
 
 from ..backbones import DEFAULT_BACKBONE
+from ..losses import DEFAULT_LOSS, split_loss_arguments
 from ..taxonomy import Taxonomy
 from . import global_model  # noqa: F401  (registers "global")
 from .base import TASKS, EmotionModel
@@ -37,16 +38,22 @@ def create_model(
     backbone_weights: str | None = "imagenet",
     **kwargs: Any,
 ) -> EmotionModel:
-    """Build a registered model from ``"NAME[:key=value,...]"``; keyword arguments override the spec's."""
+    """Build a registered model from ``"NAME[:key=value,...]"``; keyword arguments override the spec's.
+
+    ``loss=NAME`` and the loss' options (``lambda``, ...) in the spec are kept in ``model.spec["loss"]``
+    for the training engine.
+    """
     name, args = parse_model_spec(spec)
     args.update(kwargs)
+    loss_name, loss_args, args = split_loss_arguments(args)
     entry = get_entry(name)
     unknown = set(args) - model_argument_names(name)
     if unknown:
         raise ValueError(f"model {name!r} has no argument(s) {', '.join(sorted(unknown))}")
     model = entry.builder(taxonomy=taxonomy, task=task, backbone=backbone, backbone_weights=backbone_weights, **args)
     model.spec = {"name": name, "args": args, "task": task, "taxonomy": model.source_taxonomy.to_dict(),
-                  "backbone": backbone}
+                  "backbone": backbone, "backbone_weights": backbone_weights,
+                  "loss": {"name": loss_name or DEFAULT_LOSS[task], "args": loss_args}}
     return model
 
 

@@ -1,0 +1,87 @@
+"""k-fold cross-validation of several models on identical folds: the harness behind the README's tables."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoints import atomic_write_json
+from ..data import EmotionDataset, Protocol, make_protocol
+from ..data.transforms import eval_transform
+from ..models import create_model
+from ..weights import library_versions, load_model
+from .data import image_loader
+from .trainer import TrainConfig, evaluate, fit
+
+#: Columns of the printed table (those a task has).
+HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "positive_recall", "kl", "cosine", "wheel_distance")
+
+
+def slug(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec)
+
+
+@torch.inference_mode()
+def inference_ms_per_image(model, paths, batch_size: int = 32, workers: int = 2) -> float:
+    """End-to-end milliseconds per image (decode, transform, full model) over ``paths``."""
+    model.eval()
+    loader = image_loader(paths, eval_transform(model.preprocessing), batch_size, workers)
+    n, t0 = 0, time.perf_counter()
+    for batch in loader:
+        if len(batch["index"]):
+            model(batch["image"])
+            n += len(batch["index"])
+    return 1000 * (time.perf_counter() - t0) / max(n, 1)
+
+
+def summarise(fold_metrics: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
+    keys = [k for k in fold_metrics[0] if all(k in m for m in fold_metrics)]
+    arr = {k: np.array([m[k] for m in fold_metrics], dtype=np.float64) for k in keys}
+    return ({k: float(np.nanmean(v)) for k, v in arr.items()},
+            {k: float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0 for k, v in arr.items()})
+
+
+def run_benchmark(dataset: EmotionDataset, specs: list[str], task: str, out_dir: str | Path, folds: int = 5,
+                  seed: int = 0, config: TrainConfig | None = None, backbone: str | None = None,
+                  only_folds: list[int] | None = None, timing_images: int = 64, progress: bool = True,
+                  log=print) -> dict:
+    """Cross-validate every model spec on the same saved folds; returns (and writes) the results."""
+    config = config or TrainConfig(seed=seed)
+    out_dir = Path(out_dir)
+    proto_path = out_dir / "protocol.json"
+    if proto_path.is_file():
+        protocol = Protocol.load(proto_path, dataset)
+        if protocol.params.get("task") != task or len(protocol.folds) != folds:
+            raise ValueError(f"{proto_path} was made for another task or fold count; use another --out folder")
+    else:
+        protocol = make_protocol(dataset, "kfold", seed=seed, k=folds, task=task)
+        protocol.save(proto_path)
+    cache_dir = out_dir / "cache"
+    results = {"dataset": dataset.spec, "task": task, "folds": folds, "seed": seed, "protocol": str(proto_path),
+               "train_config": asdict(config), "versions": library_versions(), "models": {}}
+    for spec in specs:
+        per_fold = []
+        for k, fold in enumerate(protocol.folds):
+            if only_folds is not None and k not in only_folds:
+                continue
+            run_dir = out_dir / slug(spec) / f"fold{k}"
+            kwargs = {"backbone": backbone} if backbone else {}
+            model = create_model(spec, taxonomy=dataset.taxonomy, task=task, **kwargs)
+            result = fit(model, dataset, fold, run_dir, config, resume=True, cache_dir=cache_dir, progress=progress)
+            best = load_model(run_dir)
+            test = evaluate(best, dataset, fold.test, config, cache_dir=cache_dir, progress=progress)
+            test_paths = [dataset.samples[i].path for i in fold.test[:timing_images]]
+            test["infer_ms_per_image"] = inference_ms_per_image(best, test_paths, config.batch_size, config.workers)
+            test["train_seconds"] = result.train_seconds
+            test["best_epoch"] = float(result.best_epoch)
+            per_fold.append(test)
+            log(f"{spec} fold {k}: " + ", ".join(f"{m} {test[m]:.4f}" for m in HEADLINE if m in test))
+        mean, std = summarise(per_fold)
+        results["models"][spec] = {"folds": per_fold, "mean": mean, "std": std}
+        atomic_write_json(out_dir / "results.json", results)
+    return results

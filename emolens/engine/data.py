@@ -1,0 +1,187 @@
+"""Feeding models: image datasets that survive bad files, task targets, and the frozen-backbone feature cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from rich.progress import Progress
+from torch.utils.data import DataLoader, Dataset
+
+from ..checkpoints import atomic_write_json
+from ..data.samples import EmotionDataset
+from ..data.transforms import eval_transform
+from ..images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from ..taxonomy import dominant_label
+
+Targets = dict[str, np.ndarray]
+
+
+def task_targets_arrays(dataset: EmotionDataset, task: str) -> Targets:
+    """Per-sample targets for a task: ``label``, and ``distribution``/``label_prob`` where votes exist."""
+    out: Targets = {}
+    dist = dataset.distributions if dataset.has_distribution else None
+    if task == "polarity":
+        out["label"] = dataset.polarities
+        if dist is not None:
+            pol = dataset.taxonomy.polarity_distribution(dist).astype(np.float32)
+            pol = np.nan_to_num(pol, nan=0.5)
+            out["distribution"] = pol
+            out["label_prob"] = np.take_along_axis(pol, np.maximum(out["label"], 0)[:, None], 1)[:, 0]
+    else:
+        out["label"] = dataset.labels
+        if dist is not None:
+            out["distribution"] = dist
+            out["label_prob"] = dominant_label(dist).probability.astype(np.float32)
+    return out
+
+
+def batch_targets(targets: Targets, index: torch.Tensor) -> dict[str, torch.Tensor]:
+    idx = index.numpy()
+    return {k: torch.as_tensor(v[idx]) for k, v in targets.items()}
+
+
+class ImageFiles(Dataset):
+    """Images by path; a file that cannot be used yields its error instead of stopping the loader."""
+
+    def __init__(self, paths: Sequence[Path | str], transform: Callable, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.paths = list(paths)
+        self.transform = transform
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        try:
+            return {"index": i, "image": self.transform(load_image(self.paths[i], self.max_pixels))}
+        except ImageLoadError as e:
+            return {"index": i, "error": e.reason}
+
+
+def collate_images(items: list[dict]) -> dict[str, Any]:
+    """Stack the good items; keep ``(index, reason)`` of the bad ones."""
+    good = [it for it in items if "image" in it]
+    return {
+        "index": torch.tensor([it["index"] for it in good], dtype=torch.long),
+        "image": torch.stack([it["image"] for it in good]) if good else torch.empty(0),
+        "errors": [(it["index"], it["error"]) for it in items if "error" in it],
+    }
+
+
+def image_loader(paths, transform, batch_size: int, workers: int, shuffle: bool = False, generator=None,
+                 sampler=None, max_pixels: int = DEFAULT_MAX_PIXELS) -> DataLoader:
+    return DataLoader(ImageFiles(paths, transform, max_pixels), batch_size=batch_size, shuffle=shuffle and sampler is None,
+                      num_workers=workers, collate_fn=collate_images, generator=generator, sampler=sampler,
+                      persistent_workers=False, prefetch_factor=4 if workers else None)
+
+
+@dataclass
+class FeatureCache:
+    """Backbone outputs (eval transform, no augmentation) for a list of images, kept in fp16.
+
+    ``features["pooled"]`` is (N, D); ``features["levels"]`` a list of (N, C, H, W). ``errors``
+    maps the position of an unusable image to the reason; those rows are zeros and must not be used.
+    """
+
+    features: dict[str, Any]
+    count: int
+    errors: dict[int, str] = field(default_factory=dict)
+
+    def batch(self, rows: torch.Tensor) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in self.features.items():
+            out[key] = [v[rows].float() for v in value] if isinstance(value, list) else value[rows].float()
+        return out
+
+    def save(self, path: Path, meta: dict) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for key, value in self.features.items():
+            if isinstance(value, list):
+                tensors.update({f"{key}.{i}": v.contiguous() for i, v in enumerate(value)})
+            else:
+                tensors[key] = value.contiguous()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp))
+        tmp.replace(path)
+        atomic_write_json(path.with_suffix(".json"), {**meta, "errors": {str(k): v for k, v in self.errors.items()}})
+
+    def usable(self, rows: Sequence[int]) -> list[int]:
+        """``rows`` without the images that could not be read."""
+        return [int(r) for r in rows if int(r) not in self.errors]
+
+    @classmethod
+    def load(cls, path: Path, meta: dict) -> "FeatureCache | None":
+        """The cache at ``path`` if it was made with exactly ``meta``, else ``None``."""
+        from safetensors.torch import load_file
+
+        meta_path = path.with_suffix(".json")
+        if not (path.is_file() and meta_path.is_file()):
+            return None
+        saved = json.loads(meta_path.read_text())
+        errors = {int(k): v for k, v in saved.pop("errors", {}).items()}
+        if saved != json.loads(json.dumps(meta)):
+            return None
+        tensors = load_file(str(path))
+        features: dict[str, Any] = {}
+        if "pooled" in tensors:
+            features["pooled"] = tensors["pooled"]
+        levels = sorted((int(k.split(".")[1]), v) for k, v in tensors.items() if k.startswith("levels."))
+        if levels:
+            features["levels"] = [v for _, v in levels]
+        return cls(features, int(saved["count"]), errors)
+
+
+def cache_key(paths: Sequence[Path], backbone, keys: Sequence[str]) -> dict:
+    """What a feature cache depends on: the images, the backbone and its weights, the preprocessing."""
+    h = hashlib.sha256()
+    for p in paths:
+        p = Path(p)
+        st = p.stat() if p.exists() else None
+        h.update(f"{p}\t{st.st_size if st else -1}\t{int(st.st_mtime) if st else -1}\n".encode())
+    return {"images": h.hexdigest()[:20], "count": len(paths), "backbone": backbone.name,
+            "weights": backbone.weights, "preprocessing": backbone.preprocessing.to_dict(), "keys": sorted(keys)}
+
+
+@torch.inference_mode()
+def compute_features(backbone, paths: Sequence[Path], keys: Sequence[str], batch_size: int = 32, workers: int = 2,
+                     progress: bool = True) -> FeatureCache:
+    """Run the (frozen) backbone once over ``paths``; unusable images are recorded, not fatal."""
+    was_training = backbone.training
+    backbone.eval()
+    loader = image_loader(paths, eval_transform(backbone.preprocessing), batch_size, workers)
+    pooled, levels, errors = None, None, {}
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task("caching backbone features", total=len(paths))
+        for batch in loader:
+            errors.update({i: r for i, r in batch["errors"]})
+            if len(batch["index"]):
+                out = backbone(batch["image"])
+                idx = batch["index"]
+                if "pooled" in keys:
+                    if pooled is None:
+                        pooled = torch.zeros(len(paths), out["pooled"].shape[1], dtype=torch.float16)
+                    pooled[idx] = out["pooled"].half()
+                if "levels" in keys:
+                    if levels is None:
+                        levels = [torch.zeros(len(paths), *t.shape[1:], dtype=torch.float16) for t in out["levels"]]
+                    for store, t in zip(levels, out["levels"]):
+                        store[idx] = t.half()
+            bar.update(task, advance=len(batch["index"]) + len(batch["errors"]))
+    backbone.train(was_training)
+    if pooled is None and levels is None:
+        raise RuntimeError("no image could be read: nothing to cache")
+    features: dict[str, Any] = {}
+    if pooled is not None:
+        features["pooled"] = pooled
+    if levels is not None:
+        features["levels"] = levels
+    return FeatureCache(features, len(paths), errors)

@@ -1,0 +1,343 @@
+"""fit / evaluate for any emolens model: it knows only the outputs dict, the loss and the task.
+
+The checkpoint is chosen on validation data, never on test; ``last.safetensors`` is written
+after every epoch so an interrupted run resumes where it stopped. Every epoch reseeds from
+``(seed, epoch)``, so a resumed run draws the same batches and augmentations as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
+
+from .. import metrics as M
+from ..checkpoints import CheckpointError, load_checkpoint, load_into, save_checkpoint
+from ..data.protocols import Fold
+from ..data.samples import EmotionDataset
+from ..data.transforms import eval_transform, train_transform
+from ..losses import build_loss
+from ..models import EmotionModel
+from ..taxonomy import MIKELS_WHEEL_ORDER, Taxonomy, wheel_steps
+from ..weights import model_state, save_model
+from .data import FeatureCache, Targets, batch_targets, cache_key, compute_features, image_loader, task_targets_arrays
+from .distributed import barrier, gather, init_distributed, is_main
+
+console = Console(stderr=True)
+
+#: Validation figure each ``select`` option maximises (losses and divergences are negated).
+SELECT = {"loss": -1, "accuracy": 1, "macro_f1": 1, "balanced_accuracy": 1, "kl": -1}
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 32
+    optimizer: str = "sgd"  # sgd (momentum 0.9, as in the papers) or adamw
+    lr: float | None = None  # default: 1e-3 fine-tuning, 1e-2 on a frozen backbone (SGD); a tenth for AdamW
+    weight_decay: float = 1e-4
+    step_size: int | None = None  # step decay every N epochs (default: a third of the epochs)
+    gamma: float = 0.1
+    patience: int | None = 10  # early stopping: epochs without a better validation figure
+    select: str = "loss"  # validation figure that picks the checkpoint
+    freeze_backbone: bool = False
+    workers: int = 2
+    seed: int = 0
+
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        base = 1e-2 if self.freeze_backbone else 1e-3
+        return base if self.optimizer == "sgd" else base / 10
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_score: float
+    val_metrics: dict[str, float]
+    history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    bad_images: dict[int, str] = field(default_factory=dict)
+
+
+# --- metrics for a task -------------------------------------------------------------------------
+
+
+def task_metrics(task: str, taxonomy: Taxonomy, targets: Targets, rows: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Figures for predicted class probabilities ``probs`` of the samples ``rows``."""
+    y = targets["label"][rows]
+    pred = probs.argmax(1)
+    out = M.classification_report(y, pred, taxonomy.num_classes)
+    if task == "polarity":
+        out["positive_recall"] = M.polarity_report(y, pred)["positive_recall"]
+    elif sorted(taxonomy.classes) == sorted(MIKELS_WHEEL_ORDER):
+        out.update(M.wheel_errors(y, pred, wheel_steps(taxonomy)))
+    if "distribution" in targets:
+        out.update(M.distribution_report(targets["distribution"][rows], probs))
+    return out
+
+
+# --- batches from images or from cached features -------------------------------------------------
+
+
+class _Forward(nn.Module):
+    """The trainable computation, so DDP can wrap it: the whole model, or its head on cached features."""
+
+    def __init__(self, model: EmotionModel, cached: bool):
+        super().__init__()
+        self.model, self.cached = model, cached
+
+    def forward(self, inputs):
+        return self.model.head(inputs) if self.cached else self.model(inputs)
+
+
+class _Batches:
+    """Yields ``(inputs, index, errors)`` for sample rows, from the feature cache or by decoding images."""
+
+    def __init__(self, dataset: EmotionDataset, cache: FeatureCache | None, config: TrainConfig, model: EmotionModel):
+        self.paths = [s.path for s in dataset.samples]
+        self.cache, self.config = cache, config
+        self.train_tf = train_transform(model.preprocessing)
+        self.eval_tf = eval_transform(model.preprocessing)
+
+    def __call__(self, rows: list[int], train: bool, epoch_seed: int, rank: int, world: int):
+        bs = self.config.batch_size
+        if self.cache is not None:
+            rows = self.cache.usable(rows)
+            order = torch.as_tensor(rows, dtype=torch.long)
+            if train:
+                order = order[torch.randperm(len(order), generator=torch.Generator().manual_seed(epoch_seed))]
+            order = order[rank::world]
+            for start in range(0, len(order), bs):
+                idx = order[start:start + bs]
+                yield self.cache.batch(idx), idx, []
+            return
+        paths = [self.paths[r] for r in rows]
+        generator = torch.Generator().manual_seed(epoch_seed)
+        sampler = None
+        if world > 1:
+            sampler = DistributedSampler(range(len(paths)), num_replicas=world, rank=rank, shuffle=train, seed=epoch_seed)
+        loader = image_loader(paths, self.train_tf if train else self.eval_tf, bs, self.config.workers,
+                              shuffle=train, generator=generator, sampler=sampler)
+        lookup = torch.as_tensor(rows, dtype=torch.long)
+        for batch in loader:
+            errors = [(rows[i], reason) for i, reason in batch["errors"]]
+            if len(batch["index"]):
+                yield batch["image"], lookup[batch["index"]], errors
+            elif errors:
+                yield None, None, errors
+
+
+def feature_cache(model: EmotionModel, dataset: EmotionDataset, cache_dir: Path, config: TrainConfig,
+                  progress: bool = True) -> FeatureCache:
+    """The backbone features of every sample of ``dataset``, computed once and kept under ``cache_dir``."""
+    paths = [s.path for s in dataset.samples]
+    keys = list(model.feature_keys)
+    meta = cache_key(paths, model.backbone, keys)
+    name = f"features-{model.backbone.name}-{meta['images']}-{'-'.join(sorted(keys))}.safetensors"
+    path = Path(cache_dir) / name
+    cache = FeatureCache.load(path, meta)
+    if cache is None:
+        if is_main():
+            cache = compute_features(model.backbone, paths, keys, config.batch_size, config.workers, progress)
+            cache.save(path, meta)
+        barrier()
+        if cache is None:
+            cache = FeatureCache.load(path, meta)
+    return cache
+
+
+# --- optimiser state in safetensors ------------------------------------------------------------------
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, state in sd["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"__optim__.{pid}.{name}"] = value
+            else:
+                scalars[f"{pid}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = value
+    for key, value in meta["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# --- the loop ---------------------------------------------------------------------------------------
+
+
+def _run_meta(model: EmotionModel, dataset: EmotionDataset, fold: Fold, config: TrainConfig) -> dict:
+    return {"dataset": dataset.spec, "task": model.task,
+            "split": {"train": fold.train, "val": fold.val, "test": fold.test}, "train_config": asdict(config)}
+
+
+def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str | Path, config: TrainConfig | None = None,
+        resume: bool = False, cache_dir: str | Path | None = None, progress: bool = True) -> FitResult:
+    """Train ``model`` on ``fold.train``, choose the epoch on ``fold.val``; ``fold.test`` is not looked at."""
+    config = config or TrainConfig()
+    out_dir = Path(out_dir)
+    rank, world = init_distributed()
+    torch.manual_seed(config.seed)
+    task = model.task
+    targets = task_targets_arrays(dataset, task)
+    loss_fn = build_loss(model.spec["loss"]["name"], model.taxonomy, **model.spec["loss"]["args"])
+
+    if config.freeze_backbone:
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+        cache = feature_cache(model, dataset, Path(cache_dir or out_dir / "cache"), config, progress and is_main())
+    else:
+        cache = None
+    batches = _Batches(dataset, cache, config, model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = config.learning_rate()
+    if config.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=config.weight_decay)
+    elif config.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {config.optimizer!r}; use sgd or adamw")
+    step = config.step_size or max(1, math.ceil(config.epochs / 3))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step, gamma=config.gamma)
+    if config.select not in SELECT:
+        raise ValueError(f"select must be one of {', '.join(SELECT)}")
+
+    run_meta = _run_meta(model, dataset, fold, config)
+    start_epoch, best_score, best_epoch, stale = 0, -math.inf, -1, 0
+    history: list[dict] = []
+    best_val: dict[str, float] = {}
+    seconds_before = 0.0
+    bad_images: dict[int, str] = dict(cache.errors) if cache else {}
+    last_path = out_dir / "last.safetensors"
+    if resume and last_path.is_file():
+        state, meta = load_checkpoint(last_path)
+        if meta.get("spec") != model.spec or meta.get("split") != run_meta["split"]:
+            raise CheckpointError(f"{last_path} belongs to another model or split; start a new run folder")
+        load_into(model, {k: v for k, v in state.items() if not k.startswith("__optim__.")}, source=str(last_path))
+        _restore_optimizer(opt, {k: v for k, v in state.items() if k.startswith("__optim__.")}, meta["optimizer"])
+        sched.load_state_dict(meta["scheduler"])
+        start_epoch, best_score, best_epoch = meta["epoch"] + 1, meta["best_score"], meta["best_epoch"]
+        stale, history, best_val = meta["stale"], meta["history"], meta.get("best_val", {})
+        seconds_before = meta.get("train_seconds", 0.0)
+        if is_main():
+            console.print(f"resuming {out_dir} at epoch {start_epoch + 1}")
+
+    runner: nn.Module = _Forward(model, cached=cache is not None)
+    if world > 1:
+        runner = DistributedDataParallel(runner)
+    t0 = time.perf_counter()
+    sign = SELECT[config.select]
+    for epoch in range(start_epoch, config.epochs):
+        if stale >= (config.patience or math.inf):
+            break
+        epoch_seed = config.seed * 100_003 + epoch
+        torch.manual_seed(epoch_seed)
+        model.train()
+        if config.freeze_backbone:
+            model.backbone.eval()  # frozen BN statistics
+        total, count = 0.0, 0
+        with Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+                      TimeRemainingColumn(), console=console, transient=True, disable=not (progress and is_main())) as bar:
+            bar_task = bar.add_task("train", total=len(fold.train), epoch=epoch + 1, loss=float("nan"))
+            for inputs, idx, errors in batches(fold.train, True, epoch_seed, rank, world):
+                bad_images.update(errors)
+                if inputs is None:
+                    continue
+                outputs = runner(inputs)
+                loss = loss_fn(outputs, batch_targets(targets, idx))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss) * len(idx)
+                count += len(idx)
+                bar.update(bar_task, advance=len(idx) * world, loss=total / max(count, 1))
+        sched.step()
+        train_loss = sum(gather(total)) / max(sum(gather(count)), 1)
+        val_metrics, errors = evaluate_rows(model, batches, fold.val, targets, loss_fn, rank, world)
+        bad_images.update(errors)
+        score = sign * (val_metrics["loss"] if config.select == "loss" else val_metrics[config.select])
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, **{f"val_{k}": v for k, v in val_metrics.items()}})
+        improved = score > best_score
+        if improved:
+            best_score, best_epoch, best_val, stale = score, epoch, val_metrics, 0
+        else:
+            stale += 1
+        if is_main():
+            if improved:
+                include_backbone = not (config.freeze_backbone and model.spec.get("backbone_weights") == "imagenet")
+                save_model(model, out_dir / "best.safetensors", include_backbone=include_backbone,
+                           **run_meta, epoch=epoch + 1, val_metrics=val_metrics)
+            opt_tensors, opt_meta = _optimizer_tensors(opt)
+            save_checkpoint(last_path, {**model_state(model), **opt_tensors},
+                            {"spec": model.spec, **run_meta, "epoch": epoch, "best_score": best_score,
+                             "best_epoch": best_epoch, "stale": stale, "history": history, "best_val": best_val,
+                             "optimizer": opt_meta, "scheduler": sched.state_dict(),
+                             "train_seconds": seconds_before + time.perf_counter() - t0})
+            shown = " ".join(f"{k} {v:.4f}" for k, v in val_metrics.items() if k in ("loss", "accuracy", "macro_f1", "kl"))
+            console.print(f"epoch {epoch + 1}/{config.epochs}  train loss {train_loss:.4f}  val {shown}" + ("  *" if improved else ""))
+        barrier()
+    if bad_images and is_main():
+        console.print(f"[yellow]{len(bad_images)} image(s) could not be used and were left out[/]")
+    return FitResult(best_epoch + 1, sign * best_score, best_val, history, seconds_before + time.perf_counter() - t0,
+                     bad_images)
+
+
+@torch.inference_mode()
+def evaluate_rows(model: EmotionModel, batches: _Batches, rows: list[int], targets: Targets, loss_fn: nn.Module | None,
+                  rank: int = 0, world: int = 1) -> tuple[dict[str, float], dict[int, str]]:
+    """Metrics (and mean loss) of ``model`` on sample ``rows``, gathered over all ranks."""
+    model.eval()
+    seen, probs, losses, errors = [], [], [], {}
+    for inputs, idx, errs in batches(rows, False, 0, rank, world):
+        errors.update(errs)
+        if inputs is None:
+            continue
+        outputs = model.head(inputs) if batches.cache is not None else model(inputs)
+        if loss_fn is not None:
+            losses.append(float(loss_fn(outputs, batch_targets(targets, idx))) * len(idx))
+        seen.append(idx.numpy())
+        probs.append(outputs["logits"].float().softmax(-1).numpy())
+    parts = gather((seen, probs, losses, errors))
+    seen = np.concatenate([a for p in parts for a in p[0]] or [np.zeros(0, dtype=np.int64)])
+    probs = np.concatenate([a for p in parts for a in p[1]] or [np.zeros((0, model.num_classes))])
+    errors = {k: v for p in parts for k, v in p[3].items()}
+    if len(seen) == 0:
+        raise RuntimeError("no usable image to evaluate on")
+    out = task_metrics(model.task, model.taxonomy, targets, seen, probs)
+    if loss_fn is not None:
+        out["loss"] = sum(x for p in parts for x in p[2]) / len(seen)
+    out["n"] = float(len(seen))
+    return out, errors
+
+
+def evaluate(model: EmotionModel, dataset: EmotionDataset, rows: list[int], config: TrainConfig | None = None,
+             cache_dir: str | Path | None = None, progress: bool = True) -> dict[str, float]:
+    """Metrics of a trained model on some samples of ``dataset`` (for the test split, say)."""
+    config = config or TrainConfig()
+    cache = feature_cache(model, dataset, Path(cache_dir), config, progress) if cache_dir and config.freeze_backbone else None
+    batches = _Batches(dataset, cache, config, model)
+    targets = task_targets_arrays(dataset, model.task)
+    metrics, _ = evaluate_rows(model, batches, rows, targets, None)
+    return metrics

@@ -1,0 +1,104 @@
+"""Model weights that carry their meaning: tensors in safetensors, the recipe to rebuild in JSON.
+
+A saved model holds its spec (name, arguments, task, taxonomy, backbone), preprocessing,
+and whatever the writer adds (dataset, split, metrics, versions). A model trained on a frozen
+bundled backbone stores only its own layers; the backbone comes from the installed package.
+"""
+
+from __future__ import annotations
+
+import platform
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .checkpoints import CheckpointError, load_checkpoint, load_into, save_checkpoint
+from .models import EmotionModel, create_model
+from .taxonomy import Taxonomy
+
+DEFAULT_MODEL = "default"
+FORMAT_VERSION = 1
+
+
+def default_weights_path() -> Path:
+    return Path(str(resources.files("emolens") / "weights" / "default.safetensors"))
+
+
+def library_versions() -> dict[str, str]:
+    import timm
+    import torchvision
+
+    from . import __version__
+
+    return {"emolens": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "python": platform.python_version()}
+
+
+def model_state(model: EmotionModel, include_backbone: bool = True) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if not include_backbone:
+        state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
+    return state
+
+
+def save_model(model: EmotionModel, path: str | Path, include_backbone: bool = True, half: bool = False,
+               **meta) -> Path:
+    """Write ``path`` (.safetensors + .json). ``include_backbone=False`` needs a bundled-weights backbone."""
+    if not include_backbone and model.spec.get("backbone_weights") != "imagenet":
+        raise ValueError("only a model on bundled backbone weights can be saved without its backbone")
+    full_meta = {"format": FORMAT_VERSION, "spec": model.spec, "preprocessing": model.preprocessing.to_dict(),
+                 "include_backbone": include_backbone, "versions": library_versions(), **meta}
+    return save_checkpoint(path, model_state(model, include_backbone), full_meta, half=half)
+
+
+def resolve_weights(source: str | Path) -> Path:
+    """``"default"``, a run folder (its ``best.safetensors``), or a ``.safetensors`` file."""
+    if str(source) == DEFAULT_MODEL:
+        return default_weights_path()
+    p = Path(source)
+    if p.is_dir():
+        p = p / "best.safetensors"
+    p = p.with_suffix(".safetensors")
+    if not p.is_file():
+        raise CheckpointError(f"{source}: no model weights found (expected a run folder or a .safetensors file)")
+    return p
+
+
+def model_from_meta(meta: dict, backbone_weights: str | None = None) -> EmotionModel:
+    spec = meta.get("spec")
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise CheckpointError("checkpoint metadata has no model spec")
+    try:
+        model = create_model(spec["name"], taxonomy=Taxonomy.from_dict(spec["taxonomy"]), task=spec["task"],
+                             backbone=spec["backbone"], backbone_weights=backbone_weights, **spec.get("args", {}))
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint metadata does not describe a model emolens can build: {e}") from e
+    model.spec = spec
+    return model
+
+
+def load_model(source: str | Path = DEFAULT_MODEL) -> EmotionModel:
+    """Rebuild a saved model exactly from its metadata and load its tensors (no partial loads)."""
+    path = resolve_weights(source)
+    state, meta = load_checkpoint(path)
+    with_backbone = meta.get("include_backbone", True)
+    model = model_from_meta(meta, backbone_weights=None if with_backbone else meta["spec"].get("backbone_weights"))
+    expected = model_state(model, with_backbone)
+    load_into(_Subset(model, expected.keys()), state, source=str(path))
+    model.meta = meta
+    return model.eval()
+
+
+class _Subset:
+    """``load_into`` over the tensors a checkpoint is meant to hold (all, or all but the backbone)."""
+
+    def __init__(self, model: torch.nn.Module, keys):
+        self.model, self.keys = model, list(keys)
+
+    def state_dict(self):
+        full = self.model.state_dict()
+        return {k: full[k] for k in self.keys}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state, strict=len(self.keys) == len(self.model.state_dict()))
