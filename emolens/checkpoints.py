@@ -16,13 +16,23 @@ class CheckpointError(Exception):
     """A checkpoint file is missing, unreadable or does not fit the model it is loaded into."""
 
 
+def _temp_beside(path: Path) -> str:
+    """A temporary file next to ``path`` with the permissions a plain ``open`` would give it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return tmp
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _temp_beside(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -73,8 +83,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, torch.Tensor], met
             v = v.half()
         tensors[k] = v.contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _temp_beside(path)
     try:
         save_file(tensors, tmp, metadata={"format": "pt", "emolens": "1"})
         os.replace(tmp, path)

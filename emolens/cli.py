@@ -123,7 +123,7 @@ def _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, s
 EPOCHS = typer.Option(30, help="Training epochs.")
 BATCH = typer.Option(32, "--batch-size", help="Images per batch.")
 OPTIM = typer.Option("sgd", help="sgd (momentum 0.9, step decay, as in the papers) or adamw.")
-LR = typer.Option(None, help="Learning rate (default: 1e-3 fine-tuning, 1e-2 frozen; a tenth with adamw).")
+LR = typer.Option(None, help="Learning rate (default: 1e-3 fine-tuning, 3e-3 frozen; a tenth with adamw).")
 FREEZE = typer.Option(False, "--freeze-backbone", help="Cache the backbone's features once and train only the model's own layers.")
 WORKERS = typer.Option(2, help="Image-decoding worker processes.")
 SEED = typer.Option(0, help="Seed for splits, initialisation and batches.")
@@ -240,12 +240,13 @@ def benchmark(
     first = next(iter(results["models"].values()))["mean"]
     columns = [m for m in HEADLINE if m in first] + ["train_seconds", "infer_ms_per_image"]
     table = Table(title=f"{data}: {task}, {folds}-fold CV (mean ± std), seed {seed}")
+    wide = Console(width=max(console.width, 60 + 18 * len(columns)))
     table.add_column("model")
     for c in columns:
         table.add_column(c, justify="right")
     for spec, r in results["models"].items():
         table.add_row(spec, *[f"{r['mean'][c]:.3f} ± {r['std'][c]:.3f}" for c in columns])
-    console.print(table)
+    wide.print(table)
     console.print(f"results: {out / 'results.json'}")
 
 
@@ -301,20 +302,28 @@ def predict(
     elif fmt == "table":
         table = Table(title=f"emolens: {len(good)} image(s)")
         table.add_column("image", overflow="fold")
-        table.add_column("emotion")
-        table.add_column("p", justify="right")
-        table.add_column("polarity")
+        table.add_column("emotion", no_wrap=True)
+        table.add_column("p", justify="right", no_wrap=True)
+        table.add_column("polarity", no_wrap=True)
         for c in classes:
-            table.add_column(c[:5], justify="right")
+            table.add_column(c, justify="right", no_wrap=True)
         for p in good:
-            table.add_row(p.source, p.emotion, f"{p.probability:.2f}", p.polarity or "-",
+            table.add_row(display_path(p.source), p.emotion, f"{p.probability:.2f}", p.polarity or "-",
                           *[f"{p.distribution[c]:.2f}" for c in classes])
-        console.print(table)
+        Console(width=max(console.width, 150)).print(table)
     else:
         fail(f"unknown format {fmt!r}; use table, json or csv")
     report_bad_files([ImageLoadError(e.source, e.reason) for e in bad])
     if bad:
         raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def display_path(source: str) -> str:
+    """A path relative to the working folder where it lies below it, else as given."""
+    try:
+        return str(Path(source).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return source
 
 
 def demo_images() -> list[Path]:

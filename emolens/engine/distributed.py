@@ -44,3 +44,10 @@ def broadcast(obj: Any) -> Any:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def sync_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BN statistics), which DDP only syncs before a forward pass."""
+    if dist.is_initialized():
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)

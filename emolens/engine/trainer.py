@@ -32,7 +32,7 @@ from ..models import EmotionModel
 from ..taxonomy import MIKELS_WHEEL_ORDER, Taxonomy, wheel_steps
 from ..weights import model_state, save_model
 from .data import FeatureCache, Targets, batch_targets, cache_key, compute_features, image_loader, task_targets_arrays
-from .distributed import barrier, gather, init_distributed, is_main
+from .distributed import barrier, gather, init_distributed, is_main, sync_buffers
 
 console = Console(stderr=True)
 
@@ -45,8 +45,8 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 32
     optimizer: str = "sgd"  # sgd (momentum 0.9, as in the papers) or adamw
-    lr: float | None = None  # default: 1e-3 fine-tuning, 1e-2 on a frozen backbone (SGD); a tenth for AdamW
-    weight_decay: float = 1e-4
+    lr: float | None = None  # default: 1e-3 fine-tuning, 3e-3 on a frozen backbone (SGD); a tenth for AdamW
+    weight_decay: float = 5e-4
     step_size: int | None = None  # step decay every N epochs (default: a third of the epochs)
     gamma: float = 0.1
     patience: int | None = 10  # early stopping: epochs without a better validation figure
@@ -58,7 +58,7 @@ class TrainConfig:
     def learning_rate(self) -> float:
         if self.lr is not None:
             return self.lr
-        base = 1e-2 if self.freeze_backbone else 1e-3
+        base = 3e-3 if self.freeze_backbone else 1e-3
         return base if self.optimizer == "sgd" else base / 10
 
 
@@ -270,10 +270,11 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += float(loss) * len(idx)
+                total += float(loss.detach()) * len(idx)
                 count += len(idx)
                 bar.update(bar_task, advance=len(idx) * world, loss=total / max(count, 1))
         sched.step()
+        sync_buffers(model)  # so that validation and the saved weights see the same BN statistics on every rank
         train_loss = sum(gather(total)) / max(sum(gather(count)), 1)
         val_metrics, errors = evaluate_rows(model, batches, fold.val, targets, loss_fn, rank, world)
         bad_images.update(errors)

@@ -1,0 +1,46 @@
+"""Tiny synthetic datasets and models for fast tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from conftest import write_image
+from emolens.taxonomy import MIKELS
+
+TINY_BACKBONE = "test_efficientnet"
+COLOURS = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 220, 40)]
+
+
+def make_ldl_dataset(root: Path, per_class: int = 8, classes=(0, 2, 5, 7), size=(40, 32), missing: int = 0) -> str:
+    """A Flickr_LDL-style folder whose classes differ by colour; returns its spec."""
+    rng = np.random.default_rng(0)
+    lines = ["images-name " + " ".join(c.capitalize() for c in MIKELS.classes)]
+    n = 0
+    for k, c in enumerate(classes):
+        for i in range(per_class):
+            votes = rng.integers(0, 2, 8)
+            votes[c] += 6
+            name = f"{n}.jpg"
+            lines.append(name + " " + " ".join(map(str, votes)))
+            colour = np.clip(np.array(COLOURS[k % len(COLOURS)]) + rng.integers(-30, 30, 3), 0, 255)
+            img = np.clip(colour + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+            (root / "images").mkdir(parents=True, exist_ok=True)
+            from PIL import Image
+
+            Image.fromarray(img).save(root / "images" / name)
+            n += 1
+    for j in range(missing):
+        lines.append(f"missing{j}.jpg 1 0 0 0 0 0 0 0")
+    (root / "ground_truth.txt").write_text("\n".join(lines) + "\n")
+    return f"flickr_ldl={root}"
+
+
+def tiny_model(spec: str = "global", task: str = "emotion", taxonomy="mikels"):
+    import emolens
+
+    return emolens.create_model(spec, taxonomy=taxonomy, task=task, backbone=TINY_BACKBONE, backbone_weights=None)
+
+
+__all__ = ["TINY_BACKBONE", "make_ldl_dataset", "tiny_model", "write_image"]

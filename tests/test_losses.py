@@ -1,0 +1,89 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from emolens.losses import LOSSES, build_loss, split_loss_arguments
+from emolens.taxonomy import EMOTION6, MIKELS, POLARITY, wheel_distribution
+
+
+def outputs(logits):
+    return {"logits": torch.tensor(logits, dtype=torch.float32, requires_grad=True)}
+
+
+def test_cross_entropy_by_hand():
+    loss = build_loss("ce", MIKELS)
+    out = {"logits": torch.zeros(1, 8)}
+    assert float(loss(out, {"label": torch.tensor([3])})) == pytest.approx(math.log(8))
+
+
+def test_multitask_is_eq6_with_the_eq4_wheel_distribution():
+    lam, p_star = 0.4, 0.7
+    loss = build_loss("multitask", MIKELS, lambda_=lam)
+    logits = torch.randn(3, 8)
+    label = torch.tensor([0, 2, 7])
+    prob = torch.tensor([p_star, 0.5, 1.0])
+    got = float(loss({"logits": logits}, {"label": label, "label_prob": prob}))
+    log_p = logits.log_softmax(-1).numpy()
+    f = wheel_distribution(label.numpy(), prob.numpy())
+    ce = -log_p[np.arange(3), label.numpy()].mean()
+    ed = -(f * log_p).sum(1).mean()
+    assert got == pytest.approx((1 - lam) * ce + lam * ed, rel=1e-5)
+
+
+def test_multitask_limits():
+    logits, label = torch.randn(4, 8), torch.tensor([1, 2, 3, 4])
+    prob = torch.full((4,), 0.6)
+    ce = F.cross_entropy(logits, label)
+    assert float(build_loss("multitask", MIKELS, lambda_=0.0)({"logits": logits}, {"label": label, "label_prob": prob})) == pytest.approx(float(ce))
+    # p* = 1 makes the wheel distribution one-hot: any lambda gives plain CE
+    one = torch.ones(4)
+    assert float(build_loss("multitask", MIKELS, lambda_=0.7)({"logits": logits}, {"label": label, "label_prob": one})) == pytest.approx(float(ce), rel=1e-5)
+
+
+def test_multitask_needs_the_wheel():
+    with pytest.raises(ValueError, match="wheel"):
+        build_loss("multitask", EMOTION6)
+    with pytest.raises(ValueError, match="wheel"):
+        build_loss("multitask", POLARITY)
+
+
+def test_label_probability_loss_eq10():
+    loss = build_loss("label_prob", MIKELS)
+    logits = torch.randn(2, 8)
+    label, prob = torch.tensor([0, 5]), torch.tensor([0.5, 1.0])
+    want = F.cross_entropy(logits * prob.pow(2)[:, None], label)
+    assert float(loss({"logits": logits}, {"label": label, "label_prob": prob})) == pytest.approx(float(want))
+    # certain labels: plain cross-entropy
+    assert float(loss({"logits": logits}, {"label": label, "label_prob": torch.ones(2)})) == pytest.approx(float(F.cross_entropy(logits, label)))
+
+
+def test_distribution_kl_is_zero_at_the_target_and_positive_elsewhere():
+    loss = build_loss("kl", MIKELS)
+    target = torch.tensor([[0.5, 0.25, 0.25, 0, 0, 0, 0, 0]])
+    exact = torch.log(target.clamp_min(1e-9))
+    assert float(loss({"logits": exact}, {"distribution": target, "label": torch.tensor([0])})) == pytest.approx(0.0, abs=1e-5)
+    assert float(loss({"logits": torch.zeros(1, 8)}, {"distribution": target, "label": torch.tensor([0])})) > 0.1
+    with pytest.raises(ValueError, match="distribution"):
+        loss({"logits": torch.zeros(1, 8)}, {"label": torch.tensor([0])})
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_every_loss_gives_gradients(name):
+    loss = build_loss(name, MIKELS)
+    out = outputs(np.random.default_rng(0).normal(size=(4, 8)))
+    dist = torch.softmax(torch.randn(4, 8), -1)
+    value = loss(out, {"label": torch.tensor([0, 1, 2, 3]), "distribution": dist, "label_prob": torch.full((4,), 0.5)})
+    value.backward()
+    assert out["logits"].grad is not None and out["logits"].grad.abs().sum() > 0
+
+
+def test_spec_arguments_split_into_loss_and_model():
+    name, loss_args, model_args = split_loss_arguments({"loss": "multitask", "lambda": 0.3, "dropout": 0.1})
+    assert name == "multitask" and loss_args == {"lambda_": 0.3} and model_args == {"dropout": 0.1}
+    with pytest.raises(ValueError, match="unknown loss"):
+        build_loss("nope", MIKELS)
+    with pytest.raises(ValueError, match="does not take"):
+        build_loss("ce", MIKELS, lambda_=0.2)

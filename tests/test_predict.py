@@ -1,0 +1,111 @@
+import csv
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import write_image
+from corpus import make_bad_images, make_good_images
+from helpers import tiny_model
+from emolens.checkpoints import CheckpointError
+from emolens.cli import EXIT_ERROR, EXIT_SOME_FAILED, app
+from emolens.predict import Prediction, Predictor
+from emolens.taxonomy import MIKELS
+from emolens.weights import load_model, save_model
+
+runner = CliRunner(env={"COLUMNS": "240"})
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return Predictor(batch_size=4, workers=0)
+
+
+def test_default_model_is_embedded_small_and_describes_itself():
+    model = load_model()
+    assert model.meta["include_backbone"] is False and model.taxonomy.classes == MIKELS.classes
+    assert model.spec["task"] == "distribution" and "cv_mean" in model.meta["card"]
+
+
+def test_predictor_on_a_folder_of_good_and_bad_files(tmp_path, predictor):
+    good = make_good_images(tmp_path)
+    bad = make_bad_images(tmp_path / "bad")
+    from emolens.images import scan_images
+
+    preds, errors = predictor.predict(scan_images([tmp_path]).files)
+    assert {p.source.split("/")[-1] for p in preds} == set(good)
+    assert {e.source.split("/")[-1] for e in errors} == set(bad)
+    for p in preds:
+        assert isinstance(p, Prediction) and set(p.distribution) == set(MIKELS.classes)
+        assert sum(p.distribution.values()) == pytest.approx(1.0, abs=1e-4)
+        assert p.probability == max(p.distribution.values()) and p.emotion in MIKELS.classes
+        assert p.polarity == ("positive" if MIKELS.polarity[MIKELS.index(p.emotion)] else "negative")
+        pos = sum(p.distribution[c] for c in MIKELS.classes[:4])
+        assert p.positive_probability == pytest.approx(pos, abs=1e-4)
+
+
+def test_predictor_takes_pil_images_and_matches_files(tmp_path, predictor):
+    path = write_image(tmp_path / "a.png", seed=3, size=(64, 48))
+    from_file, _ = predictor.predict(path)
+    from_pil, _ = predictor.predict([Image.open(path)])
+    for c in MIKELS.classes:
+        assert from_file[0].distribution[c] == pytest.approx(from_pil[0].distribution[c], abs=1e-5)
+
+
+def test_batching_does_not_change_results(tmp_path):
+    paths = [write_image(tmp_path / f"{i}.png", seed=i, size=(50, 40)) for i in range(5)]
+    one = Predictor(batch_size=1, workers=0).predict(paths)[0]
+    many = Predictor(batch_size=4, workers=0).predict(paths)[0]
+    for a, b in zip(one, many):
+        assert a.source == b.source and a.emotion == b.emotion
+        assert a.probability == pytest.approx(b.probability, abs=1e-4)
+
+
+def test_save_and_load_round_trip_and_mismatch(tmp_path):
+    model = tiny_model("global:dropout=0.3").eval()
+    save_model(model, tmp_path / "m.safetensors")
+    again = load_model(tmp_path / "m.safetensors")
+    assert again.spec == model.spec
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(model(x)["logits"], again(x)["logits"])
+    meta = json.loads((tmp_path / "m.json").read_text())
+    meta["spec"]["taxonomy"] = {"name": "x", "classes": ["a", "b"], "polarity": [1, 0]}
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_model(tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError, match="no model weights"):
+        load_model(tmp_path / "absent")
+
+
+def test_cli_predict_exit_codes_and_formats(tmp_path):
+    write_image(tmp_path / "ok" / "a.png", seed=1)
+    write_image(tmp_path / "ok" / "b.jpg", seed=2)
+    result = runner.invoke(app, ["predict", str(tmp_path / "ok"), "--format", "json", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert len(data["predictions"]) == 2 and data["errors"] == []
+
+    (tmp_path / "ok" / "broken.jpg").write_bytes(b"\xff\xd8 nope")
+    result = runner.invoke(app, ["predict", str(tmp_path / "ok"), str(tmp_path / "gone.jpg"), "--format", "csv"])
+    assert result.exit_code == EXIT_SOME_FAILED
+    rows = list(csv.reader(io.StringIO(result.stdout)))
+    assert rows[0][:3] == ["source", "emotion", "probability"] and len(rows) == 3
+    assert "broken.jpg" in result.stderr and "gone.jpg" in result.stderr
+
+    listing = "\n".join(str(p) for p in sorted((tmp_path / "ok").glob("*.png"))) + "\n"
+    result = runner.invoke(app, ["predict", "-"], input=listing)
+    assert result.exit_code == 0 and "a.png" in result.stdout
+
+    assert runner.invoke(app, ["predict"]).exit_code == EXIT_ERROR
+    assert runner.invoke(app, ["predict", str(tmp_path / "ok" / "a.png"), "--model", str(tmp_path / "nomodel")]).exit_code == EXIT_ERROR
+
+
+def test_cli_predict_demo_needs_no_user_data():
+    result = runner.invoke(app, ["predict", "--demo", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    preds = json.loads(result.stdout)["predictions"]
+    assert len(preds) >= 2 and all(p["polarity"] in ("positive", "negative") for p in preds)
