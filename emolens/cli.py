@@ -223,6 +223,7 @@ def benchmark(
     out: Path = typer.Option(Path("results"), help="Folder for folds, runs, feature cache and results.json."),
     task: str = TASK, folds: int = typer.Option(5, help="k of the k-fold cross-validation."),
     backbone: str = typer.Option(None, help="timm backbone for every model (default: each model's default)."),
+    backbone_weights: str = typer.Option("imagenet", help="'imagenet' (bundled), a local weights file, or 'none'."),
     freeze_backbone: bool = FREEZE, epochs: int = EPOCHS, batch_size: int = BATCH, optimizer: str = OPTIM,
     lr: float = LR, workers: int = WORKERS, seed: int = SEED, select: str = SELECT, patience: int = PATIENCE,
 ) -> None:
@@ -233,7 +234,8 @@ def benchmark(
     try:
         ds = load_dataset(data)
         config = _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience)
-        results = run_benchmark(ds, specs, task, out, folds, seed, config, backbone, progress=True,
+        weights = None if backbone_weights.lower() == "none" else backbone_weights
+        results = run_benchmark(ds, specs, task, out, folds, seed, config, backbone, weights, progress=True,
                                 log=lambda m: err_console.print(m))
     except (ValueError, FileNotFoundError, KeyError) as e:
         fail(str(e))

@@ -73,16 +73,26 @@ def fingerprint(dataset: EmotionDataset) -> str:
 
 
 def _stratified_take(labels: np.ndarray, idx: np.ndarray, fractions: Sequence[float], rng: np.random.Generator) -> list[np.ndarray]:
-    """Split ``idx`` into parts of the given fractions, class by class (every part gets its share of each class)."""
-    parts: list[list[int]] = [[] for _ in fractions]
-    cum = np.cumsum(fractions) / np.sum(fractions)
+    """Split ``idx`` into parts of the given fractions, class by class.
+
+    Each class gives every part the whole-number share of its members; the members left
+    over go, one by one, to the part furthest below its overall target, so small parts
+    (a 5% validation set) are not rounded away on small datasets.
+    """
+    frac = np.asarray(fractions, dtype=np.float64) / np.sum(fractions)
+    target = frac * len(idx)
+    parts: list[list[int]] = [[] for _ in frac]
+    leftovers: list[int] = []
     for c in np.unique(labels[idx]):
-        members = rng.permutation(idx[labels[idx] == c])
-        bounds = np.rint(cum * len(members)).astype(int)
+        members = rng.permutation(idx[labels[idx] == c]).tolist()
         start = 0
-        for k, end in enumerate(bounds):
-            parts[k].extend(members[start:end].tolist())
-            start = end
+        for k, share in enumerate(np.floor(frac * len(members)).astype(int)):
+            parts[k].extend(members[start:start + share])
+            start += share
+        leftovers.extend(members[start:])
+    for member in leftovers:
+        k = int(np.argmax(target - np.array([len(p) for p in parts])))
+        parts[k].append(member)
     return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
 
 

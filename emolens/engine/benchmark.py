@@ -48,6 +48,7 @@ def summarise(fold_metrics: list[dict[str, float]]) -> tuple[dict[str, float], d
 
 def run_benchmark(dataset: EmotionDataset, specs: list[str], task: str, out_dir: str | Path, folds: int = 5,
                   seed: int = 0, config: TrainConfig | None = None, backbone: str | None = None,
+                  backbone_weights: str | None = "imagenet",
                   only_folds: list[int] | None = None, timing_images: int = 64, progress: bool = True,
                   log=print) -> dict:
     """Cross-validate every model spec on the same saved folds; returns (and writes) the results."""
@@ -71,7 +72,7 @@ def run_benchmark(dataset: EmotionDataset, specs: list[str], task: str, out_dir:
                 continue
             run_dir = out_dir / slug(spec) / f"fold{k}"
             kwargs = {"backbone": backbone} if backbone else {}
-            model = create_model(spec, taxonomy=dataset.taxonomy, task=task, **kwargs)
+            model = create_model(spec, taxonomy=dataset.taxonomy, task=task, backbone_weights=backbone_weights, **kwargs)
             result = fit(model, dataset, fold, run_dir, config, resume=True, cache_dir=cache_dir, progress=progress)
             best = load_model(run_dir)
             test = evaluate(best, dataset, fold.test, config, cache_dir=cache_dir, progress=progress)
