@@ -17,13 +17,17 @@ class CheckpointError(Exception):
 
 
 def _temp_beside(path: Path) -> str:
-    """A temporary file next to ``path`` with the permissions a plain ``open`` would give it."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    return tmp
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Give ``tmp`` the permissions a plain ``open`` would have, then move it over ``path`` in one step."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
-    return tmp
+    os.replace(tmp, path)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -36,7 +40,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -86,7 +90,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, torch.Tensor], met
     tmp = _temp_beside(path)
     try:
         save_file(tensors, tmp, metadata={"format": "pt", "emolens": "1"})
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
