@@ -113,7 +113,7 @@ def datasets_info(
             raise typer.Exit(EXIT_SOME_FAILED)
 
 
-def _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience) -> "TrainConfig":
+def _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience):
     from .engine import TrainConfig
 
     return TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, freeze_backbone=freeze_backbone,
