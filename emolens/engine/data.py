@@ -13,7 +13,7 @@ import torch
 from rich.progress import Progress
 from torch.utils.data import DataLoader, Dataset
 
-from ..checkpoints import atomic_write_json
+from ..checkpoints import save_checkpoint
 from ..data.samples import EmotionDataset
 from ..data.transforms import eval_transform
 from ..images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
@@ -100,19 +100,13 @@ class FeatureCache:
         return out
 
     def save(self, path: Path, meta: dict) -> None:
-        from safetensors.torch import save_file
-
         tensors = {}
         for key, value in self.features.items():
             if isinstance(value, list):
-                tensors.update({f"{key}.{i}": v.contiguous() for i, v in enumerate(value)})
+                tensors.update({f"{key}.{i}": v for i, v in enumerate(value)})
             else:
-                tensors[key] = value.contiguous()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp))
-        tmp.replace(path)
-        atomic_write_json(path.with_suffix(".json"), {**meta, "errors": {str(k): v for k, v in self.errors.items()}})
+                tensors[key] = value
+        save_checkpoint(path, tensors, {**meta, "errors": {str(k): v for k, v in self.errors.items()}})
 
     def usable(self, rows: Sequence[int]) -> list[int]:
         """``rows`` without the images that could not be read."""
