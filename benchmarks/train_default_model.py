@@ -18,7 +18,8 @@ from emolens.data import Fold, load_dataset, make_protocol
 from emolens.engine import TrainConfig, fit
 from emolens.engine.benchmark import run_benchmark
 from emolens.models import create_model
-from emolens.weights import default_weights_path, load_model, save_model
+from emolens.storage import default_weights_path
+from emolens.weights import load_model, save_model
 
 RECIPE = "global:loss=kl"
 TASK = "distribution"

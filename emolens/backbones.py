@@ -8,7 +8,7 @@ loads weights from a local file the user gives, or starts random when asked (``w
 from __future__ import annotations
 
 import importlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -17,24 +17,7 @@ import torch
 from torch import nn
 
 from .checkpoints import load_into, read_state_dict
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How images must be prepared for a backbone; travels with every checkpoint."""
-
-    size: int = 224
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    interpolation: str = "bicubic"
-    crop_pct: float = 0.875
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
-        return cls(int(d["size"]), tuple(d["mean"]), tuple(d["std"]), d.get("interpolation", "bicubic"), float(d.get("crop_pct", 0.875)))
+from .preprocessing import Preprocessing
 
 
 @dataclass(frozen=True)

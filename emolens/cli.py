@@ -11,9 +11,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from .data import load_dataset
 from .images import ImageLoadError, load_image
-from .models import model_entries
 
 app = typer.Typer(help="Visual emotion analysis: predict, train, evaluate, index and search.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -46,6 +44,8 @@ def report_bad_files(errors: list[ImageLoadError]) -> None:
 @app.command("list-models")
 def list_models_cmd() -> None:
     """List the registered models."""
+    from .models import model_entries
+
     table = Table(title="emolens models")
     table.add_column("name", style="bold")
     table.add_column("what it is")
@@ -61,6 +61,8 @@ def datasets_info(
     check_images: bool = typer.Option(False, "--check-images", help="Open every image and report the unreadable ones."),
 ) -> None:
     """Counts per class, missing files, distribution summary and polarity balance of a dataset."""
+    from .data import load_dataset
+
     try:
         ds = load_dataset(spec)
     except (ValueError, FileNotFoundError, OSError) as e:
@@ -148,7 +150,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its last checkpoint."),
 ) -> None:
     """Train a model; the checkpoint is chosen on validation data, then scored once on the test part."""
-    from .data import Protocol, make_protocol
+    from .data import Protocol, load_dataset, make_protocol
     from .engine import evaluate, fit
     from .engine.distributed import is_main
     from .models import create_model
@@ -190,6 +192,7 @@ def evaluate(
     batch_size: int = BATCH, workers: int = WORKERS,
 ) -> None:
     """Score a trained model on a part of its split, or on all of another dataset."""
+    from .data import load_dataset
     from .engine import TrainConfig, evaluate as evaluate_model
     from .weights import load_model
 
@@ -228,6 +231,7 @@ def benchmark(
     lr: float = LR, workers: int = WORKERS, seed: int = SEED, select: str = SELECT, patience: int = PATIENCE,
 ) -> None:
     """k-fold cross-validation of several models on identical folds; prints mean ± std per model."""
+    from .data import load_dataset
     from .engine.benchmark import HEADLINE, run_benchmark
 
     specs = split_model_list(models)
@@ -260,10 +264,11 @@ def split_model_list(models: str) -> list[str]:
 @app.command()
 def predict(
     paths: list[str] = typer.Argument(None, help="Image files or folders (recursive); '-' reads a list from stdin."),
-    model: str = typer.Option(None, help="Run folder or .safetensors file (default: the embedded model)."),
+    model: str = typer.Option(None, help="Run folder, .safetensors or .onnx file (default: the embedded model)."),
     fmt: str = typer.Option("table", "--format", help="table, json or csv."),
     batch_size: int = BATCH,
-    workers: int = typer.Option(None, help="Decoding worker processes (default: CPUs - 1, at most 4)."),
+    workers: int = typer.Option(None, help="Decoding threads (default: CPUs, at most 4; 0 decodes in line)."),
+    backend: str = typer.Option("auto", help="auto (ONNX Runtime where the model exports), onnx or torch."),
     demo: bool = typer.Option(False, "--demo", help="Run on sample photos that scikit-learn ships."),
 ) -> None:
     """Which emotions each image evokes: top emotion, its probability, polarity and the full distribution."""
@@ -283,7 +288,7 @@ def predict(
         fail("no images given: name files or folders, '-' for a list on stdin, or --demo")
     scan = scan_images(inputs)
     try:
-        predictor = Predictor(model, batch_size=batch_size, workers=workers)
+        predictor = Predictor(model, batch_size=batch_size, workers=workers, backend=backend)
     except Exception as e:  # any failure to build the model means nothing can run
         fail(f"cannot load model {model or 'default'}: {e}")
     with Progress(console=err_console, transient=True) as progress:
@@ -318,6 +323,26 @@ def predict(
     report_bad_files([ImageLoadError(e.source, e.reason) for e in bad])
     if bad:
         raise typer.Exit(EXIT_SOME_FAILED)
+
+
+@app.command()
+def export(
+    onnx: Path = typer.Option(..., help="Where to write the .onnx file (its metadata goes beside it as .json)."),
+    model: str = typer.Option(None, help="Run folder or .safetensors file (default: the embedded model)."),
+) -> None:
+    """Export a model to ONNX for ONNX Runtime: faster CPU inference, no PyTorch needed to run it."""
+    from .runtime import ExportError, export_onnx
+    from .weights import load_model
+
+    try:
+        loaded = load_model(model or "default")
+    except Exception as e:  # any failure to build the model means nothing can run
+        fail(f"cannot load model {model or 'default'}: {e}")
+    try:
+        data, meta = export_onnx(loaded, onnx)
+    except ExportError as e:
+        fail(str(e))
+    console.print(f"wrote {onnx.with_suffix('.onnx')} ({len(data) / 2**20:.1f} MiB; outputs: {', '.join(meta['outputs'])})")
 
 
 def display_path(source: str) -> str:

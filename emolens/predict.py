@@ -1,20 +1,31 @@
-"""Batched inference: images in, typed results out; a bad file is reported and the batch goes on."""
+"""Batched inference: images in, typed results out; a bad file is reported and the batch goes on.
+
+Two backends run the same preprocessing: ONNX Runtime (``"onnx"``: a saved model is exported once
+and cached; no PyTorch in the process when the export is cached) and eager PyTorch (``"torch"``).
+``"auto"`` takes ONNX Runtime for a saved model and falls back to PyTorch, with a warning, where a
+model does not export; a live ``nn.Module`` runs in PyTorch unless ``backend="onnx"``.
+"""
 
 from __future__ import annotations
 
 import os
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
-import torch
+import numpy as np
 from PIL import Image
 
-from .data.transforms import eval_transform
-from .engine.data import image_loader
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
-from .models import EmotionModel
-from .weights import DEFAULT_MODEL, load_model
+from .preprocessing import Preprocessing
+from .storage import DEFAULT_MODEL
+from .taxonomy import Taxonomy
+
+if TYPE_CHECKING:
+    from .models import EmotionModel
+
+BACKENDS = ("auto", "onnx", "torch")
 
 
 @dataclass
@@ -39,38 +50,102 @@ class PredictionError:
 
 
 def default_workers() -> int:
-    return min(4, max(0, (os.cpu_count() or 1) - 1))
+    """Decoding threads: PIL decodes and resizes outside the GIL, so threads overlap with inference."""
+    return min(4, os.cpu_count() or 1)
+
+
+class TorchRunner:
+    """Eager PyTorch behind the same array-in, arrays-out call as :class:`~emolens.runtime.OnnxModel`."""
+
+    def __init__(self, model: "EmotionModel", channels_last: bool = True):
+        import torch
+
+        self.model = model.eval()
+        self.channels_last = channels_last
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.taxonomy: Taxonomy = model.taxonomy
+        self.preprocessing: Preprocessing = model.preprocessing
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        import torch
+
+        batch = torch.from_numpy(images)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            out = self.model(batch)
+        return {k: v.float().numpy() for k, v in out.items()
+                if isinstance(v, torch.Tensor) and v.shape[:1] == (len(images),)}
+
+
+def make_runner(model, backend: str = "auto", threads: int | None = None):
+    """``(backend_used, runner)`` for a live model, a saved model (run folder, ``.safetensors``,
+    ``"default"``) or an exported ``.onnx`` file."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    from .runtime import ExportError, OnnxModel, onnx_model_for
+
+    live = model is not None and not isinstance(model, (str, os.PathLike))
+    if live:
+        if backend != "onnx":
+            return "torch", TorchRunner(model)
+        from .runtime import export_onnx
+
+        data, meta = export_onnx(model)
+        return "onnx", OnnxModel(data, meta, threads=threads)
+    source = model or DEFAULT_MODEL
+    if str(source).endswith(".onnx"):
+        if backend == "torch":
+            raise ValueError(f"{source} is an ONNX model; it runs only with the onnx backend")
+        return "onnx", OnnxModel(source, threads=threads)
+    if backend != "torch":
+        try:
+            return "onnx", onnx_model_for(source, threads=threads)
+        except (ImportError, ExportError) as e:
+            if backend == "onnx":
+                raise
+            warnings.warn(f"ONNX Runtime unavailable for {source} ({e}); running in PyTorch", stacklevel=3)
+    from .weights import load_model
+
+    return "torch", TorchRunner(load_model(source))
 
 
 class Predictor:
     """``Predictor(model=None).predict(paths_or_images)``; ``model`` is a model, a run folder, a
-    ``.safetensors`` file, or ``None`` for the embedded default model."""
+    ``.safetensors`` or ``.onnx`` file, or ``None`` for the embedded default model."""
 
-    def __init__(self, model: EmotionModel | str | Path | None = None, batch_size: int = 32,
-                 workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, channels_last: bool = True):
-        self.model = model if isinstance(model, EmotionModel) else load_model(model or DEFAULT_MODEL)
-        self.model.eval()
-        self.channels_last = channels_last
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
+    def __init__(self, model: "EmotionModel | str | os.PathLike | None" = None, batch_size: int = 32,
+                 workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, backend: str = "auto",
+                 threads: int | None = None):
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.backend, self.runner = make_runner(model, backend, threads)
+        self.taxonomy: Taxonomy = self.runner.taxonomy
+        self.preprocessing: Preprocessing = self.runner.preprocessing
         self.batch_size = batch_size
         self.workers = default_workers() if workers is None else workers
         self.max_pixels = max_pixels
-        self.transform = eval_transform(self.model.preprocessing)
 
-    @property
-    def taxonomy(self):
-        return self.model.taxonomy
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """The model's named outputs for a preprocessed (B, 3, H, W) float32 batch."""
+        return self.runner(images)
 
-    @torch.inference_mode()
-    def run(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return self.model(images)
+    def prepare(self, item: str | os.PathLike | Image.Image) -> np.ndarray:
+        """One input as a model-ready array; raises :class:`ImageLoadError` for an unusable image."""
+        return self.preprocessing(load_image(item, self.max_pixels))
 
-    def _results(self, sources: Sequence[str], probs: torch.Tensor) -> list[Prediction]:
+    def _decode(self, item) -> np.ndarray | ImageLoadError:
+        try:
+            return self.prepare(item)
+        except ImageLoadError as e:
+            return e
+
+    def _results(self, sources: Sequence[str], logits: np.ndarray) -> list[Prediction]:
         tax = self.taxonomy
-        polar = tax.polarity_distribution(probs.double().numpy())[:, 1]
+        shifted = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
+        probs = shifted / shifted.sum(axis=1, keepdims=True)
+        polar = tax.polarity_distribution(probs)[:, 1]
         out = []
         for src, p, pos in zip(sources, probs.tolist(), polar.tolist()):
             top = max(range(len(p)), key=p.__getitem__)
@@ -83,36 +158,37 @@ class Predictor:
             ))
         return out
 
+    def _batch_results(self, names: list[str], decoded: list) -> list[Prediction | PredictionError]:
+        good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
+        results: list[Prediction | PredictionError | None] = [
+            None if isinstance(d, np.ndarray) else PredictionError(names[i], d.reason) for i, d in enumerate(decoded)]
+        if good:
+            logits = self.run(np.stack([decoded[i] for i in good]))["logits"]
+            for i, pred in zip(good, self._results([names[i] for i in good], logits)):
+                results[i] = pred
+        return results
+
     def predict_iter(self, inputs: Iterable[str | os.PathLike | Image.Image]) -> Iterator[list[Prediction | PredictionError]]:
-        """Results batch by batch, in input order within each batch; files decode in worker processes."""
+        """Results batch by batch, in input order; the next batch decodes while this one runs."""
         items = list(inputs)
-        images = [(i, x) for i, x in enumerate(items) if isinstance(x, Image.Image)]
-        paths = [(i, x) for i, x in enumerate(items) if not isinstance(x, Image.Image)]
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size]
-            tensors, names, errors = [], [], []
-            for i, img in chunk:
-                name = getattr(img, "filename", "") or f"<image {i}>"
-                try:
-                    tensors.append(self.transform(load_image(img, self.max_pixels)))
-                    names.append(name)
-                except ImageLoadError as e:
-                    errors.append(PredictionError(name, e.reason))
-            results: list[Prediction | PredictionError] = list(errors)
-            if tensors:
-                probs = self.run(torch.stack(tensors))["logits"].float().softmax(-1)
-                results = self._results(names, probs) + results
-            yield results
-        if not paths:
+        names = [str(x) if not isinstance(x, Image.Image) else (getattr(x, "filename", "") or f"<image {i}>")
+                 for i, x in enumerate(items)]
+        starts = range(0, len(items), self.batch_size)
+        if self.workers == 0:
+            for s in starts:
+                chunk = items[s:s + self.batch_size]
+                yield self._batch_results(names[s:s + self.batch_size], [self._decode(x) for x in chunk])
             return
-        loader = image_loader([p for _, p in paths], self.transform, self.batch_size,
-                              self.workers if len(paths) > self.batch_size else 0, max_pixels=self.max_pixels)
-        for batch in loader:
-            results = [PredictionError(str(paths[i][1]), reason) for i, reason in batch["errors"]]
-            if len(batch["index"]):
-                probs = self.run(batch["image"])["logits"].float().softmax(-1)
-                results = self._results([str(paths[i][1]) for i in batch["index"].tolist()], probs) + results
-            yield results
+        with ThreadPoolExecutor(self.workers) as pool:
+            def submit(s: int) -> list[Future]:
+                return [pool.submit(self._decode, x) for x in items[s:s + self.batch_size]]
+
+            pending = submit(0) if items else []
+            for s in starts:
+                decoded = [f.result() for f in pending]
+                if s + self.batch_size < len(items):
+                    pending = submit(s + self.batch_size)
+                yield self._batch_results(names[s:s + self.batch_size], decoded)
 
     def predict(self, inputs: Iterable[str | os.PathLike | Image.Image] | str | os.PathLike | Image.Image,
                 on_batch: Callable[[int], None] | None = None) -> tuple[list[Prediction], list[PredictionError]]:

@@ -8,21 +8,16 @@ bundled backbone stores only its own layers; the backbone comes from the install
 from __future__ import annotations
 
 import platform
-from importlib import resources
 from pathlib import Path
 
 import torch
 
 from .checkpoints import CheckpointError, load_checkpoint, load_into, save_checkpoint
+from .storage import DEFAULT_MODEL, resolve_weights
 from .models import EmotionModel, create_model
 from .taxonomy import Taxonomy
 
-DEFAULT_MODEL = "default"
 FORMAT_VERSION = 1
-
-
-def default_weights_path() -> Path:
-    return Path(str(resources.files("emolens") / "weights" / "default.safetensors"))
 
 
 def library_versions() -> dict[str, str]:
@@ -50,19 +45,6 @@ def save_model(model: EmotionModel, path: str | Path, include_backbone: bool = T
     full_meta = {"format": FORMAT_VERSION, "spec": model.spec, "preprocessing": model.preprocessing.to_dict(),
                  "include_backbone": include_backbone, "versions": library_versions(), **meta}
     return save_checkpoint(path, model_state(model, include_backbone), full_meta, half=half)
-
-
-def resolve_weights(source: str | Path) -> Path:
-    """``"default"``, a run folder (its ``best.safetensors``), or a ``.safetensors`` file."""
-    if str(source) == DEFAULT_MODEL:
-        return default_weights_path()
-    p = Path(source)
-    if p.is_dir():
-        p = p / "best.safetensors"
-    p = p.with_suffix(".safetensors")
-    if not p.is_file():
-        raise CheckpointError(f"{source}: no model weights found (expected a run folder or a .safetensors file)")
-    return p
 
 
 def model_from_meta(meta: dict, backbone_weights: str | None = None) -> EmotionModel:

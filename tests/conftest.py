@@ -30,3 +30,12 @@ def write_image(path: Path, color=(200, 30, 30), size=(16, 12), seed: int | None
 @pytest.fixture
 def shared_data() -> Path:
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Exports the tests make go to a folder of their own, never the user's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        folder = tmp_path_factory.mktemp("emolens-cache")
+        mp.setenv("EMOLENS_CACHE", str(folder))
+        yield folder

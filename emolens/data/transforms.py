@@ -1,28 +1,27 @@
-"""Image transforms built from a backbone's :class:`~emolens.backbones.Preprocessing`."""
+"""Image transforms built from a backbone's :class:`~emolens.preprocessing.Preprocessing`."""
 
 from __future__ import annotations
 
-import math
+from functools import partial
+from typing import Callable
 
-from torchvision.transforms import v2 as T
 import torch
+from PIL import Image
+from torchvision.transforms import v2 as T
 
-from ..backbones import Preprocessing
+from ..preprocessing import Preprocessing
 
 _INTERPOLATION = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
                   "nearest": T.InterpolationMode.NEAREST}
 
 
-def eval_transform(pre: Preprocessing) -> T.Compose:
-    """Resize the shorter side to ``size / crop_pct``, centre-crop ``size``, normalise."""
-    resize = int(math.floor(pre.size / pre.crop_pct))
-    return T.Compose([
-        T.ToImage(),
-        T.Resize(resize, interpolation=_INTERPOLATION[pre.interpolation], antialias=True),
-        T.CenterCrop(pre.size),
-        T.ToDtype(torch.float32, scale=True),
-        T.Normalize(pre.mean, pre.std),
-    ])
+def eval_transform(pre: Preprocessing) -> Callable[[Image.Image], torch.Tensor]:
+    """The inference preprocessing (:meth:`Preprocessing.__call__`) as a tensor."""
+    return partial(_as_tensor, pre)
+
+
+def _as_tensor(pre: Preprocessing, image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(pre(image))
 
 
 def train_transform(pre: Preprocessing, scale: tuple[float, float] = (0.5, 1.0)) -> T.Compose:

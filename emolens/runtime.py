@@ -1,0 +1,150 @@
+"""ONNX export and ONNX Runtime inference.
+
+A model exported once (``emolens export --onnx``) runs under ONNX Runtime without PyTorch:
+about 5x faster than eager PyTorch on a 2-core CPU and a fraction of its memory. The ``.onnx``
+file travels with a ``.json`` beside it holding what the model means (taxonomy, preprocessing,
+spec, card), like every emolens checkpoint. Nothing here imports PyTorch until it exports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import warnings
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .preprocessing import Preprocessing
+from .storage import CheckpointError, atomic_write_bytes, atomic_write_json, cache_dir, resolve_weights
+from .taxonomy import Taxonomy
+
+if TYPE_CHECKING:
+    from .models import EmotionModel
+
+ONNX_OPSET = 18
+FORMAT_VERSION = 1
+#: Images per ONNX Runtime call: its memory arena grows with the batch while speed does not.
+RUNTIME_CHUNK = 8
+
+
+class ExportError(Exception):
+    """A model could not be exported to ONNX."""
+
+
+def onnx_meta(model: "EmotionModel", outputs: list[str]) -> dict:
+    return {"format": FORMAT_VERSION, "spec": model.spec, "taxonomy": model.taxonomy.to_dict(),
+            "preprocessing": model.preprocessing.to_dict(), "outputs": outputs,
+            **{k: v for k, v in getattr(model, "meta", {}).items() if k in ("card", "dataset", "metrics")}}
+
+
+def export_onnx(model: "EmotionModel", path: str | os.PathLike | None = None) -> tuple[bytes, dict]:
+    """The model as ONNX bytes (dynamic batch) and its metadata; also written to ``path`` (+ ``.json``)."""
+    import torch
+
+    model = model.eval()
+    size = model.preprocessing.size
+    example = torch.zeros(2, 3, size, size)
+    with torch.inference_mode():
+        sample = model(example)
+    # Only per-image tensors are graph outputs; lists of boxes and the like stay PyTorch-only.
+    outputs = [k for k, v in sample.items() if isinstance(v, torch.Tensor) and v.shape[:1] == (2,)]
+
+    class TensorOutputs(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, images):
+            result = self.inner(images)
+            return tuple(result[k] for k in outputs)
+
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            # The TorchScript exporter is deprecated in favour of torch.export, which needs onnxscript and
+            # is not reliable on the oldest PyTorch we support; it is the one that works everywhere.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(TensorOutputs(model).eval(), (example,), buffer, input_names=["image"],
+                              output_names=outputs, dynamic_axes={n: {0: "batch"} for n in ["image", *outputs]},
+                              opset_version=ONNX_OPSET, dynamo=False)
+    except Exception as e:  # the exporter raises many types; all mean "this graph does not export"
+        raise ExportError(f"{model.spec.get('name', type(model).__name__)}: cannot export to ONNX: {e}") from e
+    data, meta = buffer.getvalue(), onnx_meta(model, outputs)
+    if path is not None:
+        path = Path(path).with_suffix(".onnx")
+        atomic_write_bytes(path, data)
+        atomic_write_json(path.with_suffix(".json"), meta)
+    return data, meta
+
+
+class OnnxModel:
+    """An exported model under ONNX Runtime: ``model(images)`` maps a (B, 3, H, W) float32 array to
+    a dict of named output arrays, as the PyTorch model does with tensors."""
+
+    def __init__(self, source: str | os.PathLike | bytes, meta: dict | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        if meta is None:
+            if isinstance(source, bytes):
+                raise ValueError("ONNX bytes need their metadata")
+            meta = read_onnx_meta(source)
+        self.meta = meta
+        self.taxonomy = Taxonomy.from_dict(meta["taxonomy"])
+        self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+        self.outputs = list(meta["outputs"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.log_severity_level = 3  # warnings about unused initialisers are noise to a user
+        try:
+            self.session = ort.InferenceSession(source if isinstance(source, bytes) else str(source), options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own untyped errors for unreadable models
+            raise CheckpointError(f"{source if not isinstance(source, bytes) else 'ONNX model'}: "
+                                  f"ONNX Runtime cannot load it: {e}") from e
+
+    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        parts = [self.session.run(self.outputs, {"image": images[i:i + RUNTIME_CHUNK]})
+                 for i in range(0, len(images), RUNTIME_CHUNK)]
+        return {name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(self.outputs)}
+
+
+def read_onnx_meta(path: str | os.PathLike) -> dict:
+    meta_path = Path(path).with_suffix(".json")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta_path}: ONNX model metadata missing or unreadable ({e})") from e
+    missing = [k for k in ("taxonomy", "preprocessing", "outputs") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{meta_path}: metadata lacks {', '.join(missing)}")
+    return meta
+
+
+def cached_onnx_path(weights: Path) -> Path:
+    """Where the export of ``weights`` is cached: keyed by the weights, their metadata and the versions
+    that shape the graph, so a changed model or library never reuses a stale export."""
+    digest = hashlib.sha256()
+    for part in (weights, weights.with_suffix(".json")):
+        digest.update(part.read_bytes())
+    for package in ("emolens", "torch", "timm"):
+        digest.update(f"{package}={metadata.version(package)};".encode())
+    return cache_dir() / "onnx" / f"{digest.hexdigest()[:24]}.onnx"
+
+
+def onnx_model_for(source: str | os.PathLike, threads: int | None = None) -> OnnxModel:
+    """The saved model ``source`` (``"default"``, a run folder, ``.safetensors`` or ``.onnx``) under ONNX
+    Runtime; a saved PyTorch model is exported on first use and the export cached."""
+    if str(source).endswith(".onnx"):
+        return OnnxModel(source, threads=threads)
+    weights = resolve_weights(source)
+    cached = cached_onnx_path(weights)
+    if not (cached.is_file() and cached.with_suffix(".json").is_file()):
+        from .weights import load_model
+
+        export_onnx(load_model(weights), cached)
+    return OnnxModel(cached, threads=threads)
