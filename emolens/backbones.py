@@ -73,21 +73,25 @@ def timm_name(name: str) -> str:
 class Backbone(nn.Module):
     """A timm network giving feature maps at several strides and its pooled pre-logit feature.
 
-    ``forward`` returns ``{"levels": [C2, C3, C4, C5], "pooled": (B, D)}``; ``channels`` and
-    ``strides`` describe the levels. ``out_strides`` picks the levels by their stride.
+    ``forward`` returns ``{"levels": [C2, C3, C4, C5], "final": map, "pooled": (B, D)}``: ``final`` is
+    the map the network pools (after EfficientNet's 1x1 head conv, say; ``num_features`` channels).
+    ``channels`` and ``strides`` describe the levels; ``out_strides`` picks them by stride, ``None``
+    takes every stride the network has.
     """
 
     def __init__(
         self,
         name: str = DEFAULT_BACKBONE,
         weights: str | Path | None = "imagenet",
-        out_strides: Sequence[int] = (4, 8, 16, 32),
+        out_strides: Sequence[int] | None = (4, 8, 16, 32),
     ):
         super().__init__()
         self.name = name
         self.net = timm.create_model(timm_name(name), pretrained=False, num_classes=0)
         info = self.net.feature_info
         by_stride = {f["reduction"]: i for i, f in enumerate(info)}  # the last level of each stride wins
+        if out_strides is None:
+            out_strides = sorted(by_stride)
         missing = [s for s in out_strides if s not in by_stride]
         if missing:
             raise ValueError(f"backbone {name!r} has no feature level at stride {missing}; it has {sorted(by_stride)}")
@@ -96,6 +100,8 @@ class Backbone(nn.Module):
         self.strides = list(out_strides)
         self.num_features = self.net.num_features
         self.weights = None if weights is None else str(weights)
+        # An identity on the pooled map gives explanations (Grad-CAM) one hook point on any timm network.
+        self.final_map = nn.Identity()
         self._load(weights)
         cfg = self.net.pretrained_cfg
         size = BUNDLED[name].size if name in BUNDLED else cfg.get("input_size", (3, 224, 224))[-1]
@@ -124,9 +130,14 @@ class Backbone(nn.Module):
         state = {k: v for k, v in state.items() if k in own or not _is_head_key(k)}
         load_into(self.net, state, source=f"weights {weights} for backbone {self.name!r}")
 
+    def level_module(self, level: int) -> nn.Module:
+        """The timm module whose output is ``levels[level]`` (a hook point for explanations)."""
+        return self.net.get_submodule(self.net.feature_info[self.level_indices[level]]["module"])
+
     def forward(self, x: torch.Tensor) -> dict[str, object]:
         final, levels = self.net.forward_intermediates(x, indices=self.level_indices)
-        return {"levels": levels, "pooled": self.net.forward_head(final, pre_logits=True)}
+        final = self.final_map(final)
+        return {"levels": levels, "final": final, "pooled": self.net.forward_head(final, pre_logits=True)}
 
 
 def _is_head_key(key: str) -> bool:

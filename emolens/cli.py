@@ -326,6 +326,48 @@ def predict(
 
 
 @app.command()
+def explain(
+    paths: list[str] = typer.Argument(..., help="Image files or folders (recursive)."),
+    out: Path = typer.Option(..., help="Folder for the PNGs (one per image)."),
+    model: str = typer.Option("default", help="Run folder, .safetensors file, 'default', or a registered model "
+                                              "spec (its head untrained: for looking at the architecture only)."),
+    method: str = typer.Option("gradcam", help="gradcam, gradcam++ or scorecam."),
+    target: str = typer.Option(None, help="Explain this emotion instead of the predicted one."),
+) -> None:
+    """Where the emotion comes from: Grad-CAM and the model's own maps over each image, with its distribution."""
+    from .explain import METHODS, explain_files
+    from .images import scan_images
+
+    if method not in METHODS:
+        fail(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    try:
+        loaded = load_any_model(model)
+        if target is not None:
+            loaded.taxonomy.index(target)
+    except Exception as e:  # any failure to build the model means nothing can run
+        fail(f"cannot explain with {model}: {e}")
+    scan = scan_images(paths)
+    written, errors = explain_files(loaded, scan.files, out, method, target)
+    console.print(f"wrote {len(written)} explanation(s) to {out}")
+    bad = list(scan.errors) + errors
+    report_bad_files(bad)
+    if bad:
+        raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def load_any_model(source: str):
+    """A saved model (run folder, ``.safetensors``, ``default``) or a fresh registered one by spec."""
+    from .models import create_model
+    from .weights import load_model
+
+    if source == "default" or Path(source).exists():
+        return load_model(source)
+    err_console.print(f"[yellow]{source}: a fresh model with an untrained head; its explanations show the "
+                      "architecture, not learned emotions[/]")
+    return create_model(source)
+
+
+@app.command()
 def export(
     onnx: Path = typer.Option(..., help="Where to write the .onnx file (its metadata goes beside it as .json)."),
     model: str = typer.Option(None, help="Run folder or .safetensors file (default: the embedded model)."),

@@ -117,11 +117,27 @@ DEFAULT_LOSS = {"emotion": "ce", "polarity": "ce", "distribution": "kl"}
 LOSS_ARGUMENTS = {"lambda": "lambda_", "label_smoothing": "label_smoothing", "default_label_prob": "default_label_prob"}
 
 
+class PerMember(nn.Module):
+    """A loss that also trains late-fusion ensembles: where the outputs carry ``member_logits`` (one
+    classifier per stream), it is the mean of ``loss`` over the members, so each member learns on its
+    own as in separate training; the fused ``logits`` are only for prediction."""
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, outputs: Batch, targets: Batch) -> torch.Tensor:
+        members = outputs.get("member_logits")
+        if members is None:
+            return self.loss(outputs, targets)
+        return torch.stack([self.loss({**outputs, "logits": m}, targets) for m in members]).mean()
+
+
 def build_loss(name: str, taxonomy: Taxonomy, **kwargs) -> nn.Module:
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; known: {', '.join(sorted(LOSSES))}")
     try:
-        return LOSSES[name](taxonomy, **kwargs)
+        return PerMember(LOSSES[name](taxonomy, **kwargs))
     except TypeError as e:
         raise ValueError(f"loss {name!r} does not take {', '.join(kwargs)}") from e
 

@@ -35,9 +35,8 @@ class Preprocessing:
         """The shorter side before the centre crop."""
         return int(math.floor(self.size / self.crop_pct))
 
-    def __call__(self, image: Image.Image) -> np.ndarray:
-        """An RGB image as a normalised (3, size, size) float32 array: shorter side to
-        ``size / crop_pct``, centre crop ``size``."""
+    def crop(self, image: Image.Image) -> Image.Image:
+        """The RGB ``size`` x ``size`` view the model sees: shorter side to ``size / crop_pct``, centre crop."""
         if image.mode != "RGB":
             image = image.convert("RGB")
         w, h = image.size
@@ -49,7 +48,10 @@ class Preprocessing:
         # whole image and cropping, without building a 256000-pixel-wide row for a 1:1000 panorama.
         sx, sy = new_w / w, new_h / h
         box = (left / sx, top / sy, (left + self.size) / sx, (top + self.size) / sy)
-        image = image.resize((self.size, self.size), _RESAMPLE[self.interpolation], box=box)
-        array = np.asarray(image, dtype=np.float32) * (1 / 255)
+        return image.resize((self.size, self.size), _RESAMPLE[self.interpolation], box=box)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """The image as a normalised (3, size, size) float32 array of :meth:`crop`."""
+        array = np.asarray(self.crop(image), dtype=np.float32) * (1 / 255)
         array = (array - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(array.transpose(2, 0, 1))

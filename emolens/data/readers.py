@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -18,6 +19,7 @@ import numpy as np
 from ..images import IMAGE_EXTENSIONS
 from ..taxonomy import EMOTION6, EMOTIONROI, MIKELS, POLARITY, TAXONOMIES, Taxonomy, dominant_label, get_taxonomy
 from .samples import EmotionDataset, LabelFileError, Sample
+from .side import SIDE_FEATURES, read_side_features
 
 Reader = Callable[..., EmotionDataset]
 READERS: dict[str, Reader] = {}
@@ -52,7 +54,7 @@ def parse_spec(spec: str) -> tuple[str, Path, dict[str, str]]:
     kind, rest = spec.split("=", 1)
     options: dict[str, str] = {}
     head, sep, tail = rest.rpartition(":")
-    if sep and "=" in tail and "/" not in tail:
+    if sep and all(re.fullmatch(r"\s*\w+\s*=.*", item) for item in tail.split(",")):
         rest = head
         for item in tail.split(","):
             if "=" not in item:
@@ -65,6 +67,7 @@ def parse_spec(spec: str) -> tuple[str, Path, dict[str, str]]:
 def load_dataset(spec: str) -> EmotionDataset:
     """Read the dataset named by ``KIND=ROOT[:option=value,...]``."""
     kind, root, options = parse_spec(spec)
+    side_files = {key: options.pop(key) for key in SIDE_FEATURES if key in options}
     if kind not in READERS:
         raise ValueError(f"unknown dataset kind {kind!r}; known: {', '.join(sorted(READERS))}")
     if not root.is_dir():
@@ -76,6 +79,9 @@ def load_dataset(spec: str) -> EmotionDataset:
             raise ValueError(f"dataset kind {kind!r} does not take option(s) {', '.join(options)}") from e
         raise
     ds.spec = spec
+    for key, file in side_files.items():
+        path = Path(file) if Path(file).is_absolute() else root / file
+        ds.extras[key] = read_side_features(path, ds)
     return ds
 
 

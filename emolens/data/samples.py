@@ -44,6 +44,8 @@ class EmotionDataset:
     ties: int = 0  # samples whose dominant emotion was a tie (broken towards the first class)
     official_split: dict[str, list[int]] | None = None
     spec: str = ""
+    #: Per-image side features aligned with ``samples`` (e.g. ``"anp"``: ANP detector scores), (N, D) each.
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.samples)

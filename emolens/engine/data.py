@@ -126,11 +126,14 @@ class FeatureCache:
             return None
         tensors = load_file(str(path))
         features: dict[str, Any] = {}
-        if "pooled" in tensors:
-            features["pooled"] = tensors["pooled"]
-        levels = sorted((int(k.split(".")[1]), v) for k, v in tensors.items() if k.startswith("levels."))
-        if levels:
-            features["levels"] = [v for _, v in levels]
+        lists: dict[str, list] = {}
+        for name, value in tensors.items():
+            key, _, position = name.partition(".")
+            if position:
+                lists.setdefault(key, []).append((int(position), value))
+            else:
+                features[key] = value
+        features.update({key: [v for _, v in sorted(items)] for key, items in lists.items()})
         return cls(features, int(saved["count"]), errors)
 
 
@@ -152,7 +155,9 @@ def compute_features(backbone, paths: Sequence[Path], keys: Sequence[str], batch
     was_training = backbone.training
     backbone.eval()
     loader = image_loader(paths, eval_transform(backbone.preprocessing), batch_size, workers)
-    pooled, levels, errors = None, None, {}
+    stores: dict[str, list[torch.Tensor]] = {}
+    is_list: dict[str, bool] = {}
+    errors = {}
     with Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task("caching backbone features", total=len(paths))
         for batch in loader:
@@ -160,22 +165,16 @@ def compute_features(backbone, paths: Sequence[Path], keys: Sequence[str], batch
             if len(batch["index"]):
                 out = backbone(batch["image"])
                 idx = batch["index"]
-                if "pooled" in keys:
-                    if pooled is None:
-                        pooled = torch.zeros(len(paths), out["pooled"].shape[1], dtype=torch.float16)
-                    pooled[idx] = out["pooled"].half()
-                if "levels" in keys:
-                    if levels is None:
-                        levels = [torch.zeros(len(paths), *t.shape[1:], dtype=torch.float16) for t in out["levels"]]
-                    for store, t in zip(levels, out["levels"]):
+                for key in keys:
+                    is_list[key] = isinstance(out[key], list)
+                    parts = out[key] if is_list[key] else [out[key]]
+                    if key not in stores:
+                        stores[key] = [torch.zeros(len(paths), *t.shape[1:], dtype=torch.float16) for t in parts]
+                    for store, t in zip(stores[key], parts):
                         store[idx] = t.half()
             bar.update(task, advance=len(batch["index"]) + len(batch["errors"]))
     backbone.train(was_training)
-    if pooled is None and levels is None:
+    if not stores:
         raise RuntimeError("no image could be read: nothing to cache")
-    features: dict[str, Any] = {}
-    if pooled is not None:
-        features["pooled"] = pooled
-    if levels is not None:
-        features["levels"] = levels
+    features = {key: parts if is_list[key] else parts[0] for key, parts in stores.items()}
     return FeatureCache(features, len(paths), errors)

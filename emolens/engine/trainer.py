@@ -100,7 +100,15 @@ class _Forward(nn.Module):
         self.model, self.cached = model, cached
 
     def forward(self, inputs):
-        return self.model.head(inputs) if self.cached else self.model(inputs)
+        return run_model(self.model, inputs, self.cached)
+
+
+def run_model(model: EmotionModel, inputs: dict, cached: bool) -> dict:
+    """Outputs for one batch: the head on cached features, or the whole model on ``inputs["images"]``;
+    side features (``dataset.extras``) ride along in both cases."""
+    if cached:
+        return model.head(inputs)
+    return model(inputs["images"], extras={k: v for k, v in inputs.items() if k != "images"})
 
 
 class _Batches:
@@ -108,6 +116,11 @@ class _Batches:
 
     def __init__(self, dataset: EmotionDataset, cache: FeatureCache | None, config: TrainConfig, model: EmotionModel):
         self.paths = [s.path for s in dataset.samples]
+        missing = [k for k in model.extra_keys if k not in dataset.extras]
+        if missing:
+            raise ValueError(f"model {model.spec.get('name')} needs side features {', '.join(missing)}: give them as a "
+                             f"dataset option, e.g. {dataset.kind}=ROOT:{missing[0]}=FILE")
+        self.extras = {k: torch.from_numpy(dataset.extras[k]) for k in model.extra_keys}
         self.cache, self.config = cache, config
         self.train_tf = train_transform(model.preprocessing)
         self.eval_tf = eval_transform(model.preprocessing)
@@ -122,7 +135,7 @@ class _Batches:
             order = order[rank::world]
             for start in range(0, len(order), bs):
                 idx = order[start:start + bs]
-                yield self.cache.batch(idx), idx, []
+                yield {**self.cache.batch(idx), **self._extras(idx)}, idx, []
             return
         paths = [self.paths[r] for r in rows]
         generator = torch.Generator().manual_seed(epoch_seed)
@@ -135,9 +148,14 @@ class _Batches:
         for batch in loader:
             errors = [(rows[i], reason) for i, reason in batch["errors"]]
             if len(batch["index"]):
-                yield batch["image"], lookup[batch["index"]], errors
+                idx = lookup[batch["index"]]
+                yield {"images": batch["image"], **self._extras(idx)}, idx, errors
             elif errors:
                 yield None, None, errors
+
+
+    def _extras(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v[idx] for k, v in self.extras.items()}
 
 
 def feature_cache(model: EmotionModel, dataset: EmotionDataset, cache_dir: Path, config: TrainConfig,
@@ -315,7 +333,7 @@ def evaluate_rows(model: EmotionModel, batches: _Batches, rows: list[int], targe
         errors.update(errs)
         if inputs is None:
             continue
-        outputs = model.head(inputs) if batches.cache is not None else model(inputs)
+        outputs = run_model(model, inputs, batches.cache is not None)
         if loss_fn is not None:
             losses.append(float(loss_fn(outputs, batch_targets(targets, idx))) * len(idx))
         seen.append(idx.numpy())

@@ -29,6 +29,8 @@ class EmotionModel(nn.Module):
     """
 
     feature_keys: tuple[str, ...] = ("levels", "pooled")
+    #: Per-image side features the head needs beside the image (``EmotionDataset.extras`` keys).
+    extra_keys: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -41,8 +43,12 @@ class EmotionModel(nn.Module):
         self.source_taxonomy = get_taxonomy(taxonomy)
         self.task = task
         self.taxonomy = output_taxonomy(self.source_taxonomy, task)
-        self.backbone = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, backbone_weights)
+        self.backbone = backbone if isinstance(backbone, nn.Module) else self.make_backbone(backbone, backbone_weights)
         self.spec: dict[str, Any] = {}  # filled by create_model: how to build this model again
+
+    def make_backbone(self, name: str, weights: str | None) -> Backbone:
+        """The backbone this model builds from a name (levels at strides 4-32 unless a model needs others)."""
+        return create_backbone(name, weights)
 
     @property
     def num_classes(self) -> int:
@@ -55,8 +61,20 @@ class EmotionModel(nn.Module):
     def head(self, features: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.head(self.backbone(images))
+    def forward(self, images: torch.Tensor, extras: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        features = self.backbone(images)
+        missing = [k for k in self.extra_keys if k not in (extras or {})]
+        if missing:
+            raise ValueError(f"this model needs per-image side features ({', '.join(missing)}) beside the image")
+        return self.head({**features, **(extras or {})})
+
+    def cam_layers(self) -> dict[str, nn.Module]:
+        """Layers Grad-CAM explains, by name: the map the backbone pools (one per stream where a model has several)."""
+        return {"Grad-CAM": self.backbone.final_map}
+
+    def explanation_maps(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's own spatial maps (attention, region maps) as (B, h, w) tensors, by name; none here."""
+        return {}
 
     def head_parameters(self) -> list[nn.Parameter]:
         """Parameters outside the backbone (what trains when the backbone is frozen)."""

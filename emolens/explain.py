@@ -1,0 +1,175 @@
+"""Where an emotion comes from: Grad-CAM (pytorch-grad-cam) per explained layer, plus each model's own
+maps (attention, region maps), drawn over the view the model saw, beside the predicted distribution."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from .models import EmotionModel
+from .storage import atomic_write
+
+METHODS = ("gradcam", "gradcam++", "scorecam")
+POSITIVE, NEGATIVE, NEUTRAL = "#e8a33d", "#4a78c2", "#9a9a9a"
+
+
+@dataclass
+class Explanation:
+    source: str
+    emotion: str  # the class the maps explain
+    distribution: dict[str, float]
+    maps: dict[str, np.ndarray]  # name -> (size, size) in [0, 1]
+    image: Image.Image  # the model's view (resized, centre-cropped)
+    boxes: list[tuple[float, float, float, float, float]] | None = None  # x1, y1, x2, y2, score in view pixels
+
+
+class _Logits(torch.nn.Module):
+    """pytorch-grad-cam wants a tensor out; emolens models give a dict."""
+
+    def __init__(self, model: EmotionModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        return self.model(images)["logits"]
+
+
+def _cam_class(method: str):
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, ScoreCAM
+
+    classes = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "scorecam": ScoreCAM}
+    if method not in classes:
+        raise ValueError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    return classes[method]
+
+
+def _normalise(m: np.ndarray) -> np.ndarray:
+    m = m - m.min()
+    return m / m.max() if m.max() > 0 else m
+
+
+class Explainer:
+    """``Explainer(model).explain(image)``: the maps of one image for the predicted class or ``target``."""
+
+    def __init__(self, model: EmotionModel, method: str = "gradcam", max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.model = model.eval()
+        self.cam_class = _cam_class(method)
+        self.method = method
+        self.max_pixels = max_pixels
+        self.preprocessing = model.preprocessing
+
+    def explain(self, source: str | os.PathLike | Image.Image, target: str | None = None) -> Explanation:
+        """Raises :class:`ImageLoadError` for an unusable image, ``ValueError`` for an unknown target."""
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        view = self.preprocessing.crop(load_image(source, self.max_pixels))
+        batch = torch.from_numpy(self.preprocessing(view))[None]
+        tax = self.model.taxonomy
+        with torch.no_grad():
+            outputs = self.model(batch)
+        probs = outputs["logits"].float().softmax(-1)[0]
+        index = int(probs.argmax()) if target is None else tax.index(target)
+        size = self.preprocessing.size
+        maps = {}
+        for name, layer in self.model.cam_layers().items():
+            with self.cam_class(model=_Logits(self.model), target_layers=[layer]) as cam:
+                maps[name] = _normalise(cam(input_tensor=batch, targets=[ClassifierOutputTarget(index)])[0])
+        for name, m in self.model.explanation_maps(outputs).items():
+            up = F.interpolate(m[:1, None].float(), size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+            maps[name] = _normalise(up.detach().numpy())
+        boxes = None
+        if "boxes" in outputs:
+            scores = outputs.get("box_scores")
+            boxes = [(*map(float, b), float(scores[0][i]) if scores is not None else 1.0)
+                     for i, b in enumerate(outputs["boxes"][0])]
+        name = getattr(source, "filename", "") if isinstance(source, Image.Image) else str(source)
+        return Explanation(name or "<image>", tax.classes[index], dict(zip(tax.classes, probs.tolist())), maps,
+                           view, boxes)
+
+
+def render(explanation: Explanation, taxonomy, path: str | os.PathLike) -> Path:
+    """One PNG: the model's view, an overlay per map, the boxes, and the distribution as bars by polarity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 1 + len(explanation.maps)
+    fig = plt.figure(figsize=(3.0 * panels + 3.4, 3.3), dpi=100)
+    grid = fig.add_gridspec(1, panels + 1, width_ratios=[1] * panels + [1.15])
+    view = np.asarray(explanation.image)
+    ax = fig.add_subplot(grid[0, 0])
+    ax.imshow(view)
+    for x1, y1, x2, y2, score in explanation.boxes or []:
+        ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1.5, color="#ffd400"))
+        ax.text(x1, y1, f"{score:.2f}", color="black", fontsize=6, backgroundcolor="#ffd400")
+    ax.set_title("image" + (f" + {len(explanation.boxes)} regions" if explanation.boxes else ""), fontsize=9)
+    ax.axis("off")
+    for i, (name, m) in enumerate(explanation.maps.items(), 1):
+        ax = fig.add_subplot(grid[0, i])
+        ax.imshow(view)
+        ax.imshow(m, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        ax.set_title(f"{name}: {explanation.emotion}", fontsize=9)
+        ax.axis("off")
+    ax = fig.add_subplot(grid[0, panels])
+    classes = list(explanation.distribution)
+    values = [explanation.distribution[c] for c in classes]
+    colours = [NEUTRAL if p is None else (POSITIVE if p == 1 else NEGATIVE) for p in taxonomy.polarity]
+    ax.barh(range(len(classes)), values, color=colours)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_title("predicted distribution", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+
+    def write(tmp: str) -> None:
+        fig.savefig(tmp, format="png")
+
+    try:
+        atomic_write(path, write)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def output_names(sources: Sequence[str]) -> list[str]:
+    """A distinct, file-system-safe PNG name per source (``a.jpg`` -> ``a.png``; repeats get a number)."""
+    names, seen = [], set()
+    for source in sources:
+        stem = re.sub(r"[^\w.-]+", "_", Path(source).stem)[:100] or "image"
+        name, k = f"{stem}.png", 1
+        while name in seen:
+            k += 1
+            name = f"{stem}-{k}.png"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def explain_files(model: EmotionModel, sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                  method: str = "gradcam", target: str | None = None) -> tuple[list[Path], list[ImageLoadError]]:
+    """Write one PNG per usable image into ``out_dir``; unusable images come back as errors."""
+    explainer = Explainer(model, method)
+    if target is not None:
+        model.taxonomy.index(target)  # an unknown emotion stops the run before any work
+    out_dir = Path(out_dir)
+    written, errors = [], []
+    for source, name in zip(sources, output_names([str(s) for s in sources])):
+        try:
+            explanation = explainer.explain(source, target)
+        except ImageLoadError as e:
+            errors.append(e)
+            continue
+        written.append(render(explanation, model.taxonomy, out_dir / name))
+    return written, errors
