@@ -72,6 +72,17 @@ def load_model(source: str | Path = DEFAULT_MODEL) -> EmotionModel:
     return model.eval()
 
 
+def init_from(model: EmotionModel, source: str | Path) -> None:
+    """Load a saved model's tensors into ``model`` (transfer learning): the two must have the same
+    architecture and classes; a checkpoint saved without its backbone leaves the backbone as it is."""
+    state, meta = load_checkpoint(resolve_weights(source))
+    ours = model.state_dict()
+    unknown = [k for k in state if k not in ours]
+    if unknown:
+        raise CheckpointError(f"{source}: {len(unknown)} tensor(s) the model does not have, e.g. {unknown[0]}")
+    load_into(_Subset(model, state.keys()), state, source=str(source))
+
+
 class _Subset:
     """``load_into`` over the tensors a checkpoint is meant to hold (all, or all but the backbone)."""
 

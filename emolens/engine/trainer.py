@@ -30,7 +30,7 @@ from ..data.transforms import eval_transform, train_transform
 from ..losses import build_loss
 from ..models import EmotionModel
 from ..taxonomy import MIKELS_WHEEL_ORDER, Taxonomy, wheel_steps
-from ..weights import model_state, save_model
+from ..weights import init_from, model_state, save_model
 from .data import FeatureCache, Targets, batch_targets, cache_key, compute_features, image_loader, task_targets_arrays
 from .distributed import barrier, gather, init_distributed, is_main, sync_buffers
 
@@ -54,6 +54,7 @@ class TrainConfig:
     freeze_backbone: bool = False
     workers: int = 2
     seed: int = 0
+    init: str | None = None  # start from this run's (or checkpoint's) weights: transfer learning
 
     def learning_rate(self) -> float:
         if self.lr is not None:
@@ -242,6 +243,8 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
     if config.select not in SELECT:
         raise ValueError(f"select must be one of {', '.join(SELECT)}")
 
+    if config.init:
+        init_from(model, config.init)
     run_meta = _run_meta(model, dataset, fold, config)
     start_epoch, best_score, best_epoch, stale = 0, -math.inf, -1, 0
     history: list[dict] = []
