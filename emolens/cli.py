@@ -329,6 +329,80 @@ def predict(
 
 
 @app.command()
+def index(
+    paths: list[str] = typer.Argument(..., help="Image files or folders (recursive) to index."),
+    db: Path = typer.Option(..., help="Index folder (SQLite metadata + FAISS vectors); created if absent."),
+    model: str = typer.Option(None, help="Run folder, .safetensors or .onnx file (default: the embedded model)."),
+    batch_size: int = BATCH,
+    backend: str = typer.Option("auto", help="auto, onnx or torch."),
+) -> None:
+    """Embed a folder tree into a persistent affective index; re-running adds, updates and drops files.
+    A killed run resumes without re-embedding what it finished."""
+    from .predict import Predictor
+    from .retrieval.index import AffectiveIndex, AffectiveIndexError
+
+    try:
+        predictor = Predictor(model, batch_size=batch_size, backend=backend, keep=("embedding",))
+        store = AffectiveIndex(db, create=True)
+    except Exception as e:  # any failure to build the model or open the index means nothing can run
+        fail(f"cannot index: {e}")
+    try:
+        with Progress(console=err_console, transient=True) as progress:
+            bar = progress.add_task("indexing", total=None)
+            report = store.update(paths, predictor, on_batch=lambda n: progress.advance(bar, n))
+    except AffectiveIndexError as e:
+        fail(str(e))
+    finally:
+        store.close()
+    console.print(f"{db}: {report.total} image(s) indexed; {report.added} added, {report.updated} updated, "
+                  f"{report.removed} removed, {report.unchanged} unchanged")
+    report_bad_files([ImageLoadError(e.source, e.reason) for e in report.failed])
+    if report.failed:
+        raise typer.Exit(EXIT_SOME_FAILED)
+
+
+@app.command()
+def search(
+    query: str = typer.Argument(None, help="An image: find the indexed images that feel most like it."),
+    db: Path = typer.Option(..., help="Index folder made by `emolens index`."),
+    emotion: str = typer.Option(None, help="Instead of an image: the images most likely to evoke this emotion."),
+    k: int = typer.Option(10, "-k", help="How many results."),
+    model: str = typer.Option(None, help="The model the index was built with (default: the embedded model)."),
+    fmt: str = typer.Option("table", "--format", help="table or json."),
+) -> None:
+    """Affective search: by example image, or by emotion."""
+    import json
+
+    from .predict import Predictor
+    from .retrieval.index import AffectiveIndex, AffectiveIndexError
+
+    if (query is None) == (emotion is None):
+        fail("give a query image or --emotion (one of them)")
+    try:
+        store = AffectiveIndex(db)
+        if emotion is not None:
+            hits, title = store.search_emotion(emotion, k), f"images most likely to evoke {emotion}"
+        else:
+            predictor = Predictor(model, keep=("embedding",))
+            found, hits = store.search_image(query, predictor, k)
+            title = f"feels like {query} ({found.emotion} {found.probability:.2f})"
+    except ImageLoadError as e:
+        fail(f"{e.path}: {e.reason}")
+    except (AffectiveIndexError, KeyError, ValueError) as e:
+        fail(str(e.args[0]) if e.args else str(e))
+    if fmt == "json":
+        print(json.dumps({"hits": [h.__dict__ for h in hits]}, indent=2))
+        return
+    table = Table(title=title)
+    for column in ("rank", "image", "score", "emotion", "p", "polarity"):
+        table.add_column(column, overflow="fold" if column == "image" else "ellipsis")
+    for rank, h in enumerate(hits, 1):
+        table.add_row(str(rank), display_path(h.path), f"{h.score:.3f}", h.emotion, f"{h.probability:.2f}",
+                      h.polarity or "-")
+    console.print(table)
+
+
+@app.command()
 def explain(
     paths: list[str] = typer.Argument(..., help="Image files or folders (recursive)."),
     out: Path = typer.Option(..., help="Folder for the PNGs (one per image)."),

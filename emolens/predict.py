@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -38,9 +38,13 @@ class Prediction:
     polarity: str | None  # "positive" / "negative"; None when the taxonomy gives the top class none
     positive_probability: float | None  # the positive share of the distribution over polar classes
     distribution: dict[str, float]
+    #: Other per-image model outputs the predictor was asked to keep (``keep=("embedding",)``).
+    outputs: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("outputs")
+        return d
 
 
 @dataclass
@@ -117,7 +121,7 @@ class Predictor:
 
     def __init__(self, model: "EmotionModel | str | os.PathLike | None" = None, batch_size: int = 32,
                  workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, backend: str = "auto",
-                 threads: int | None = None):
+                 threads: int | None = None, keep: Sequence[str] = ()):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.backend, self.runner = make_runner(model, backend, threads)
@@ -126,6 +130,7 @@ class Predictor:
         self.batch_size = batch_size
         self.workers = default_workers() if workers is None else workers
         self.max_pixels = max_pixels
+        self.keep = tuple(keep)
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """The model's named outputs for a preprocessed (B, 3, H, W) float32 batch."""
@@ -163,8 +168,12 @@ class Predictor:
         results: list[Prediction | PredictionError | None] = [
             None if isinstance(d, np.ndarray) else PredictionError(names[i], d.reason) for i, d in enumerate(decoded)]
         if good:
-            logits = self.run(np.stack([decoded[i] for i in good]))["logits"]
-            for i, pred in zip(good, self._results([names[i] for i in good], logits)):
+            outputs = self.run(np.stack([decoded[i] for i in good]))
+            missing = [k for k in self.keep if k not in outputs]
+            if missing:
+                raise KeyError(f"the model has no output {', '.join(missing)}")
+            for row, (i, pred) in enumerate(zip(good, self._results([names[i] for i in good], outputs["logits"]))):
+                pred.outputs = {k: outputs[k][row] for k in self.keep}
                 results[i] = pred
         return results
 

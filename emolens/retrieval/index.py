@@ -1,0 +1,284 @@
+"""A persistent affective image index: SQLite holds the truth, FAISS the fast copy.
+
+``INDEX_DIR/index.sqlite`` keeps one row per image (path, size, mtime, predicted emotion,
+polarity, distribution, the L2-normalised embedding) plus the model that made them; every batch
+is one transaction, so a killed ``index`` run loses at most the batch in flight and a re-run skips
+what is done. ``INDEX_DIR/vectors.faiss`` is rebuilt from SQLite whenever the rows changed (written
+to a temporary file and renamed): exact inner-product search below ``APPROXIMATE_FROM`` images, HNSW
+above. Re-running ``index`` embeds new and changed files and drops deleted ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from ..images import ImageLoadError, scan_images
+from ..predict import Prediction, PredictionError, Predictor
+from ..storage import atomic_write
+
+#: From this many images on, search uses an HNSW graph instead of exact search.
+APPROXIMATE_FROM = 50_000
+HNSW_NEIGHBOURS = 32
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH = 128
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY,
+    path TEXT UNIQUE NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    emotion TEXT NOT NULL,
+    probability REAL NOT NULL,
+    polarity TEXT,
+    distribution TEXT NOT NULL,
+    embedding BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS scores (
+    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    emotion TEXT NOT NULL,
+    probability REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS scores_by_emotion ON scores (emotion, probability DESC);
+CREATE TABLE IF NOT EXISTS failures (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, reason TEXT);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class AffectiveIndexError(Exception):
+    """An index folder that cannot be used (missing, made by another model, corrupt)."""
+
+
+@dataclass
+class Hit:
+    id: int
+    path: str
+    score: float
+    emotion: str
+    probability: float
+    polarity: str | None
+    distribution: dict[str, float]
+
+
+@dataclass
+class IndexReport:
+    added: int
+    updated: int
+    removed: int
+    unchanged: int
+    failed: list[PredictionError]
+    total: int
+
+
+def _model_fingerprint(predictor: Predictor) -> str:
+    meta = getattr(predictor.runner, "meta", None) or getattr(getattr(predictor.runner, "model", None), "spec", {})
+    return json.dumps({"taxonomy": predictor.taxonomy.to_dict(), "model": meta.get("spec", meta)}, sort_keys=True,
+                      default=str)
+
+
+class AffectiveIndex:
+    """``AffectiveIndex(folder)``: ``update(paths, predictor)`` embeds, ``search(...)`` ranks."""
+
+    def __init__(self, folder: str | os.PathLike, create: bool = False):
+        self.folder = Path(folder)
+        self.db_path = self.folder / "index.sqlite"
+        self.faiss_path = self.folder / "vectors.faiss"
+        if not create and not self.db_path.is_file():
+            raise AffectiveIndexError(f"{self.folder}: no index here (run `emolens index DIR --db {self.folder}` first)")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.db_path)
+        self.db.execute("PRAGMA foreign_keys = ON")
+        self.db.execute("PRAGMA journal_mode = WAL")
+        try:
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise AffectiveIndexError(f"{self.db_path}: not an emolens index ({e})") from e
+        self._faiss = None
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- metadata ---------------------------------------------------------------------------------
+
+    def _meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    @property
+    def classes(self) -> list[str]:
+        return json.loads(self._meta("classes") or "[]")
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+
+    # --- building ---------------------------------------------------------------------------------
+
+    def update(self, paths: Sequence[str | os.PathLike], predictor: Predictor,
+               on_batch: Callable[[int], None] | None = None) -> IndexReport:
+        """Bring the index in line with ``paths`` (folders are scanned): embed new and changed files,
+        drop the ones that vanished from under ``paths``; bad files are recorded and reported, never fatal."""
+        fingerprint = _model_fingerprint(predictor)
+        known = self._meta("model")
+        if known is not None and known != fingerprint:
+            raise AffectiveIndexError(f"{self.folder} was built with another model; index into a new folder")
+        if "embedding" not in predictor.keep:
+            raise ValueError("the predictor must keep the 'embedding' output")
+        with self.db:
+            self._set_meta("model", fingerprint)
+            self._set_meta("classes", json.dumps(predictor.taxonomy.classes))
+        scan = scan_images(paths)
+        current = {}
+        for f in scan.files:
+            st = Path(f).stat()
+            current[str(Path(f).resolve())] = (st.st_size, st.st_mtime_ns)
+        rows = {p: (s, m) for p, s, m in self.db.execute("SELECT path, size, mtime_ns FROM images")}
+        failed_before = {p: (s, m) for p, s, m in self.db.execute("SELECT path, size, mtime_ns FROM failures")}
+        roots = [Path(p).resolve() for p in paths]
+        # Only files under the roots given this time can have vanished; other indexed folders stay.
+        gone = [p for p in rows if p not in current and any(Path(p).is_relative_to(r) for r in roots)]
+        todo = sorted(p for p, stamp in current.items() if rows.get(p) != stamp and failed_before.get(p) != stamp)
+        added = updated = 0
+        with self.db:
+            self.db.executemany("DELETE FROM images WHERE path = ?", [(p,) for p in gone])
+            self.db.executemany("DELETE FROM failures WHERE path = ?", [(p,) for p in failed_before if p not in current])
+            if gone:
+                self._bump()
+        failures = [PredictionError(e.path, e.reason) for e in scan.errors]
+        for results in predictor.predict_iter(todo):
+            with self.db:  # one transaction per batch: a kill loses at most this batch
+                self._bump()
+                for r in results:
+                    if isinstance(r, Prediction):
+                        self._store(r, current[r.source])
+                        updated += r.source in rows
+                        added += r.source not in rows
+                    else:
+                        failures.append(r)
+                        size, mtime = current[r.source]
+                        self.db.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?)",
+                                        (r.source, size, mtime, r.reason))
+            if on_batch:
+                on_batch(len(results))
+        failures += [PredictionError(p, reason) for p, reason in
+                     self.db.execute("SELECT path, reason FROM failures") if p in current and p not in todo]
+        if self._meta("vectors_for") != self._meta("generation") or not self.faiss_path.is_file():
+            self.rebuild_vectors()
+        unchanged = len(current) - len(todo)
+        return IndexReport(added, updated, len(gone), unchanged, failures, len(self))
+
+    def _store(self, p: Prediction, stamp: tuple[int, int]) -> None:
+        vector = np.asarray(p.outputs["embedding"], dtype=np.float32)
+        vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+        self.db.execute("DELETE FROM images WHERE path = ?", (p.source,))
+        self.db.execute("DELETE FROM failures WHERE path = ?", (p.source,))
+        cur = self.db.execute(
+            "INSERT INTO images (path, size, mtime_ns, emotion, probability, polarity, distribution, embedding) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (p.source, stamp[0], stamp[1], p.emotion, p.probability, p.polarity, json.dumps(p.distribution),
+             vector.tobytes()))
+        self.db.executemany("INSERT INTO scores VALUES (?, ?, ?)",
+                            [(cur.lastrowid, c, v) for c, v in p.distribution.items()])
+
+    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, unit vectors) of every image, by id."""
+        rows = self.db.execute("SELECT id, embedding FROM images ORDER BY id").fetchall()
+        if not rows:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        return ids, np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
+
+    def rebuild_vectors(self) -> None:
+        import faiss
+
+        ids, vectors = self.vectors()
+        index = build_faiss(vectors, ids)
+        atomic_write(self.faiss_path, lambda tmp: faiss.write_index(index, tmp))
+        with self.db:
+            self._set_meta("vectors_for", self._meta("generation") or "0")
+        self._faiss = index
+
+    def _bump(self) -> None:
+        """Count a change of the rows (inside the changing transaction), so a stale vectors file is known."""
+        self._set_meta("generation", str(int(self._meta("generation") or 0) + 1))
+
+    # --- searching --------------------------------------------------------------------------------
+
+    def _vectors_index(self):
+        import faiss
+
+        if self._faiss is None:
+            if not self.faiss_path.is_file() or self._meta("vectors_for") != (self._meta("generation") or "0"):
+                self.rebuild_vectors()  # the vectors file is a cache of SQLite; a stale one is remade
+            else:
+                self._faiss = faiss.read_index(str(self.faiss_path))
+        return self._faiss
+
+    def _hits(self, ids: Iterable[int], scores: Iterable[float]) -> list[Hit]:
+        hits = []
+        for i, score in zip(ids, scores):
+            row = self.db.execute("SELECT id, path, emotion, probability, polarity, distribution FROM images WHERE id = ?",
+                                  (int(i),)).fetchone()
+            if row:
+                hits.append(Hit(row[0], row[1], float(score), row[2], row[3], row[4], json.loads(row[5])))
+        return hits
+
+    def search_vector(self, vector: np.ndarray, k: int = 10, exclude_path: str | None = None) -> list[Hit]:
+        """The ``k`` images whose embeddings are closest (inner product of unit vectors) to ``vector``."""
+        if len(self) == 0:
+            return []
+        vector = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+        index = self._vectors_index()
+        extra = 1 if exclude_path else 0
+        scores, ids = index.search(vector, min(k + extra, len(self)))
+        hits = [h for h in self._hits([i for i in ids[0] if i >= 0], scores[0]) if h.path != exclude_path]
+        return hits[:k]
+
+    def search_image(self, image: str | os.PathLike, predictor: Predictor, k: int = 10) -> tuple[Prediction, list[Hit]]:
+        """The query's own prediction and the ``k`` images that feel most like it (itself left out)."""
+        good, bad = predictor.predict([image])
+        if bad:
+            raise ImageLoadError(bad[0].source, bad[0].reason)
+        query = good[0]
+        path = str(Path(image).resolve()) if isinstance(image, (str, os.PathLike)) else None
+        return query, self.search_vector(query.outputs["embedding"], k, exclude_path=path)
+
+    def search_emotion(self, emotion: str, k: int = 10) -> list[Hit]:
+        """The ``k`` images most likely to evoke ``emotion`` (by predicted probability)."""
+        classes = {c.lower(): c for c in self.classes}
+        if emotion.lower() not in classes:
+            raise KeyError(f"{emotion!r} is not an emotion of this index ({', '.join(self.classes)})")
+        rows = self.db.execute("SELECT image_id, probability FROM scores WHERE emotion = ? ORDER BY probability DESC, "
+                               "image_id LIMIT ?", (classes[emotion.lower()], k)).fetchall()
+        return self._hits([r[0] for r in rows], [r[1] for r in rows])
+
+    def image_path(self, image_id: int) -> str | None:
+        row = self.db.execute("SELECT path FROM images WHERE id = ?", (int(image_id),)).fetchone()
+        return row[0] if row else None
+
+
+def build_faiss(vectors: np.ndarray, ids: np.ndarray, approximate_from: int = APPROXIMATE_FROM):
+    """Exact inner-product search for small collections; HNSW (inner product) for large ones."""
+    import faiss
+
+    dim = vectors.shape[1] if vectors.size else 1
+    if len(vectors) >= approximate_from:
+        inner = faiss.IndexHNSWFlat(dim, HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
+        inner.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        inner.hnsw.efSearch = HNSW_EF_SEARCH
+    else:
+        inner = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIDMap2(inner)
+    if len(vectors):
+        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+    return index

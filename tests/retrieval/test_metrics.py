@@ -1,0 +1,49 @@
+import math
+
+import numpy as np
+import pytest
+
+from emolens.retrieval.metrics import evaluate_retrieval, rank_gallery, retrieval_report
+
+
+def test_two_hand_computed_rankings():
+    rel = np.array([[1, 0, 1, 0], [0, 0, 0, 1]], dtype=bool)
+    report = retrieval_report(rel, f1_k=2)
+    ap = [(1 / 1 + 2 / 3) / 2, 1 / 4]
+    assert report["map8"] == pytest.approx(np.mean(ap))
+    assert report["nn"] == pytest.approx(0.5)
+    assert report["ft"] == pytest.approx((1 / 2 + 0) / 2)  # top R: 1 of 2, then 0 of 1
+    assert report["st"] == pytest.approx((2 / 2 + 0) / 2)  # top 2R: 2 of 2, then 0 of 1 (top 2)
+    dcg = [(1 + 1 / math.log2(3)) / (1 + 1 / math.log2(2)), (1 / math.log2(4)) / 1]
+    assert report["dcg"] == pytest.approx(np.mean(dcg))
+    assert report["f1"] == pytest.approx((0.5 + 0) / 2)
+    # ANMRR: R = 2 and 1, GTM = 2 -> K = 4 for both; NMRR = (AVR - 0.5 - R/2) / (1.25 K - 0.5 - R/2)
+    nmrr = [(2 - 0.5 - 1) / (5 - 0.5 - 1), (4 - 0.5 - 0.5) / (5 - 0.5 - 0.5)]
+    assert report["anmrr"] == pytest.approx(np.mean(nmrr))
+
+
+def test_perfect_and_worst_rankings_hit_the_bounds():
+    perfect = retrieval_report(np.array([[1, 1, 0, 0, 0]], dtype=bool))
+    assert perfect["map8"] == perfect["nn"] == perfect["ft"] == perfect["dcg"] == pytest.approx(1)
+    assert perfect["anmrr"] == pytest.approx(0)
+    rel = np.zeros((1, 40), dtype=bool)
+    rel[0, -1] = True  # one relevant item, beyond K = min(4, 2) = 2
+    assert retrieval_report(rel)["anmrr"] == pytest.approx(1)
+
+
+def test_leave_one_out_and_polarity_map():
+    emb = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], dtype=np.float32)
+    labels = np.array([0, 0, 4, 5])
+    polarity = [1, 1, 1, 1, 0, 0, 0, 0]
+    ranking = rank_gallery(emb, emb, exclude_self=True)
+    assert ranking[0, 0] == 1 and ranking[0, -1] == 0  # a query never finds itself
+    report = evaluate_retrieval(emb, labels, None, None, polarity)
+    assert report["nn"] == pytest.approx(1)  # classes 4 and 5 have no same-class partner: left out
+    assert report["queries"] == 2 and report["map2"] == pytest.approx(1.0)
+
+
+def test_queries_against_a_gallery():
+    gallery = np.eye(3, dtype=np.float32)
+    report = evaluate_retrieval(np.array([[0, 1, 0]], dtype=np.float32), np.array([1]), gallery, np.array([0, 1, 1]),
+                                [1, 0])
+    assert report["nn"] == 1 and report["map8"] == pytest.approx((1 + 2 / 3) / 2)
