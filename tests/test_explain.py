@@ -12,7 +12,8 @@ from emolens.weights import save_model
 runner = CliRunner()
 
 # The smallest configuration that still shows every map a model has.
-EXPLAIN_SPECS = {"global": "global", "multigap": "multigap:streams=test_resnet,gru=4"}
+EXPLAIN_SPECS = {"global": "global", "maiafa": "maiafa:width=16,groups=2",
+                 "multigap": "multigap:streams=test_resnet,gru=4"}
 
 
 def test_every_registered_model_is_covered():
