@@ -22,8 +22,9 @@ def test_shapes_region_map_and_level_weights(backbone):
     model = create_model(SPEC, backbone=backbone, backbone_weights=None, task="polarity").eval()
     assert isinstance(model, MaiAfa)
     x = inputs(model)
-    finest = model.backbone(x)["levels"][0]
-    out = model(x)
+    with torch.no_grad():
+        finest = model.backbone(x)["levels"][0]
+        out = model(x)
     assert out["region_map"].shape == (2, *finest.shape[-2:])  # D at the finest level's size
     assert float(out["region_map"].min()) >= 0 and float(out["region_map"].max()) <= 1
     assert out["level_weights"].shape == (2, 4)  # one ψ per level
