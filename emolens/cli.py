@@ -232,10 +232,12 @@ def benchmark(
     freeze_backbone: bool = FREEZE, epochs: int = EPOCHS, batch_size: int = BATCH, optimizer: str = OPTIM,
     lr: float = LR, workers: int = WORKERS, seed: int = SEED, select: str = SELECT, patience: int = PATIENCE,
     init: str = INIT,
+    retrieval: bool = typer.Option(False, "--retrieval", help="Also score retrieval: test images query the "
+                                   "training images by embedding (mAP8, mAP2, NN, FT, ST, DCG, F1, ANMRR)."),
 ) -> None:
     """k-fold cross-validation of several models on identical folds; prints mean ± std per model."""
     from .data import load_dataset
-    from .engine.benchmark import HEADLINE, run_benchmark
+    from .engine.benchmark import HEADLINE, RETRIEVAL_HEADLINE, run_benchmark
 
     specs = split_model_list(models)
     try:
@@ -243,11 +245,11 @@ def benchmark(
         config = _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience, init)
         weights = None if backbone_weights.lower() == "none" else backbone_weights
         results = run_benchmark(ds, specs, task, out, folds, seed, config, backbone, weights, progress=True,
-                                log=lambda m: err_console.print(m))
+                                log=lambda m: err_console.print(m), retrieval=retrieval)
     except (ValueError, FileNotFoundError, KeyError) as e:
         fail(str(e))
     first = next(iter(results["models"].values()))["mean"]
-    columns = [m for m in HEADLINE if m in first] + ["train_seconds", "infer_ms_per_image"]
+    columns = [m for m in (*HEADLINE, *RETRIEVAL_HEADLINE) if m in first] + ["train_seconds", "infer_ms_per_image"]
     table = Table(title=f"{data}: {task}, {folds}-fold CV (mean ± std), seed {seed}")
     wide = Console(width=max(console.width, 60 + 18 * len(columns)))
     table.add_column("model")

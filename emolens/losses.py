@@ -111,10 +111,187 @@ class DistributionKL(nn.Module):
 
 
 #: The loss a task trains with unless one is named.
+# --- metric learning (paper 002) ----------------------------------------------------------------
+
+
+class DotSimilarity(nn.Module):
+    """``scale · a·b``: with unit embeddings, a cosine whose range the scale widens for the softmax-like losses."""
+
+    def __init__(self, scale: float = 10.0):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.scale * a @ b.T
+
+
+def log1p_sum_exp(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``log(1 + Σ_j exp(x_ij))`` over the masked j of each row, without overflow (a logsumexp with 0)."""
+    masked = x.masked_fill(~mask, float("-inf"))
+    return torch.logsumexp(torch.cat([torch.zeros_like(x[:, :1]), masked], 1), 1)
+
+
+def anchor_positive_tuples(labels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """N-pair tuples from a class-balanced batch: for each class, items 0-1, 2-3, ... are (anchor,
+    positive) pairs; tuple t holds the t-th pair of every class that has one."""
+    groups = [torch.nonzero(labels == c).flatten() for c in torch.unique(labels)]
+    tuples = []
+    for t in range(max((len(g) // 2 for g in groups), default=0)):
+        pairs = [(g[2 * t], g[2 * t + 1]) for g in groups if len(g) > 2 * t + 1]
+        if len(pairs) >= 2:
+            tuples.append((torch.stack([a for a, _ in pairs]), torch.stack([p for _, p in pairs])))
+    return tuples
+
+
+class MetricLoss(nn.Module):
+    """Base of the embedding losses: ``loss(outputs, targets)`` on ``outputs["embedding"]``.
+
+    Where the model has attention confidences, the total is ``λ L + (1 - λ) L_att`` (paper 002
+    Eq. 10, L_att of Eq. 2 at both levels); a linear probe (``probe_logits``, on the detached
+    embedding) adds its cross-entropy without touching the embedding.
+    """
+
+    needs_class_balanced_batches = True
+
+    def __init__(self, taxonomy: Taxonomy, lambda_: float = 0.5, scale: float = 10.0):
+        super().__init__()
+        self.lambda_ = lambda_
+        self.similarity = DotSimilarity(scale)
+        polarity = [-1 if p is None else int(p) for p in taxonomy.polarity]
+        self.register_buffer("class_polarity", torch.tensor(polarity), persistent=False)
+
+    def metric(self, outputs: Batch, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, outputs: Batch, targets: Batch) -> torch.Tensor:
+        labels = targets["label"]
+        loss = self.metric(outputs, labels)
+        if "emotion_confidence" in outputs:
+            att = F.nll_loss(outputs["emotion_confidence"].clamp_min(1e-12).log(), labels)
+            if "polarity_confidence" in outputs:
+                pol = self.class_polarity[labels]
+                if (pol >= 0).any():
+                    att = att + F.nll_loss(outputs["polarity_confidence"].clamp_min(1e-12).log(), pol, ignore_index=-1)
+            loss = self.lambda_ * loss + (1 - self.lambda_) * att
+        if "probe_logits" in outputs:
+            loss = loss + F.cross_entropy(outputs["probe_logits"], labels)
+        return loss
+
+
+@register_loss("npair")
+class NPairLoss(MetricLoss):
+    """Paper 002 Eq. 3: ``log(1 + Σ_{j≠i} exp(s(f_i, f_j+) - s(f_i, f_i+)))`` over N-pair tuples."""
+
+    def metric(self, outputs: Batch, labels: torch.Tensor) -> torch.Tensor:
+        emb, terms = outputs["embedding"], []
+        for a, p in anchor_positive_tuples(labels):
+            sim = self.similarity(emb[a], emb[p])
+            off = ~torch.eye(len(a), dtype=torch.bool, device=sim.device)
+            terms.append(log1p_sum_exp(sim - sim.diagonal()[:, None], off).mean())
+        return torch.stack(terms).mean() if terms else emb.sum() * 0
+
+
+@register_loss("ep")
+class EmotionPairLoss(MetricLoss):
+    """Paper 002 Eq. 4-6: inter-polarity + intra-polarity terms. Pair weights ṽ (Eq. 9) are 1 here and
+    from the attention confidences in ``wep``. A class with no same-polarity partner in the tuple
+    compares the opposite polarity with its own positive instead."""
+
+    def pair_weights(self, outputs: Batch, a: torch.Tensor, p: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return torch.ones(len(a), len(a), device=classes.device)
+
+    def metric(self, outputs: Batch, labels: torch.Tensor) -> torch.Tensor:
+        emb, terms = outputs["embedding"], []
+        for a, p in anchor_positive_tuples(labels):
+            classes = labels[a]
+            pol = self.class_polarity[classes]
+            sim = self.similarity(emb[a], emb[p])
+            weighted = self.pair_weights(outputs, a, p, classes) * sim
+            n = len(a)
+            off = ~torch.eye(n, dtype=torch.bool, device=sim.device)
+            polar = (pol[:, None] >= 0) & (pol[None, :] >= 0)
+            same = (pol[:, None] == pol[None, :]) & off & polar
+            opposite = (pol[:, None] != pol[None, :]) & polar
+            positive = sim.diagonal()
+            mean_same = torch.where(same.any(1), (weighted * same).sum(1) / same.sum(1).clamp_min(1), positive)
+            mean_opposite = (weighted * opposite).sum(1) / opposite.sum(1).clamp_min(1)
+            inter = torch.where(opposite.any(1), F.softplus(mean_opposite - mean_same), torch.zeros_like(positive))
+            intra = log1p_sum_exp(weighted - positive[:, None], same)
+            terms.append((inter + intra).mean())
+        return torch.stack(terms).mean() if terms else emb.sum() * 0
+
+
+@register_loss("wep")
+class WeightedEmotionPairLoss(EmotionPairLoss):
+    """Paper 002 Eq. 7-9: EP with each anchor-negative pair weighted by how confusable the attention
+    confidences find it, ``ṽ_ij = v^p_ij v^e_ij`` with ``v_ij = exp(c_i[j]) exp(c+_j[i])`` (v^p = 1 within a
+    polarity, ṽ_ii = 1); the weights are constants to the gradient."""
+
+    def pair_weights(self, outputs: Batch, a: torch.Tensor, p: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        n = len(a)
+        weights = torch.ones(n, n, device=classes.device)
+        if "emotion_confidence" in outputs:
+            ce = outputs["emotion_confidence"].detach()
+            anchor_to_j = ce[a][:, classes]  # c^e_ij: anchor i's confidence in class j
+            positive_to_i = ce[p][:, classes].T  # c^{+e}_ji: class j's example's confidence in class i
+            weights = weights * (anchor_to_j.exp() * positive_to_i.exp())
+        if "polarity_confidence" in outputs:
+            pol = self.class_polarity[classes].clamp_min(0)
+            cp = outputs["polarity_confidence"].detach()
+            vp = cp[a][:, pol].exp() * cp[p][:, pol].T.exp()
+            differ = self.class_polarity[classes][:, None] != self.class_polarity[classes][None, :]
+            weights = weights * torch.where(differ, vp, torch.ones_like(vp))
+        return weights.fill_diagonal_(1.0)
+
+
+@register_loss("contrastive")
+class ContrastiveLoss(MetricLoss):
+    """Hadsell et al.: same class pulls (d²), different classes push to the margin (max(0, m - d)²)."""
+
+    def __init__(self, taxonomy: Taxonomy, margin: float = 0.4, **kwargs):
+        super().__init__(taxonomy, **kwargs)
+        self.margin = margin
+
+    def metric(self, outputs: Batch, labels: torch.Tensor) -> torch.Tensor:
+        emb = outputs["embedding"]
+        d = torch.cdist(emb, emb)
+        same = labels[:, None] == labels[None, :]
+        off = ~torch.eye(len(labels), dtype=torch.bool, device=emb.device)
+        pos = (d.square() * (same & off)).sum() / (same & off).sum().clamp_min(1)
+        neg = (F.relu(self.margin - d).square() * ~same).sum() / (~same).sum().clamp_min(1)
+        return pos + neg
+
+
+@register_loss("triplet")
+class SemiHardTripletLoss(MetricLoss):
+    """Schroff et al. with semi-hard negatives: for each anchor-positive pair, the closest negative
+    farther than the positive (the hardest negative where none is), ``max(0, d²_ap - d²_an + m)``."""
+
+    def __init__(self, taxonomy: Taxonomy, margin: float = 0.2, **kwargs):
+        super().__init__(taxonomy, **kwargs)
+        self.margin = margin
+
+    def metric(self, outputs: Batch, labels: torch.Tensor) -> torch.Tensor:
+        emb = outputs["embedding"]
+        d2 = torch.cdist(emb, emb).square()
+        same = labels[:, None] == labels[None, :]
+        off = ~torch.eye(len(labels), dtype=torch.bool, device=emb.device)
+        anchors, positives = torch.nonzero(same & off, as_tuple=True)
+        if not len(anchors):
+            return emb.sum() * 0
+        d_ap = d2[anchors, positives]
+        d_an = d2[anchors].masked_fill(same[anchors], float("inf"))
+        semi = d_an.masked_fill(d_an <= d_ap[:, None], float("inf")).amin(1)
+        chosen = torch.where(torch.isfinite(semi), semi, d_an.amin(1))
+        valid = torch.isfinite(chosen)
+        return F.relu(d_ap - chosen + self.margin)[valid].mean() if valid.any() else emb.sum() * 0
+
+
 DEFAULT_LOSS = {"emotion": "ce", "polarity": "ce", "distribution": "kl"}
 
 #: Spec keys that configure the loss rather than the model (``lambda`` is a Python keyword).
-LOSS_ARGUMENTS = {"lambda": "lambda_", "label_smoothing": "label_smoothing", "default_label_prob": "default_label_prob"}
+LOSS_ARGUMENTS = {"lambda": "lambda_", "label_smoothing": "label_smoothing", "default_label_prob": "default_label_prob",
+                  "margin": "margin", "scale": "scale"}
 
 
 class PerMember(nn.Module):
@@ -125,6 +302,7 @@ class PerMember(nn.Module):
     def __init__(self, loss: nn.Module):
         super().__init__()
         self.loss = loss
+        self.needs_class_balanced_batches = getattr(loss, "needs_class_balanced_batches", False)
 
     def forward(self, outputs: Batch, targets: Batch) -> torch.Tensor:
         members = outputs.get("member_logits")

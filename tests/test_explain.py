@@ -12,7 +12,7 @@ from emolens.weights import save_model
 runner = CliRunner()
 
 # The smallest configuration that still shows every map a model has.
-EXPLAIN_SPECS = {"global": "global", "maiafa": "maiafa:width=16,groups=2",
+EXPLAIN_SPECS = {"apse": "apse", "global": "global", "maiafa": "maiafa:width=16,groups=2",
                  "multigap": "multigap:streams=test_resnet,gru=4"}
 
 

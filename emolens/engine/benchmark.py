@@ -15,11 +15,13 @@ from ..data import EmotionDataset, Protocol, make_protocol
 from ..data.transforms import eval_transform
 from ..models import create_model
 from ..weights import library_versions, load_model
-from .data import image_loader
-from .trainer import TrainConfig, evaluate, fit
+from ..retrieval.metrics import evaluate_retrieval
+from .data import image_loader, task_targets_arrays
+from .trainer import TrainConfig, embed, evaluate, fit
 
 #: Columns of the printed table (those a task has).
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "positive_recall", "kl", "cosine", "wheel_distance")
+RETRIEVAL_HEADLINE = ("map8", "map2", "nn", "ft", "st", "dcg", "f1", "anmrr")
 
 
 def slug(spec: str) -> str:
@@ -46,12 +48,25 @@ def summarise(fold_metrics: list[dict[str, float]]) -> tuple[dict[str, float], d
             {k: float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0 for k, v in arr.items()})
 
 
+def retrieval_figures(model, dataset: EmotionDataset, fold, config: TrainConfig, cache_dir: Path,
+                      progress: bool) -> dict[str, float]:
+    """Test images as queries against the fold's training images (the gallery)."""
+    labels = task_targets_arrays(dataset, model.task)["label"]
+    gallery_rows, gallery = embed(model, dataset, fold.train, config, cache_dir, progress)
+    query_rows, queries = embed(model, dataset, fold.test, config, cache_dir, progress)
+    figures = evaluate_retrieval(queries, labels[query_rows], gallery, labels[gallery_rows], model.taxonomy.polarity)
+    figures.pop("queries")
+    return figures
+
+
 def run_benchmark(dataset: EmotionDataset, specs: list[str], task: str, out_dir: str | Path, folds: int = 5,
                   seed: int = 0, config: TrainConfig | None = None, backbone: str | None = None,
                   backbone_weights: str | None = "imagenet",
                   only_folds: list[int] | None = None, timing_images: int = 64, progress: bool = True,
-                  log=print) -> dict:
-    """Cross-validate every model spec on the same saved folds; returns (and writes) the results."""
+                  log=print, retrieval: bool = False) -> dict:
+    """Cross-validate every model spec on the same saved folds; returns (and writes) the results.
+    With ``retrieval``, each fold's test images also query its training images by ``embedding``
+    (paper 002's protocol) and the retrieval metrics join the figures."""
     config = config or TrainConfig(seed=seed)
     out_dir = Path(out_dir)
     proto_path = out_dir / "protocol.json"
@@ -77,11 +92,14 @@ def run_benchmark(dataset: EmotionDataset, specs: list[str], task: str, out_dir:
             best = load_model(run_dir)
             test = evaluate(best, dataset, fold.test, config, cache_dir=cache_dir, progress=progress)
             test_paths = [dataset.samples[i].path for i in fold.test[:timing_images]]
+            if retrieval:
+                test.update(retrieval_figures(best, dataset, fold, config, cache_dir, progress))
             test["infer_ms_per_image"] = inference_ms_per_image(best, test_paths, config.batch_size, config.workers)
             test["train_seconds"] = result.train_seconds
             test["best_epoch"] = float(result.best_epoch)
             per_fold.append(test)
-            log(f"{spec} fold {k}: " + ", ".join(f"{m} {test[m]:.4f}" for m in HEADLINE if m in test))
+            log(f"{spec} fold {k}: " + ", ".join(f"{m} {test[m]:.4f}" for m in (*HEADLINE, *RETRIEVAL_HEADLINE)
+                                                  if m in test))
         mean, std = summarise(per_fold)
         results["models"][spec] = {"folds": per_fold, "mean": mean, "std": std}
         atomic_write_json(out_dir / "results.json", results)

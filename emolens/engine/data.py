@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -39,6 +40,26 @@ def task_targets_arrays(dataset: EmotionDataset, task: str) -> Targets:
             out["distribution"] = dist
             out["label_prob"] = dominant_label(dist).probability.astype(np.float32)
     return out
+
+
+def class_balanced_batches(rows: Sequence[int], labels: np.ndarray, batch_size: int, seed: int) -> list[list[int]]:
+    """One epoch of P classes x M images batches (M >= 2, P x M <= batch_size), as many batches as
+    ``rows`` fills; a class with fewer than M images is drawn with replacement."""
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = {}
+    for r in rows:
+        by_class.setdefault(int(labels[r]), []).append(int(r))
+    classes = sorted(by_class)
+    p = max(1, min(len(classes), batch_size // 2))
+    m = max(2, batch_size // p)
+    batches = []
+    for _ in range(max(1, math.ceil(len(rows) / (p * m)))):
+        batch = []
+        for c in rng.choice(classes, size=p, replace=False):
+            members = by_class[int(c)]
+            batch += rng.choice(members, size=m, replace=len(members) < m).tolist()
+        batches.append(batch)
+    return batches
 
 
 def batch_targets(targets: Targets, index: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ from ..losses import build_loss
 from ..models import EmotionModel
 from ..taxonomy import MIKELS_WHEEL_ORDER, Taxonomy, wheel_steps
 from ..weights import init_from, model_state, save_model
-from .data import FeatureCache, Targets, batch_targets, cache_key, compute_features, image_loader, task_targets_arrays
+from .data import FeatureCache, Targets, class_balanced_batches, batch_targets, cache_key, compute_features, image_loader, task_targets_arrays
 from .distributed import barrier, gather, init_distributed, is_main, sync_buffers
 
 console = Console(stderr=True)
@@ -115,8 +115,10 @@ def run_model(model: EmotionModel, inputs: dict, cached: bool) -> dict:
 class _Batches:
     """Yields ``(inputs, index, errors)`` for sample rows, from the feature cache or by decoding images."""
 
-    def __init__(self, dataset: EmotionDataset, cache: FeatureCache | None, config: TrainConfig, model: EmotionModel):
+    def __init__(self, dataset: EmotionDataset, cache: FeatureCache | None, config: TrainConfig, model: EmotionModel,
+                 balanced_labels: np.ndarray | None = None):
         self.paths = [s.path for s in dataset.samples]
+        self.balanced_labels = balanced_labels  # training batches of P classes x M images (metric losses)
         missing = [k for k in model.extra_keys if k not in dataset.extras]
         if missing:
             raise ValueError(f"model {model.spec.get('name')} needs side features {', '.join(missing)}: give them as a "
@@ -128,23 +130,32 @@ class _Batches:
 
     def __call__(self, rows: list[int], train: bool, epoch_seed: int, rank: int, world: int):
         bs = self.config.batch_size
+        balanced = train and self.balanced_labels is not None
         if self.cache is not None:
             rows = self.cache.usable(rows)
-            order = torch.as_tensor(rows, dtype=torch.long)
-            if train:
-                order = order[torch.randperm(len(order), generator=torch.Generator().manual_seed(epoch_seed))]
-            order = order[rank::world]
-            for start in range(0, len(order), bs):
-                idx = order[start:start + bs]
+            if balanced:
+                chunks = [torch.as_tensor(b) for b in class_balanced_batches(rows, self.balanced_labels, bs, epoch_seed)]
+                chunks = chunks[rank::world]
+            else:
+                order = torch.as_tensor(rows, dtype=torch.long)
+                if train:
+                    order = order[torch.randperm(len(order), generator=torch.Generator().manual_seed(epoch_seed))]
+                order = order[rank::world]
+                chunks = [order[start:start + bs] for start in range(0, len(order), bs)]
+            for idx in chunks:
                 yield {**self.cache.batch(idx), **self._extras(idx)}, idx, []
             return
+        if balanced:
+            batches = class_balanced_batches(rows, self.balanced_labels, bs, epoch_seed)[rank::world]
+            rows = [r for b in batches for r in b]
+            bs, world = len(batches[0]), 1  # the order is fixed and already split across ranks; keep it
         paths = [self.paths[r] for r in rows]
         generator = torch.Generator().manual_seed(epoch_seed)
         sampler = None
         if world > 1:
             sampler = DistributedSampler(range(len(paths)), num_replicas=world, rank=rank, shuffle=train, seed=epoch_seed)
         loader = image_loader(paths, self.train_tf if train else self.eval_tf, bs, self.config.workers,
-                              shuffle=train, generator=generator, sampler=sampler)
+                              shuffle=train and not balanced, generator=generator, sampler=sampler)
         lookup = torch.as_tensor(rows, dtype=torch.long)
         for batch in loader:
             errors = [(rows[i], reason) for i, reason in batch["errors"]]
@@ -229,7 +240,8 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
         cache = feature_cache(model, dataset, Path(cache_dir or out_dir / "cache"), config, progress and is_main())
     else:
         cache = None
-    batches = _Batches(dataset, cache, config, model)
+    balanced = getattr(loss_fn, "needs_class_balanced_batches", False)
+    batches = _Batches(dataset, cache, config, model, targets["label"] if balanced else None)
     params = [p for p in model.parameters() if p.requires_grad]
     lr = config.learning_rate()
     if config.optimizer == "sgd":
@@ -363,3 +375,23 @@ def evaluate(model: EmotionModel, dataset: EmotionDataset, rows: list[int], conf
     targets = task_targets_arrays(dataset, model.task)
     metrics, _ = evaluate_rows(model, batches, rows, targets, None)
     return metrics
+
+
+@torch.inference_mode()
+def embed(model: EmotionModel, dataset: EmotionDataset, rows: list[int], config: TrainConfig | None = None,
+          cache_dir: str | Path | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(rows that could be used, their L2-normalised ``embedding`` outputs)."""
+    config = config or TrainConfig()
+    cache = feature_cache(model, dataset, Path(cache_dir), config, progress) if cache_dir and config.freeze_backbone else None
+    batches = _Batches(dataset, cache, config, model)
+    model.eval()
+    seen, vectors = [], []
+    for inputs, idx, _ in batches(rows, False, 0, 0, 1):
+        if inputs is None:
+            continue
+        seen.append(idx.numpy())
+        vectors.append(torch.nn.functional.normalize(run_model(model, inputs, cache is not None)["embedding"].float(),
+                                                     dim=1).numpy())
+    if not seen:
+        raise RuntimeError("no usable image to embed")
+    return np.concatenate(seen), np.concatenate(vectors)

@@ -31,6 +31,8 @@ class EmotionModel(nn.Module):
     feature_keys: tuple[str, ...] = ("levels", "pooled")
     #: Per-image side features the head needs beside the image (``EmotionDataset.extras`` keys).
     extra_keys: tuple[str, ...] = ()
+    #: The loss ``create_model`` picks when the spec names none (``None``: the task's default).
+    default_loss: str | None = None
 
     def __init__(
         self,
@@ -69,8 +71,11 @@ class EmotionModel(nn.Module):
         return self.head({**features, **(extras or {})})
 
     def cam_layers(self) -> dict[str, nn.Module]:
-        """Layers Grad-CAM explains, by name: the map the backbone pools (one per stream where a model has several)."""
-        return {"Grad-CAM": self.backbone.final_map}
+        """Layers Grad-CAM explains, by name: the map the backbone pools, or for a model that reads only the
+        levels, the coarsest level (one per stream where a model has several)."""
+        if "pooled" in self.feature_keys:
+            return {"Grad-CAM": self.backbone.final_map}
+        return {"Grad-CAM": self.backbone.level_module(-1)}
 
     def explanation_maps(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The model's own spatial maps (attention, region maps) as (B, h, w) tensors, by name; none here."""

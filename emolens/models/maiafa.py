@@ -162,9 +162,5 @@ class MaiAfa(EmotionModel):
         logits = self.classifier(embedding)
         return {**out, "logits": logits, "distribution": logits.softmax(-1), "embedding": embedding}
 
-    def cam_layers(self) -> dict[str, nn.Module]:
-        # The pooled head map is unused here; the coarsest level is the most semantic one the model reads.
-        return {"Grad-CAM": self.backbone.level_module(-1)}
-
     def explanation_maps(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"region map D": outputs["region_map"]} if "region_map" in outputs else {}
