@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from emolens.losses import LOSSES, build_loss, split_loss_arguments
+from emolens.losses import LOSSES, MetricLoss, build_loss, split_loss_arguments
 from emolens.taxonomy import EMOTION6, MIKELS, POLARITY, wheel_distribution
 
 
@@ -70,7 +70,19 @@ def test_distribution_kl_is_zero_at_the_target_and_positive_elsewhere():
         loss({"logits": torch.zeros(1, 8)}, {"label": torch.tensor([0])})
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+CLASSIFICATION = sorted(n for n, cls in LOSSES.items() if not issubclass(cls, MetricLoss))
+METRIC = sorted(n for n, cls in LOSSES.items() if issubclass(cls, MetricLoss))
+
+
+@pytest.mark.parametrize("name", METRIC)
+def test_every_metric_loss_gives_gradients_to_the_embedding(name):
+    emb = torch.nn.functional.normalize(torch.randn(8, 16), dim=1).requires_grad_()
+    value = build_loss(name, MIKELS)({"embedding": emb}, {"label": torch.tensor([0, 0, 1, 1, 4, 4, 6, 6])})
+    value.backward()
+    assert torch.isfinite(value) and emb.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", CLASSIFICATION)
 def test_every_loss_gives_gradients(name):
     loss = build_loss(name, MIKELS)
     out = outputs(np.random.default_rng(0).normal(size=(4, 8)))
