@@ -405,6 +405,27 @@ def search(
 
 
 @app.command()
+def serve(
+    model: str = typer.Option(None, help="Run folder, .safetensors or .onnx file (default: the embedded model)."),
+    db: Path = typer.Option(None, help="Index folder for search (made by `emolens index`)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port."),
+    max_upload_mb: float = typer.Option(20, help="Largest accepted upload per file, MiB."),
+    max_files: int = typer.Option(16, help="Most images per request."),
+) -> None:
+    """The JSON API (OpenAPI at /docs) for prediction and affective search."""
+    import uvicorn
+
+    from .server import Limits, create_app
+
+    try:
+        api = create_app(model, db, Limits(max_upload_bytes=int(max_upload_mb * 2**20), max_files=max_files))
+    except Exception as e:  # any failure to load the model or index means nothing can run
+        fail(f"cannot start: {e}")
+    uvicorn.run(api, host=host, port=port)
+
+
+@app.command()
 def explain(
     paths: list[str] = typer.Argument(..., help="Image files or folders (recursive)."),
     out: Path = typer.Option(..., help="Folder for the PNGs (one per image)."),

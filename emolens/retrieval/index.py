@@ -93,7 +93,8 @@ class AffectiveIndex:
         if not create and not self.db_path.is_file():
             raise AffectiveIndexError(f"{self.folder}: no index here (run `emolens index DIR --db {self.folder}` first)")
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.db_path)
+        # Usable from the thread a server runs it on; callers keep to one operation at a time.
+        self.db = sqlite3.connect(self.db_path, check_same_thread=False)
         self.db.execute("PRAGMA foreign_keys = ON")
         self.db.execute("PRAGMA journal_mode = WAL")
         try:

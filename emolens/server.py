@@ -1,0 +1,121 @@
+"""``emolens serve``: the JSON API (FastAPI) over one loaded model and, optionally, an affective index.
+
+The model is loaded once; inference runs in a worker thread, off the event loop. Limits on upload
+size, file count and pixels give a JSON 4xx, never a stack trace; images are served by index id
+only, never by a client-named path; CORS stays off.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from .images import ImageLoadError, load_image
+from .predict import Prediction, Predictor
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_upload_bytes: int = 20 * 2**20
+    max_files: int = 16
+    max_pixels: int = 40_000_000
+
+
+def _prediction(p: Prediction) -> dict:
+    return {k: v for k, v in p.to_dict().items() if k != "source"}
+
+
+def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | None = None,
+               limits: Limits = Limits()) -> FastAPI:
+    """The app; ``model`` as for :class:`Predictor`, ``db`` an index folder made by ``emolens index``."""
+    from .retrieval.index import AffectiveIndex
+
+    predictor = Predictor(model, keep=("embedding",), max_pixels=limits.max_pixels)
+    index = AffectiveIndex(db) if db is not None else None
+    app = FastAPI(title="emolens", description="Which emotions an image evokes, and images that feel alike.")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def any_error(request: Request, exc: Exception):
+        return JSONResponse({"error": "internal error"}, status_code=500)
+
+    async def read_images(files: list[UploadFile]):
+        if not files:
+            raise HTTPException(400, "no image given")
+        if len(files) > limits.max_files:
+            raise HTTPException(413, f"too many files: {len(files)} (at most {limits.max_files})")
+        images = []
+        for f in files:
+            data = await f.read(limits.max_upload_bytes + 1)
+            if len(data) > limits.max_upload_bytes:
+                raise HTTPException(413, f"{f.filename}: larger than {limits.max_upload_bytes} bytes")
+            try:
+                images.append(load_image(data, limits.max_pixels))
+            except ImageLoadError as e:
+                raise HTTPException(400, f"{f.filename}: {e.reason}")
+        return images
+
+    @app.get("/api/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": predictor.backend, "index": len(index) if index is not None else None}
+
+    @app.get("/api/models")
+    async def models() -> dict:
+        tax = predictor.taxonomy
+        return {"taxonomy": tax.name, "classes": tax.classes, "polarity": tax.polarity, "backend": predictor.backend,
+                "preprocessing": asdict(predictor.preprocessing)}
+
+    @app.post("/api/predict")
+    async def predict(files: list[UploadFile] = File(...)) -> dict:
+        images = await read_images(files)
+        good, bad = await run_in_threadpool(predictor.predict, images)
+        if bad:
+            raise HTTPException(400, bad[0].reason)
+        return {"results": [{"filename": f.filename, **_prediction(p)} for f, p in zip(files, good)]}
+
+    def require_index():
+        if index is None:
+            raise HTTPException(404, "no index loaded (start the server with --db)")
+        return index
+
+    @app.post("/api/search")
+    async def search_image(file: UploadFile = File(...), k: int = Query(12, ge=1, le=200)) -> dict:
+        store = require_index()
+        image = (await read_images([file]))[0]
+        good, bad = await run_in_threadpool(predictor.predict, [image])
+        if bad:
+            raise HTTPException(400, bad[0].reason)
+        hits = store.search_vector(good[0].outputs["embedding"], k)  # index calls stay on the event loop: one at a time
+        return {"query": _prediction(good[0]), "hits": [_hit(h) for h in hits]}
+
+    @app.get("/api/search")
+    async def search_emotion(emotion: str = Query(...), k: int = Query(12, ge=1, le=200)) -> dict:
+        store = require_index()
+        try:
+            hits = store.search_emotion(emotion, k)
+        except KeyError as e:
+            raise HTTPException(400, str(e.args[0]))
+        return {"emotion": emotion, "hits": [_hit(h) for h in hits]}
+
+    @app.get("/api/images/{image_id}")
+    async def image(image_id: int):
+        path = require_index().image_path(image_id)
+        if path is None or not Path(path).is_file():
+            raise HTTPException(404, f"no image with id {image_id}")
+        return FileResponse(path)
+
+    return app
+
+
+def _hit(h) -> dict:
+    return {"id": h.id, "url": f"/api/images/{h.id}", "name": Path(h.path).name, "score": h.score,
+            "emotion": h.emotion, "probability": h.probability, "polarity": h.polarity,
+            "distribution": h.distribution}

@@ -1,0 +1,92 @@
+import io
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from helpers import tiny_model
+from emolens.predict import Predictor
+from emolens.retrieval.index import AffectiveIndex
+from emolens.runtime import export_onnx
+from emolens.server import Limits, create_app
+
+
+def png(seed=0, size=(60, 40)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve")
+    export_onnx(tiny_model().eval(), folder / "m.onnx")
+    for i in range(6):
+        (folder / "gallery").mkdir(exist_ok=True)
+        (folder / "gallery" / f"{i}.png").write_bytes(png(i))
+    index = AffectiveIndex(folder / "db", create=True)
+    index.update([folder / "gallery"], Predictor(folder / "m.onnx", keep=("embedding",)))
+    index.close()
+    app = create_app(folder / "m.onnx", folder / "db", Limits(max_upload_bytes=200_000, max_files=3,
+                                                              max_pixels=1_000_000))
+    return TestClient(app, raise_server_exceptions=False), folder
+
+
+def test_health_models_and_openapi(served):
+    client, _ = served
+    assert client.get("/api/health").json() == {"status": "ok", "model": "onnx", "index": 6}
+    models = client.get("/api/models").json()
+    assert len(models["classes"]) == 8 and models["backend"] == "onnx"
+    assert "/api/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_predict_one_and_many(served):
+    client, _ = served
+    r = client.post("/api/predict", files=[("files", ("a.png", png(1), "image/png")),
+                                           ("files", ("b.png", png(2), "image/png"))])
+    assert r.status_code == 200
+    results = r.json()["results"]
+    assert [x["filename"] for x in results] == ["a.png", "b.png"]
+    assert sum(results[0]["distribution"].values()) == pytest.approx(1, abs=1e-4)
+    assert results[0]["emotion"] in results[0]["distribution"]
+
+
+@pytest.mark.parametrize("payload, status, words", [
+    (b"hello, not an image", 400, "x.png"),
+    (png(3)[:60], 400, "x.png"),
+    (b"", 400, "x.png"),
+    (b"\x00" * 300_000, 413, "larger"),
+])
+def test_bad_uploads_get_json_errors(served, payload, status, words):
+    client, _ = served
+    r = client.post("/api/predict", files=[("files", ("x.png", payload, "image/png"))])
+    assert r.status_code == status and words in r.json()["error"]
+    assert client.get("/api/health").status_code == 200  # the server keeps serving
+
+
+def test_too_many_files_and_too_many_pixels(served):
+    client, _ = served
+    r = client.post("/api/predict", files=[("files", (f"{i}.png", png(i), "image/png")) for i in range(4)])
+    assert r.status_code == 413 and "too many" in r.json()["error"]
+    big = io.BytesIO()
+    Image.new("RGB", (1200, 1000), (9, 9, 9)).save(big, "PNG")  # small file, 1.2 M pixels
+    r = client.post("/api/predict", files=[("files", ("big.png", big.getvalue(), "image/png"))])
+    assert r.status_code == 400 and "pixels" in r.json()["error"]
+
+
+def test_search_by_image_and_by_emotion_and_images_by_id(served):
+    client, folder = served
+    r = client.post("/api/search?k=3", files={"file": ("q.png", png(4), "image/png")})
+    assert r.status_code == 200
+    hits = r.json()["hits"]
+    assert len(hits) == 3 and hits[0]["name"] == "4.png" and hits[0]["score"] == pytest.approx(1, abs=1e-4)
+    image = client.get(hits[0]["url"])
+    assert image.status_code == 200 and image.content == (folder / "gallery" / "4.png").read_bytes()
+    by_emotion = client.get("/api/search", params={"emotion": "awe", "k": 6}).json()["hits"]
+    p = [h["distribution"]["awe"] for h in by_emotion]
+    assert p == sorted(p, reverse=True) and len(p) == 6
+    assert client.get("/api/search", params={"emotion": "joy"}).status_code == 400
+    assert client.get("/api/images/999").status_code == 404
+    assert client.get("/api/images/..%2F..%2Fetc%2Fpasswd").status_code in (404, 422)
