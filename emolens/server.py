@@ -7,12 +7,14 @@ only, never by a client-named path; CORS stays off.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from .images import ImageLoadError, load_image
@@ -38,6 +40,17 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
     predictor = Predictor(model, keep=("embedding",), max_pixels=limits.max_pixels)
     index = AffectiveIndex(db) if db is not None else None
     app = FastAPI(title="emolens", description="Which emotions an image evokes, and images that feel alike.")
+    explainers: list = []  # built on the first heat-map request: Grad-CAM needs the PyTorch model
+
+    def heatmap(image) -> str:
+        if str(model).endswith(".onnx"):
+            raise HTTPException(400, "heat maps need a PyTorch model; this server runs an ONNX export")
+        if not explainers:
+            from .explain import Explainer
+            from .weights import load_model
+
+            explainers.append(Explainer(load_model(model or "default"), max_pixels=limits.max_pixels))
+        return overlay_data_url(explainers[0].explain(image))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -74,12 +87,18 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
                 "preprocessing": asdict(predictor.preprocessing)}
 
     @app.post("/api/predict")
-    async def predict(files: list[UploadFile] = File(...)) -> dict:
+    async def predict(files: list[UploadFile] = File(...), heatmaps: bool = Query(False)) -> dict:
+        """Top emotion, polarity and distribution per image; with ``heatmaps``, a Grad-CAM overlay
+        (PNG data URL of the model's view) each."""
         images = await read_images(files)
         good, bad = await run_in_threadpool(predictor.predict, images)
         if bad:
             raise HTTPException(400, bad[0].reason)
-        return {"results": [{"filename": f.filename, **_prediction(p)} for f, p in zip(files, good)]}
+        results = [{"filename": f.filename, **_prediction(p)} for f, p in zip(files, good)]
+        if heatmaps:
+            for result, image in zip(results, images):
+                result["heatmap"] = await run_in_threadpool(heatmap, image)
+        return {"results": results}
 
     def require_index():
         if index is None:
@@ -112,7 +131,24 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
             raise HTTPException(404, f"no image with id {image_id}")
         return FileResponse(path)
 
+    app.mount("/", StaticFiles(directory=Path(__file__).parent / "web", html=True), name="web")
     return app
+
+
+def overlay_data_url(explanation) -> str:
+    """The first map of an explanation blended over the model's view, as a PNG data URL."""
+    import base64
+
+    import numpy as np
+    from matplotlib import colormaps
+    from PIL import Image
+
+    view = np.asarray(explanation.image, dtype=np.float32) / 255
+    heat = colormaps["jet"](next(iter(explanation.maps.values())))[..., :3]
+    blended = Image.fromarray(np.uint8(255 * (0.55 * view + 0.45 * heat)))
+    buffer = io.BytesIO()
+    blended.save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def _hit(h) -> dict:

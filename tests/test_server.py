@@ -90,3 +90,28 @@ def test_search_by_image_and_by_emotion_and_images_by_id(served):
     assert client.get("/api/search", params={"emotion": "joy"}).status_code == 400
     assert client.get("/api/images/999").status_code == 404
     assert client.get("/api/images/..%2F..%2Fetc%2Fpasswd").status_code in (404, 422)
+
+
+def test_the_page_and_its_assets_are_local(served):
+    client, _ = served
+    page = client.get("/")
+    assert page.status_code == 200 and "emolens" in page.text
+    for asset in ("app.js", "style.css"):
+        r = client.get(f"/{asset}")
+        assert r.status_code == 200
+        assert "http://" not in r.text and "https://" not in r.text  # nothing fetched from the internet
+    assert "https://" not in page.text and "http://" not in page.text
+
+
+def test_heatmaps_need_a_pytorch_model(served, tmp_path):
+    client, _ = served
+    r = client.post("/api/predict?heatmaps=true", files=[("files", ("a.png", png(1), "image/png"))])
+    assert r.status_code == 400 and "PyTorch" in r.json()["error"]
+    from emolens.weights import save_model
+
+    save_model(tiny_model(), tmp_path / "m.safetensors")
+    torch_client = TestClient(create_app(tmp_path / "m.safetensors"), raise_server_exceptions=False)
+    r = torch_client.post("/api/predict?heatmaps=true", files=[("files", ("a.png", png(1), "image/png"))])
+    assert r.status_code == 200 and r.json()["results"][0]["heatmap"].startswith("data:image/png;base64,")
+    assert torch_client.get("/api/health").json()["index"] is None
+    assert torch_client.get("/api/search", params={"emotion": "awe"}).status_code == 404
