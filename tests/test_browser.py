@@ -1,0 +1,90 @@
+"""The web page in a real browser: Debian's chromium driven by Playwright (never `playwright install`)."""
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed")
+ARTIFACTS = Path(os.environ.get("EMOLENS_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import uvicorn
+
+    from helpers import tiny_model
+    from emolens.predict import Predictor
+    from emolens.retrieval.index import AffectiveIndex
+    from emolens.server import create_app
+    from emolens.weights import save_model
+
+    folder = tmp_path_factory.mktemp("browser")
+    save_model(tiny_model(), folder / "m.safetensors")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        (folder / "gallery").mkdir(exist_ok=True)
+        Image.fromarray(small).resize((160, 120), Image.BICUBIC).save(folder / "gallery" / f"{i}.jpg")
+    index = AffectiveIndex(folder / "db", create=True)
+    index.update([folder / "gallery"], Predictor(folder / "m.safetensors", keep=("embedding",)))
+    index.close()
+    port = free_port()
+    config = uvicorn.Config(create_app(folder / "m.safetensors", folder / "db"), host="127.0.0.1", port=port,
+                            log_level="warning")
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", folder
+    uv.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_upload_see_bars_toggle_overlay_and_search(server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, folder = server
+    upload = folder / "upload.png"
+    Image.open(folder / "gallery" / "3.jpg").save(upload)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(url)
+            page.wait_for_selector("#chips .chip")
+            page.set_input_files("#picker", str(upload))
+            page.wait_for_selector(".card .bars")
+            assert page.locator(".card .bar").count() == 8
+            widths = page.eval_on_selector_all(".card .fill", "els => els.map(e => e.getBoundingClientRect().width)")
+            assert len(widths) == 8 and all(w > 0 for w in widths)  # every bar is drawn
+            image = page.locator(".card img")
+            before = image.get_attribute("src")
+            page.click(".overlay-toggle")
+            assert image.get_attribute("src").startswith("data:image/png;base64,") and before.startswith("blob:")
+            page.click("#chips .chip >> text=awe")
+            page.wait_for_selector("#grid figure img")
+            assert page.locator("#grid figure").count() == 8
+            page.wait_for_function("[...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)")
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "web-page.png"), full_page=True)
+            page.set_viewport_size({"width": 390, "height": 844})  # a phone
+            page.screenshot(path=str(ARTIFACTS / "web-page-phone.png"), full_page=True)
+            assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        finally:
+            browser.close()
