@@ -1,12 +1,14 @@
 """``emolens serve``: the JSON API (FastAPI) over one loaded model and, optionally, an affective index.
 
-The model is loaded once; inference runs in a worker thread, off the event loop. Limits on upload
+The model is loaded once; inference runs in a worker thread, off the event loop, and the images of
+concurrent requests share model calls (:class:`PredictBatcher`). Limits on upload
 size, file count and pixels give a JSON 4xx, never a stack trace; images are served by index id
 only, never by a client-named path; CORS stays off.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 from dataclasses import asdict, dataclass
@@ -18,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from .images import ImageLoadError, load_image
-from .predict import Prediction, Predictor
+from .predict import Prediction, PredictionError, Predictor
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,53 @@ class Limits:
     max_upload_bytes: int = 20 * 2**20
     max_files: int = 16
     max_pixels: int = 40_000_000
+
+
+class PredictBatcher:
+    """Gathers the images of concurrent requests into shared model calls: the first request waits up to
+    ``wait`` seconds for others, up to ``max_batch`` images, then one call serves them all."""
+
+    def __init__(self, predictor: Predictor, max_batch: int = 32, wait: float = 0.01):
+        self.predictor, self.max_batch, self.wait = predictor, max_batch, wait
+        self.calls = 0  # model calls made: fewer than requests when batching helped
+        self._loop = self._queue = self._task = None
+
+    def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # a new event loop (a test client without lifespan, a restart)
+            self._loop, self._queue = loop, asyncio.Queue()
+            self._task = loop.create_task(self._serve())
+
+    async def predict(self, images: list) -> list[Prediction | PredictionError]:
+        self._start()
+        future = self._loop.create_future()
+        await self._queue.put((images, future))
+        return await future
+
+    def _run(self, images: list) -> list[Prediction | PredictionError]:
+        self.calls += 1
+        return [r for batch in self.predictor.predict_iter(images) for r in batch]
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            waiting = [await self._queue.get()]
+            deadline = loop.time() + self.wait
+            while sum(len(images) for images, _ in waiting) < self.max_batch:
+                try:
+                    waiting.append(await asyncio.wait_for(self._queue.get(), max(0.0, deadline - loop.time())))
+                except asyncio.TimeoutError:
+                    break
+            try:
+                results = await run_in_threadpool(self._run, [img for images, _ in waiting for img in images])
+            except Exception as e:  # the failure belongs to every request in the batch
+                for _, future in waiting:
+                    future.set_exception(e)
+                continue
+            start = 0
+            for images, future in waiting:
+                future.set_result(results[start:start + len(images)])
+                start += len(images)
 
 
 def _prediction(p: Prediction) -> dict:
@@ -38,6 +87,7 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
     from .retrieval.index import AffectiveIndex
 
     predictor = Predictor(model, keep=("embedding",), max_pixels=limits.max_pixels)
+    batcher = PredictBatcher(predictor)
     index = AffectiveIndex(db) if db is not None else None
     app = FastAPI(title="emolens", description="Which emotions an image evokes, and images that feel alike.")
     explainers: list = []  # built on the first heat-map request: Grad-CAM needs the PyTorch model
@@ -91,10 +141,11 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
         """Top emotion, polarity and distribution per image; with ``heatmaps``, a Grad-CAM overlay
         (PNG data URL of the model's view) each."""
         images = await read_images(files)
-        good, bad = await run_in_threadpool(predictor.predict, images)
+        found = await batcher.predict(images)
+        bad = [r for r in found if isinstance(r, PredictionError)]
         if bad:
             raise HTTPException(400, bad[0].reason)
-        results = [{"filename": f.filename, **_prediction(p)} for f, p in zip(files, good)]
+        results = [{"filename": f.filename, **_prediction(p)} for f, p in zip(files, found)]
         if heatmaps:
             for result, image in zip(results, images):
                 result["heatmap"] = await run_in_threadpool(heatmap, image)
@@ -109,11 +160,11 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
     async def search_image(file: UploadFile = File(...), k: int = Query(12, ge=1, le=200)) -> dict:
         store = require_index()
         image = (await read_images([file]))[0]
-        good, bad = await run_in_threadpool(predictor.predict, [image])
-        if bad:
-            raise HTTPException(400, bad[0].reason)
-        hits = store.search_vector(good[0].outputs["embedding"], k)  # index calls stay on the event loop: one at a time
-        return {"query": _prediction(good[0]), "hits": [_hit(h) for h in hits]}
+        query = (await batcher.predict([image]))[0]
+        if isinstance(query, PredictionError):
+            raise HTTPException(400, query.reason)
+        hits = store.search_vector(query.outputs["embedding"], k)  # index calls stay on the event loop: one at a time
+        return {"query": _prediction(query), "hits": [_hit(h) for h in hits]}
 
     @app.get("/api/search")
     async def search_emotion(emotion: str = Query(...), k: int = Query(12, ge=1, le=200)) -> dict:

@@ -115,3 +115,50 @@ def test_heatmaps_need_a_pytorch_model(served, tmp_path):
     assert r.status_code == 200 and r.json()["results"][0]["heatmap"].startswith("data:image/png;base64,")
     assert torch_client.get("/api/health").json()["index"] is None
     assert torch_client.get("/api/search", params={"emotion": "awe"}).status_code == 404
+
+
+def test_concurrent_requests_share_model_calls():
+    import asyncio
+
+    from emolens.server import PredictBatcher
+
+    class Counting:
+        def predict_iter(self, images):
+            yield [f"result for {i}" for i in images]
+
+    batcher = PredictBatcher(Counting(), max_batch=32, wait=0.05)
+
+    async def many():
+        return await asyncio.gather(*(batcher.predict([f"r{k}a", f"r{k}b"]) for k in range(5)))
+
+    results = asyncio.run(many())
+    assert results == [[f"result for r{k}a", f"result for r{k}b"] for k in range(5)]  # each gets its own
+    assert batcher.calls == 1
+
+
+def test_emolens_serve_starts_and_answers(served):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    _, folder = served
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "emolens", "serve", "--model", str(folder / "m.onnx"), "--db",
+                             str(folder / "db"), "--port", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        deadline, body = time.time() + 60, None
+        while time.time() < deadline and body is None:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2).read()
+            except OSError:
+                time.sleep(0.2)
+        assert body is not None and b'"index":6' in body
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
