@@ -52,8 +52,8 @@ def retrieval_figures(model, dataset: EmotionDataset, fold, config: TrainConfig,
                       progress: bool) -> dict[str, float]:
     """Test images as queries against the fold's training images (the gallery)."""
     labels = task_targets_arrays(dataset, model.task)["label"]
-    gallery_rows, gallery = embed(model, dataset, fold.train, config, cache_dir, progress)
-    query_rows, queries = embed(model, dataset, fold.test, config, cache_dir, progress)
+    (gallery_rows, gallery), (query_rows, queries) = embed(model, dataset, [fold.train, fold.test], config, cache_dir,
+                                                           progress)
     figures = evaluate_retrieval(queries, labels[query_rows], gallery, labels[gallery_rows], model.taxonomy.polarity)
     figures.pop("queries")
     return figures

@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -366,32 +366,39 @@ def evaluate_rows(model: EmotionModel, batches: _Batches, rows: list[int], targe
     return out, errors
 
 
+def _batches_for(model: EmotionModel, dataset: EmotionDataset, config: TrainConfig, cache_dir: str | Path | None,
+                 progress: bool) -> _Batches:
+    """Batches for scoring: from the frozen backbone's feature cache when there is one, else from images."""
+    cache = feature_cache(model, dataset, Path(cache_dir), config, progress) if cache_dir and config.freeze_backbone else None
+    return _Batches(dataset, cache, config, model)
+
+
 def evaluate(model: EmotionModel, dataset: EmotionDataset, rows: list[int], config: TrainConfig | None = None,
              cache_dir: str | Path | None = None, progress: bool = True) -> dict[str, float]:
     """Metrics of a trained model on some samples of ``dataset`` (for the test split, say)."""
-    config = config or TrainConfig()
-    cache = feature_cache(model, dataset, Path(cache_dir), config, progress) if cache_dir and config.freeze_backbone else None
-    batches = _Batches(dataset, cache, config, model)
+    batches = _batches_for(model, dataset, config or TrainConfig(), cache_dir, progress)
     targets = task_targets_arrays(dataset, model.task)
     metrics, _ = evaluate_rows(model, batches, rows, targets, None)
     return metrics
 
 
 @torch.inference_mode()
-def embed(model: EmotionModel, dataset: EmotionDataset, rows: list[int], config: TrainConfig | None = None,
-          cache_dir: str | Path | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(rows that could be used, their L2-normalised ``embedding`` outputs)."""
-    config = config or TrainConfig()
-    cache = feature_cache(model, dataset, Path(cache_dir), config, progress) if cache_dir and config.freeze_backbone else None
-    batches = _Batches(dataset, cache, config, model)
+def embed(model: EmotionModel, dataset: EmotionDataset, row_sets: Sequence[list[int]], config: TrainConfig | None = None,
+          cache_dir: str | Path | None = None, progress: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each set of rows: (the rows that could be used, their L2-normalised ``embedding`` outputs).
+    The feature cache is read once for all sets."""
+    batches = _batches_for(model, dataset, config or TrainConfig(), cache_dir, progress)
     model.eval()
-    seen, vectors = [], []
-    for inputs, idx, _ in batches(rows, False, 0, 0, 1):
-        if inputs is None:
-            continue
-        seen.append(idx.numpy())
-        vectors.append(torch.nn.functional.normalize(run_model(model, inputs, cache is not None)["embedding"].float(),
-                                                     dim=1).numpy())
-    if not seen:
-        raise RuntimeError("no usable image to embed")
-    return np.concatenate(seen), np.concatenate(vectors)
+    out = []
+    for rows in row_sets:
+        seen, vectors = [], []
+        for inputs, idx, _ in batches(rows, False, 0, 0, 1):
+            if inputs is None:
+                continue
+            seen.append(idx.numpy())
+            embedding = run_model(model, inputs, batches.cache is not None)["embedding"].float()
+            vectors.append(torch.nn.functional.normalize(embedding, dim=1).numpy())
+        if not seen:
+            raise RuntimeError("no usable image to embed")
+        out.append((np.concatenate(seen), np.concatenate(vectors)))
+    return out

@@ -47,3 +47,19 @@ def test_queries_against_a_gallery():
     report = evaluate_retrieval(np.array([[0, 1, 0]], dtype=np.float32), np.array([1]), gallery, np.array([0, 1, 1]),
                                 [1, 0])
     assert report["nn"] == 1 and report["map8"] == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_benchmark_scores_retrieval_per_fold(tmp_path):
+    from helpers import TINY_BACKBONE, make_ldl_dataset
+    from emolens.data import load_dataset
+    from emolens.engine import TrainConfig
+    from emolens.engine.benchmark import RETRIEVAL_HEADLINE, run_benchmark
+
+    ds = load_dataset(make_ldl_dataset(tmp_path / "ds", per_class=6))
+    results = run_benchmark(ds, ["apse:loss=npair"], "emotion", tmp_path / "out", folds=2,
+                            config=TrainConfig(epochs=1, batch_size=8, freeze_backbone=True, workers=0),
+                            backbone=TINY_BACKBONE, backbone_weights=None, progress=False, log=lambda *_: None,
+                            retrieval=True)
+    for fold in results["models"]["apse:loss=npair"]["folds"]:
+        assert set(RETRIEVAL_HEADLINE) <= set(fold)
+        assert 0 <= fold["map8"] <= 1 and 0 <= fold["anmrr"] <= 1
