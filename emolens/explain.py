@@ -32,6 +32,15 @@ class Explanation:
     boxes: list[tuple[float, float, float, float, float]] | None = None  # x1, y1, x2, y2, score in view pixels
 
 
+def overlay(view: Image.Image, heat: np.ndarray, alpha: float = 0.45) -> Image.Image:
+    """A [0, 1] map coloured with matplotlib's "jet" and blended over the model's view."""
+    from matplotlib import colormaps
+
+    base = np.asarray(view, dtype=np.float32) / 255
+    colour = colormaps["jet"](heat)[..., :3]
+    return Image.fromarray(np.uint8(255 * ((1 - alpha) * base + alpha * colour)))
+
+
 class _Logits(torch.nn.Module):
     """pytorch-grad-cam wants a tensor out; emolens models give a dict."""
 
@@ -116,8 +125,7 @@ def render(explanation: Explanation, taxonomy, path: str | os.PathLike) -> Path:
     ax.axis("off")
     for i, (name, m) in enumerate(explanation.maps.items(), 1):
         ax = fig.add_subplot(grid[0, i])
-        ax.imshow(view)
-        ax.imshow(m, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        ax.imshow(overlay(explanation.image, m))
         ax.set_title(f"{name}: {explanation.emotion}", fontsize=9)
         ax.axis("off")
     ax = fig.add_subplot(grid[0, panels])

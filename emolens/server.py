@@ -187,18 +187,13 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
 
 
 def overlay_data_url(explanation) -> str:
-    """The first map of an explanation blended over the model's view, as a PNG data URL."""
+    """The first map of an explanation over the model's view, as a PNG data URL."""
     import base64
 
-    import numpy as np
-    from matplotlib import colormaps
-    from PIL import Image
+    from .explain import overlay
 
-    view = np.asarray(explanation.image, dtype=np.float32) / 255
-    heat = colormaps["jet"](next(iter(explanation.maps.values())))[..., :3]
-    blended = Image.fromarray(np.uint8(255 * (0.55 * view + 0.45 * heat)))
     buffer = io.BytesIO()
-    blended.save(buffer, "PNG")
+    overlay(explanation.image, next(iter(explanation.maps.values()))).save(buffer, "PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
