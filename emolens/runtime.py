@@ -46,6 +46,8 @@ def export_onnx(model: "EmotionModel", path: str | os.PathLike | None = None) ->
     """The model as ONNX bytes (dynamic batch) and its metadata; also written to ``path`` (+ ``.json``)."""
     import torch
 
+    if model.onnx_unsupported:
+        raise ExportError(f"{model.spec.get('name', type(model).__name__)}: cannot export to ONNX: {model.onnx_unsupported}")
     model = model.eval()
     size = model.preprocessing.size
     example = torch.zeros(2, 3, size, size)

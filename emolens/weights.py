@@ -42,6 +42,8 @@ def save_model(model: EmotionModel, path: str | Path, include_backbone: bool = T
     """Write ``path`` (.safetensors + .json). ``include_backbone=False`` needs a bundled-weights backbone."""
     if not include_backbone and model.spec.get("backbone_weights") != "imagenet":
         raise ValueError("only a model on bundled backbone weights can be saved without its backbone")
+    if model.limitations:
+        meta["card"] = {**meta.get("card", {}), "limitations": model.limitations}
     full_meta = {"format": FORMAT_VERSION, "spec": model.spec, "preprocessing": model.preprocessing.to_dict(),
                  "include_backbone": include_backbone, "versions": library_versions(), **meta}
     return save_checkpoint(path, model_state(model, include_backbone), full_meta, half=half)

@@ -29,6 +29,7 @@ from ..data.samples import EmotionDataset
 from ..data.transforms import eval_transform, train_transform
 from ..losses import build_loss
 from ..models import EmotionModel
+from ..regions import dataset_region_boxes
 from ..taxonomy import MIKELS_WHEEL_ORDER, Taxonomy, wheel_steps
 from ..weights import init_from, model_state, save_model
 from .data import FeatureCache, Targets, class_balanced_batches, batch_targets, cache_key, compute_features, image_loader, task_targets_arrays
@@ -125,7 +126,9 @@ class _Batches:
                              f"dataset option, e.g. {dataset.kind}=ROOT:{missing[0]}=FILE")
         self.extras = {k: torch.from_numpy(dataset.extras[k]) for k in model.extra_keys}
         self.cache, self.config = cache, config
-        self.train_tf = train_transform(model.preprocessing)
+        # Boxes are given in the evaluation crop's frame; a random crop would move the image under them.
+        spatial = "region_boxes" in model.target_keys
+        self.train_tf = eval_transform(model.preprocessing) if spatial else train_transform(model.preprocessing)
         self.eval_tf = eval_transform(model.preprocessing)
 
     def __call__(self, rows: list[int], train: bool, epoch_seed: int, rank: int, world: int):
@@ -218,6 +221,15 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tens
 # --- the loop ---------------------------------------------------------------------------------------
 
 
+def model_targets_arrays(model: EmotionModel, dataset: EmotionDataset) -> Targets:
+    """The extra training targets ``model.target_keys`` asks for, per sample."""
+    known = {"region_boxes": lambda: dataset_region_boxes(dataset, model.preprocessing)}
+    unknown = [k for k in model.target_keys if k not in known]
+    if unknown:
+        raise ValueError(f"no dataset gives the training targets {', '.join(unknown)}")
+    return {k: known[k]() for k in model.target_keys}
+
+
 def _run_meta(model: EmotionModel, dataset: EmotionDataset, fold: Fold, config: TrainConfig) -> dict:
     return {"dataset": dataset.spec, "task": model.task,
             "split": {"train": fold.train, "val": fold.val, "test": fold.test}, "train_config": asdict(config)}
@@ -231,7 +243,7 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
     rank, world = init_distributed()
     torch.manual_seed(config.seed)
     task = model.task
-    targets = task_targets_arrays(dataset, task)
+    targets = {**task_targets_arrays(dataset, task), **model_targets_arrays(model, dataset)}
     loss_fn = build_loss(model.spec["loss"]["name"], model.taxonomy, **model.spec["loss"]["args"])
 
     if config.freeze_backbone:
@@ -279,7 +291,9 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
 
     runner: nn.Module = _Forward(model, cached=cache is not None)
     if world > 1:
-        runner = DistributedDataParallel(runner)
+        # A model that freezes parts of itself between epochs leaves parameters without gradients.
+        staged = type(model).start_epoch is not EmotionModel.start_epoch
+        runner = DistributedDataParallel(runner, find_unused_parameters=staged)
     t0 = time.perf_counter()
     sign = SELECT[config.select]
     for epoch in range(start_epoch, config.epochs):
@@ -287,6 +301,7 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
             break
         epoch_seed = config.seed * 100_003 + epoch
         torch.manual_seed(epoch_seed)
+        model.start_epoch(epoch)
         model.train()
         if config.freeze_backbone:
             model.backbone.eval()  # frozen BN statistics
@@ -298,8 +313,9 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
                 bad_images.update(errors)
                 if inputs is None:
                     continue
-                outputs = runner(inputs)
-                loss = loss_fn(outputs, batch_targets(targets, idx))
+                batch = batch_targets(targets, idx)
+                outputs = runner({**inputs, "targets": batch})  # a head may train parts of itself on them
+                loss = loss_fn(outputs, batch) + sum(outputs.get("losses", {}).values())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -8,7 +8,7 @@ from typing import Any
 from ..backbones import DEFAULT_BACKBONE
 from ..losses import DEFAULT_LOSS, split_loss_arguments
 from ..taxonomy import Taxonomy
-from . import apse, global_model, maiafa, multigap  # noqa: F401  (registers the models)
+from . import apse, global_model, maiafa, mlrcnn, multigap  # noqa: F401  (registers the models)
 from .base import TASKS, EmotionModel
 from .registry import get_entry, list_models, model_entries, parse_model_spec, register_model
 

@@ -31,8 +31,14 @@ class EmotionModel(nn.Module):
     feature_keys: tuple[str, ...] = ("levels", "pooled")
     #: Per-image side features the head needs beside the image (``EmotionDataset.extras`` keys).
     extra_keys: tuple[str, ...] = ()
+    #: Training targets beyond the task's (e.g. ``"region_boxes"``), read from ``features["targets"]``.
+    target_keys: tuple[str, ...] = ()
     #: The loss ``create_model`` picks when the spec names none (``None``: the task's default).
     default_loss: str | None = None
+    #: Why a traced ONNX graph cannot reproduce this model (``None``: it can).
+    onnx_unsupported: str | None = None
+    #: What a user of this model's weights must know (written into every saved checkpoint's card).
+    limitations: str | None = None
 
     def __init__(
         self,
@@ -69,6 +75,9 @@ class EmotionModel(nn.Module):
         if missing:
             raise ValueError(f"this model needs per-image side features ({', '.join(missing)}) beside the image")
         return self.head({**features, **(extras or {})})
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called by the trainer before each epoch (0-based), also on resume; for staged training."""
 
     def cam_layers(self) -> dict[str, nn.Module]:
         """Layers Grad-CAM explains, by name: the map the backbone pools, or for a model that reads only the
