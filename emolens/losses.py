@@ -29,11 +29,14 @@ def register_loss(name: str):
 
 @register_loss("ce")
 class CrossEntropy(nn.Module):
-    """Softmax cross-entropy on the hard label (paper 001 Eq. 7)."""
+    """Softmax cross-entropy on the hard label (paper 001 Eq. 7). ``balanced``: train on class-balanced
+    batches (every class equally often, rare ones drawn with replacement), for heavily imbalanced tasks
+    such as Flickr_LDL polarity (83% positive)."""
 
-    def __init__(self, taxonomy: Taxonomy, label_smoothing: float = 0.0):
+    def __init__(self, taxonomy: Taxonomy, label_smoothing: float = 0.0, balanced: bool = False):
         super().__init__()
         self.label_smoothing = label_smoothing
+        self.needs_class_balanced_batches = balanced
 
     def forward(self, outputs: Batch, targets: Batch) -> torch.Tensor:
         return F.cross_entropy(outputs["logits"], targets["label"], label_smoothing=self.label_smoothing)
@@ -291,7 +294,7 @@ DEFAULT_LOSS = {"emotion": "ce", "polarity": "ce", "distribution": "kl"}
 
 #: Spec keys that configure the loss rather than the model (``lambda`` is a Python keyword).
 LOSS_ARGUMENTS = {"lambda": "lambda_", "label_smoothing": "label_smoothing", "default_label_prob": "default_label_prob",
-                  "margin": "margin", "scale": "scale"}
+                  "margin": "margin", "scale": "scale", "balanced": "balanced"}
 
 
 class PerMember(nn.Module):

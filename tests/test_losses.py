@@ -99,3 +99,12 @@ def test_spec_arguments_split_into_loss_and_model():
         build_loss("nope", MIKELS)
     with pytest.raises(ValueError, match="does not take"):
         build_loss("ce", MIKELS, lambda_=0.2)
+
+
+def test_balanced_cross_entropy_asks_for_class_balanced_batches():
+    from emolens import create_model
+
+    model = create_model("global:loss=ce,balanced=true", backbone="test_efficientnet", backbone_weights=None)
+    assert model.spec["loss"] == {"name": "ce", "args": {"balanced": True}}
+    assert build_loss("ce", MIKELS, balanced=True).needs_class_balanced_batches
+    assert not build_loss("ce", MIKELS).needs_class_balanced_batches
