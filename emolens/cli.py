@@ -115,11 +115,14 @@ def datasets_info(
             raise typer.Exit(EXIT_SOME_FAILED)
 
 
-def _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience, init=None):
+def _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience, init=None,
+            init_parts=None):
     from .engine import TrainConfig
 
+    parts = tuple(p.strip() for p in init_parts.split(",") if p.strip()) if init_parts else None
     return TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, freeze_backbone=freeze_backbone,
-                       workers=workers, seed=seed, select=select, patience=patience or None, init=init)
+                       workers=workers, seed=seed, select=select, patience=patience or None, init=init,
+                       init_parts=parts)
 
 
 EPOCHS = typer.Option(30, help="Training epochs.")
@@ -131,7 +134,10 @@ WORKERS = typer.Option(2, help="Image-decoding worker processes.")
 SEED = typer.Option(0, help="Seed for splits, initialisation and batches.")
 SELECT = typer.Option("loss", help="Validation figure that picks the checkpoint: loss, accuracy, macro_f1, balanced_accuracy, kl.")
 PATIENCE = typer.Option(10, help="Stop after this many epochs without a better validation figure (0: never).")
-INIT = typer.Option(None, "--init", help="Start from this run's weights (transfer learning; same model and classes).")
+INIT = typer.Option(None, "--init", help="Start from this run's weights (transfer learning; same model and classes). "
+                    "In a benchmark, {fold} in the path is replaced by the fold number.")
+INIT_PARTS = typer.Option(None, "--init-parts", help="Take only these parts (submodules, comma-separated, e.g. "
+                          "detector,cam_head) from --init; the rest of the model may differ.")
 TASK = typer.Option("emotion", help="emotion (the dataset's classes), polarity, or distribution.")
 
 
@@ -148,7 +154,7 @@ def train(
     backbone_weights: str = typer.Option("imagenet", help="'imagenet' (bundled), a local weights file, or 'none'."),
     freeze_backbone: bool = FREEZE, epochs: int = EPOCHS, batch_size: int = BATCH, optimizer: str = OPTIM,
     lr: float = LR, workers: int = WORKERS, seed: int = SEED, select: str = SELECT, patience: int = PATIENCE,
-    init: str = INIT,
+    init: str = INIT, init_parts: str = INIT_PARTS,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its last checkpoint."),
 ) -> None:
     """Train a model; the checkpoint is chosen on validation data, then scored once on the test part."""
@@ -172,7 +178,7 @@ def train(
             fail(f"fold {fold} does not exist: the protocol has {len(proto.folds)}")
         weights = None if backbone_weights.lower() == "none" else backbone_weights
         net = create_model(model, taxonomy=ds.taxonomy, task=task, backbone=backbone, backbone_weights=weights)
-        config = _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience, init)
+        config = _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience, init, init_parts)
         chosen = proto.folds[fold]
         result = fit(net, ds, chosen, out, config, resume=resume)
         if is_main():
@@ -231,7 +237,7 @@ def benchmark(
     backbone_weights: str = typer.Option("imagenet", help="'imagenet' (bundled), a local weights file, or 'none'."),
     freeze_backbone: bool = FREEZE, epochs: int = EPOCHS, batch_size: int = BATCH, optimizer: str = OPTIM,
     lr: float = LR, workers: int = WORKERS, seed: int = SEED, select: str = SELECT, patience: int = PATIENCE,
-    init: str = INIT,
+    init: str = INIT, init_parts: str = INIT_PARTS,
     retrieval: bool = typer.Option(False, "--retrieval", help="Also score retrieval: test images query the "
                                    "training images by embedding (mAP8, mAP2, NN, FT, ST, DCG, F1, ANMRR)."),
 ) -> None:
@@ -242,7 +248,7 @@ def benchmark(
     specs = split_model_list(models)
     try:
         ds = load_dataset(data)
-        config = _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience, init)
+        config = _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience, init, init_parts)
         weights = None if backbone_weights.lower() == "none" else backbone_weights
         results = run_benchmark(ds, specs, task, out, folds, seed, config, backbone, weights, progress=True,
                                 log=lambda m: err_console.print(m), retrieval=retrieval)

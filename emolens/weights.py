@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -74,11 +75,24 @@ def load_model(source: str | Path = DEFAULT_MODEL) -> EmotionModel:
     return model.eval()
 
 
-def init_from(model: EmotionModel, source: str | Path) -> None:
+def init_from(model: EmotionModel, source: str | Path, parts: Sequence[str] | None = None) -> None:
     """Load a saved model's tensors into ``model`` (transfer learning): the two must have the same
-    architecture and classes; a checkpoint saved without its backbone leaves the backbone as it is."""
+    architecture and classes; a checkpoint saved without its backbone leaves the backbone as it is.
+    ``parts`` (submodule names, e.g. ``["detector"]``) loads only those, all of them, from a model that
+    may differ elsewhere."""
     state, meta = load_checkpoint(resolve_weights(source))
     ours = model.state_dict()
+    if parts:
+        prefixes = tuple(f"{p}." for p in parts)
+        for part, prefix in zip(parts, prefixes):
+            if not any(k.startswith(prefix) for k in ours):
+                raise ValueError(f"the model has no part {part!r} to initialise")
+            if not any(k.startswith(prefix) for k in state):
+                raise CheckpointError(f"{source}: no tensors of part {part!r}")
+        state = {k: v for k, v in state.items() if k.startswith(prefixes)}
+        missing = [k for k in ours if k.startswith(prefixes) and k not in state]
+        if missing:
+            raise CheckpointError(f"{source}: part tensors missing, e.g. {missing[0]}")
     unknown = [k for k in state if k not in ours]
     if unknown:
         raise CheckpointError(f"{source}: {len(unknown)} tensor(s) the model does not have, e.g. {unknown[0]}")

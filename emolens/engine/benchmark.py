@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +88,9 @@ def run_benchmark(dataset: EmotionDataset, specs: list[str], task: str, out_dir:
             run_dir = out_dir / slug(spec) / f"fold{k}"
             kwargs = {"backbone": backbone} if backbone else {}
             model = create_model(spec, taxonomy=dataset.taxonomy, task=task, backbone_weights=backbone_weights, **kwargs)
-            result = fit(model, dataset, fold, run_dir, config, resume=True, cache_dir=cache_dir, progress=progress)
+            fold_config = replace(config, init=config.init.format(fold=k)) if config.init else config
+            result = fit(model, dataset, fold, run_dir, fold_config, resume=True, cache_dir=cache_dir,
+                         progress=progress)
             best = load_model(run_dir)
             test = evaluate(best, dataset, fold.test, config, cache_dir=cache_dir, progress=progress)
             test_paths = [dataset.samples[i].path for i in fold.test[:timing_images]]

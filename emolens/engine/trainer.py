@@ -56,6 +56,7 @@ class TrainConfig:
     workers: int = 2
     seed: int = 0
     init: str | None = None  # start from this run's (or checkpoint's) weights: transfer learning
+    init_parts: tuple[str, ...] | None = None  # only these submodules from ``init`` (e.g. a detector)
 
     def learning_rate(self) -> float:
         if self.lr is not None:
@@ -268,7 +269,7 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
         raise ValueError(f"select must be one of {', '.join(SELECT)}")
 
     if config.init:
-        init_from(model, config.init)
+        init_from(model, config.init, config.init_parts)
     run_meta = _run_meta(model, dataset, fold, config)
     start_epoch, best_score, best_epoch, stale = 0, -math.inf, -1, 0
     history: list[dict] = []

@@ -148,3 +148,49 @@ def test_saved_weights_carry_the_limitations_in_their_card(tmp_path):
     save_model(tiny_model(SPEC), tmp_path / "m.safetensors")
     card = json.loads((tmp_path / "m.json").read_text())["card"]
     assert "COCO" in card["limitations"] and "pseudo-boxes" in card["limitations"]
+
+
+def test_the_detector_alone_moves_to_a_model_with_another_classifier(tmp_path):
+    from emolens.checkpoints import CheckpointError
+    from emolens.weights import init_from, save_model
+
+    source = tiny_model(SPEC)
+    save_model(source, tmp_path / "det.safetensors")
+    target = tiny_model(SPEC + ",features=regions,loss=label_prob")
+    with pytest.raises(CheckpointError):  # the classifiers differ: a whole-model init is refused
+        init_from(target, tmp_path / "det.safetensors")
+    before = target.classifier.weight.clone()
+    init_from(target, tmp_path / "det.safetensors", parts=["detector", "cam_head"])
+    for name, tensor in source.detector.state_dict().items():
+        assert torch.equal(tensor, target.detector.state_dict()[name]), name
+    assert torch.equal(target.classifier.weight, before)
+    with pytest.raises(ValueError, match="no part"):
+        init_from(target, tmp_path / "det.safetensors", parts=["decoder"])
+
+
+def test_benchmark_takes_each_folds_own_source(tmp_path):
+    from emolens.engine.benchmark import run_benchmark
+
+    ds = load_dataset(make_ldl_dataset(tmp_path / "ds", per_class=4))
+    common = dict(task="emotion", folds=2, backbone="test_efficientnet", backbone_weights=None, progress=False,
+                  log=lambda *_: None, timing_images=2)
+    config = TrainConfig(epochs=1, batch_size=8, freeze_backbone=True, workers=0)
+    run_benchmark(ds, [SPEC], out_dir=tmp_path / "det", config=config, **common)
+    source = str(tmp_path / "det" / SPEC.replace(":", "_").replace(",", "_") / "fold{fold}")
+    second = TrainConfig(epochs=1, batch_size=8, freeze_backbone=True, workers=0, lr=0.0, init=source,
+                         init_parts=("detector",))
+    run_benchmark(ds, [SPEC + ",features=regions,detector_epochs=0"], out_dir=tmp_path / "cls", config=second,
+                  **common)
+    import json
+
+    for k in range(2):
+        meta = json.loads((tmp_path / "cls" / (SPEC + ",features=regions,detector_epochs=0").replace(":", "_")
+                           .replace(",", "_") / f"fold{k}" / "best.json").read_text())
+        assert meta["train_config"]["init"] == source.format(fold=k)
+        from safetensors.torch import load_file
+
+        own = load_file(tmp_path / "cls" / (SPEC + ",features=regions,detector_epochs=0").replace(":", "_")
+                        .replace(",", "_") / f"fold{k}" / "best.safetensors")
+        theirs = load_file(source.format(fold=k) + "/best.safetensors")
+        detector = [n for n in own if n.startswith("detector.")]
+        assert detector and all(torch.equal(own[n], theirs[n]) for n in detector)  # frozen: unchanged
