@@ -37,7 +37,7 @@ def report_bad_files(errors: list[ImageLoadError]) -> None:
     table.add_column("path", overflow="fold")
     table.add_column("reason", overflow="fold")
     for e in errors:
-        table.add_row(e.path, e.reason)
+        table.add_row(display_path(e.path), e.reason)
     err_console.print(table)
 
 
@@ -494,11 +494,13 @@ def export(
 
 
 def display_path(source: str) -> str:
-    """A path relative to the working folder where it lies below it, else as given."""
+    """A path relative to the working folder where it lies below it, else as given; bytes of a name
+    that are not UTF-8 shown as U+FFFD, since a strict terminal encoding would refuse them."""
     try:
-        return str(Path(source).resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return source
+        shown = str(Path(source).resolve().relative_to(Path.cwd()))
+    except (ValueError, OSError, RuntimeError):
+        shown = source
+    return shown.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def demo_images() -> list[Path]:

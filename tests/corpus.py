@@ -87,4 +87,22 @@ def make_odd_paths(folder: Path) -> dict[str, str]:
     loop = folder / "loop.jpg"
     os.symlink(loop.name, loop)  # points at itself
     os.symlink("does-not-exist.jpg", folder / "dangling.jpg")
-    return {"loop.jpg": "access", "dangling.jpg": "access"}
+    os.symlink(".", folder / "cycle")  # a directory loop: a scan must not recurse forever
+    cases = {"loop.jpg": "access", "dangling.jpg": "access"}
+    if os.geteuid() != 0:  # root reads any file, so a permission error cannot be made
+        locked = folder / "locked.jpg"
+        Image.new("RGB", (8, 8)).save(locked)
+        locked.chmod(0)
+        cases["locked.jpg"] = "access"
+    return cases
+
+
+def make_awkward_names(folder: Path) -> list[str]:
+    """Good images whose names are not UTF-8 or are as long as the file system allows; their names
+    as Python sees them (undecodable bytes as surrogate escapes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = os.fsencode(folder) + b"/caf\xe9-latin1.png"
+    Image.new("RGB", (9, 7), (200, 100, 0)).save(os.fsdecode(raw))
+    long = "x" * 246 + ".png"  # 250 bytes; most file systems stop at 255
+    Image.new("RGB", (7, 9), (0, 100, 200)).save(folder / long)
+    return [os.fsdecode(b"caf\xe9-latin1.png"), long]

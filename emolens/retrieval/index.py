@@ -10,6 +10,7 @@ above. Re-running ``index`` embeds new and changed files and drops deleted ones.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sqlite3
@@ -139,22 +140,26 @@ class AffectiveIndex:
             self._set_meta("classes", json.dumps(predictor.taxonomy.classes))
         scan = scan_images(paths)
         current = {}
+        failures = [PredictionError(e.path, e.reason) for e in scan.errors]
         for f in scan.files:
-            st = Path(f).stat()
-            current[str(Path(f).resolve())] = (st.st_size, st.st_mtime_ns)
-        rows = {p: (s, m) for p, s, m in self.db.execute("SELECT path, size, mtime_ns FROM images")}
-        failed_before = {p: (s, m) for p, s, m in self.db.execute("SELECT path, size, mtime_ns FROM failures")}
+            try:  # a dangling or looping link is listed by the scan but cannot be opened
+                st = Path(f).stat()
+                current[str(Path(f).resolve())] = (st.st_size, st.st_mtime_ns)
+            except (OSError, RuntimeError) as e:
+                failures.append(PredictionError(str(f), f"cannot access file: {getattr(e, 'strerror', None) or e}"))
+        rows = {_from_db(p): (s, m) for p, s, m in self.db.execute("SELECT path, size, mtime_ns FROM images")}
+        failed_before = {_from_db(p): (s, m) for p, s, m in self.db.execute("SELECT path, size, mtime_ns FROM failures")}
         roots = [Path(p).resolve() for p in paths]
         # Only files under the roots given this time can have vanished; other indexed folders stay.
         gone = [p for p in rows if p not in current and any(Path(p).is_relative_to(r) for r in roots)]
         todo = sorted(p for p, stamp in current.items() if rows.get(p) != stamp and failed_before.get(p) != stamp)
         added = updated = 0
         with self.db:
-            self.db.executemany("DELETE FROM images WHERE path = ?", [(p,) for p in gone])
-            self.db.executemany("DELETE FROM failures WHERE path = ?", [(p,) for p in failed_before if p not in current])
+            self.db.executemany("DELETE FROM images WHERE path = ?", [(_to_db(p),) for p in gone])
+            self.db.executemany("DELETE FROM failures WHERE path = ?",
+                                [(_to_db(p),) for p in failed_before if p not in current])
             if gone:
                 self._bump()
-        failures = [PredictionError(e.path, e.reason) for e in scan.errors]
         for results in predictor.predict_iter(todo):
             with self.db:  # one transaction per batch: a kill loses at most this batch
                 self._bump()
@@ -167,11 +172,12 @@ class AffectiveIndex:
                         failures.append(r)
                         size, mtime = current[r.source]
                         self.db.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?)",
-                                        (r.source, size, mtime, r.reason))
+                                        (_to_db(r.source), size, mtime, r.reason))
             if on_batch:
                 on_batch(len(results))
         failures += [PredictionError(p, reason) for p, reason in
-                     self.db.execute("SELECT path, reason FROM failures") if p in current and p not in todo]
+                     ((_from_db(p), r) for p, r in self.db.execute("SELECT path, reason FROM failures"))
+                     if p in current and p not in todo]
         if self._meta("vectors_for") != self._meta("generation") or not self.faiss_path.is_file():
             self.rebuild_vectors()
         unchanged = len(current) - len(todo)
@@ -180,12 +186,12 @@ class AffectiveIndex:
     def _store(self, p: Prediction, stamp: tuple[int, int]) -> None:
         vector = np.asarray(p.outputs["embedding"], dtype=np.float32)
         vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
-        self.db.execute("DELETE FROM images WHERE path = ?", (p.source,))
-        self.db.execute("DELETE FROM failures WHERE path = ?", (p.source,))
+        self.db.execute("DELETE FROM images WHERE path = ?", (_to_db(p.source),))
+        self.db.execute("DELETE FROM failures WHERE path = ?", (_to_db(p.source),))
         cur = self.db.execute(
             "INSERT INTO images (path, size, mtime_ns, emotion, probability, polarity, distribution, embedding) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (p.source, stamp[0], stamp[1], p.emotion, p.probability, p.polarity, json.dumps(p.distribution),
+            (_to_db(p.source), stamp[0], stamp[1], p.emotion, p.probability, p.polarity, json.dumps(p.distribution),
              vector.tobytes()))
         self.db.executemany("INSERT INTO scores VALUES (?, ?, ?)",
                             [(cur.lastrowid, c, v) for c, v in p.distribution.items()])
@@ -230,7 +236,7 @@ class AffectiveIndex:
             row = self.db.execute("SELECT id, path, emotion, probability, polarity, distribution FROM images WHERE id = ?",
                                   (int(i),)).fetchone()
             if row:
-                hits.append(Hit(row[0], row[1], float(score), row[2], row[3], row[4], json.loads(row[5])))
+                hits.append(Hit(row[0], _from_db(row[1]), float(score), row[2], row[3], row[4], json.loads(row[5])))
         return hits
 
     def search_vector(self, vector: np.ndarray, k: int = 10, exclude_path: str | None = None) -> list[Hit]:
@@ -265,7 +271,22 @@ class AffectiveIndex:
 
     def image_path(self, image_id: int) -> str | None:
         row = self.db.execute("SELECT path FROM images WHERE id = ?", (int(image_id),)).fetchone()
-        return row[0] if row else None
+        return _from_db(row[0]) if row else None
+
+
+def _to_db(path: str) -> str:
+    """A path as SQLite text. File names need not be UTF-8 (Python holds the stray bytes as surrogate
+    escapes, which SQLite refuses); those are stored as base64 of their bytes after ``b64:``, which no
+    absolute path starts with."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return "b64:" + base64.urlsafe_b64encode(os.fsencode(path)).decode("ascii")
+
+
+def _from_db(text: str) -> str:
+    return os.fsdecode(base64.urlsafe_b64decode(text[4:])) if text.startswith("b64:") else text
 
 
 def build_faiss(vectors: np.ndarray, ids: np.ndarray, approximate_from: int = APPROXIMATE_FROM):
