@@ -145,15 +145,19 @@ def test_cli_index_and_search(tmp_path, onnx_model):
 
 
 def test_large_collections_get_an_approximate_index():
-    rng = np.random.default_rng(0)
-    vectors = rng.normal(size=(300, 16)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    ids = np.arange(300, dtype=np.int64) + 1000
-    exact, approx = build_faiss(vectors, ids), build_faiss(vectors, ids, approximate_from=100)
     import faiss
 
-    assert isinstance(faiss.downcast_index(approx.index), faiss.IndexHNSWFlat)
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(1000, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = np.arange(1000, dtype=np.int64) + 1000
+    exact, approx = build_faiss(vectors, ids), build_faiss(vectors, ids, approximate_from=100)
+    refine = faiss.downcast_index(approx.index)
+    assert isinstance(refine, faiss.IndexRefineFlat) and isinstance(faiss.downcast_index(refine.base_index),
+                                                                   faiss.IndexPQFastScan)
     assert isinstance(faiss.downcast_index(exact.index), faiss.IndexFlatIP)
     _, a = exact.search(vectors[:20], 5)
     _, b = approx.search(vectors[:20], 5)
     assert (a[:, 0] == ids[:20]).all() and np.mean([len(set(x) & set(y)) / 5 for x, y in zip(a, b)]) > 0.9
+    odd = build_faiss(vectors[:, :12].copy(), ids, approximate_from=100)  # 12 dims do not split into the codes
+    assert isinstance(faiss.downcast_index(odd.index), faiss.IndexFlatIP)
