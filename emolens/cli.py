@@ -177,6 +177,9 @@ def train(
         if not 0 <= fold < len(proto.folds):
             fail(f"fold {fold} does not exist: the protocol has {len(proto.folds)}")
         weights = None if backbone_weights.lower() == "none" else backbone_weights
+        import torch
+
+        torch.manual_seed(seed)  # the head's initial weights are part of what the seed fixes
         net = create_model(model, taxonomy=ds.taxonomy, task=task, backbone=backbone, backbone_weights=weights)
         config = _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience, init, init_parts)
         chosen = proto.folds[fold]

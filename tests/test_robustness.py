@@ -141,3 +141,18 @@ def test_server(corpus):
             assert bad[path.name] in r.json()["error"]
     assert {n for n, code in answered.items() if code == 200} == good
     assert {n for n, code in answered.items() if code != 200} == {n for n in bad if n in answered}
+
+
+def test_server_never_reads_a_client_named_path(corpus, tmp_path):
+    _, _, _, models = corpus
+    secret = tmp_path / "secret.png"
+    from PIL import Image
+
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(secret)
+    client = TestClient(create_app(models / "m.onnx", None), raise_server_exceptions=False)
+    # an empty upload named after a real image on the server's disk: only the (empty) bytes count
+    r = client.post("/api/predict", files=[("files", (str(secret), b"", "image/png"))])
+    assert r.status_code == 400 and "empty" in r.json()["error"]
+    r = client.post("/api/predict", files=[("files", ("../../" + secret.name, b"not an image", "image/png"))])
+    assert r.status_code == 400 and "not an image" in r.json()["error"]
+    assert client.get("/api/images/..%2F..%2Fetc%2Fpasswd").status_code in (404, 422)

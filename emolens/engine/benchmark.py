@@ -87,6 +87,7 @@ def run_benchmark(dataset: EmotionDataset, specs: list[str], task: str, out_dir:
                 continue
             run_dir = out_dir / slug(spec) / f"fold{k}"
             kwargs = {"backbone": backbone} if backbone else {}
+            torch.manual_seed(config.seed)  # the same initial head weights for every fold, run after run
             model = create_model(spec, taxonomy=dataset.taxonomy, task=task, backbone_weights=backbone_weights, **kwargs)
             fold_config = replace(config, init=config.init.format(fold=k)) if config.init else config
             result = fit(model, dataset, fold, run_dir, fold_config, resume=True, cache_dir=cache_dir,
