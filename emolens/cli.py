@@ -185,14 +185,19 @@ def train(
         chosen = proto.folds[fold]
         result = fit(net, ds, chosen, out, config, resume=resume)
         if is_main():
-            test = evaluate(load_model(out), ds, chosen.test, config, cache_dir=out / "cache")
+            test, test_errors = evaluate(load_model(out), ds, chosen.test, config, cache_dir=out / "cache",
+                                         with_errors=True)
+            bad = {ds.samples[i].path.as_posix(): r for i, r in sorted({**result.bad_images, **test_errors}.items())}
             atomic_write_json(out / "metrics.json", {"best_epoch": result.best_epoch, "val": result.val_metrics,
                                                      "test": test, "train_seconds": result.train_seconds,
-                                                     "bad_images": {ds.samples[i].path.as_posix(): r for i, r in result.bad_images.items()}})
+                                                     "bad_images": bad})
             console.print(f"best epoch {result.best_epoch} (on validation); test: " +
                           ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k != "n"))
     except (ValueError, FileNotFoundError, KeyError) as e:
         fail(str(e))
+    if is_main() and bad:
+        report_bad_files([ImageLoadError(path, reason) for path, reason in bad.items()])
+        raise typer.Exit(EXIT_SOME_FAILED)
 
 
 @app.command()

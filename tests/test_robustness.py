@@ -120,6 +120,13 @@ def test_datasets_info_and_training_leave_bad_images_out(corpus, tmp_path):
     expected = {n: w for n, w in broken.items() if any(ds.samples[i].path.name == n for i in seen)}
     assert set(by_name) == set(expected) and all(w in by_name[n] for n, w in expected.items())
     assert np.isfinite(result.history[0]["train_loss"])
+    cli = runner.invoke(app, ["train", "--model", "global", "--data", spec, "--out", str(tmp_path / "cli"),
+                              "--backbone", "test_efficientnet", "--backbone-weights", "none", "--epochs", "1",
+                              "--batch-size", "4", "--workers", "0"])
+    assert cli.exit_code == EXIT_SOME_FAILED, cli.output  # trained, but some images were left out
+    left_out = json.loads((tmp_path / "cli" / "metrics.json").read_text())["bad_images"]
+    assert {Path(p).name for p in left_out} == set(broken)  # training, validation and test images alike
+    assert_reported(cli.output, broken)
 
 
 def test_server(corpus):

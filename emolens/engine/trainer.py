@@ -391,12 +391,16 @@ def _batches_for(model: EmotionModel, dataset: EmotionDataset, config: TrainConf
 
 
 def evaluate(model: EmotionModel, dataset: EmotionDataset, rows: list[int], config: TrainConfig | None = None,
-             cache_dir: str | Path | None = None, progress: bool = True) -> dict[str, float]:
-    """Metrics of a trained model on some samples of ``dataset`` (for the test split, say)."""
+             cache_dir: str | Path | None = None, progress: bool = True, with_errors: bool = False):
+    """Metrics of a trained model on some samples of ``dataset`` (for the test split, say); with
+    ``with_errors``, also ``{row: reason}`` of the images that could not be used."""
     batches = _batches_for(model, dataset, config or TrainConfig(), cache_dir, progress)
     targets = task_targets_arrays(dataset, model.task)
-    metrics, _ = evaluate_rows(model, batches, rows, targets, None)
-    return metrics
+    metrics, errors = evaluate_rows(model, batches, rows, targets, None)
+    if batches.cache is not None:
+        wanted = set(rows)
+        errors = {**{r: e for r, e in batches.cache.errors.items() if r in wanted}, **errors}
+    return (metrics, errors) if with_errors else metrics
 
 
 @torch.inference_mode()
