@@ -193,7 +193,7 @@ def train(
                                                      "bad_images": bad})
             console.print(f"best epoch {result.best_epoch} (on validation); test: " +
                           ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k != "n"))
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
         fail(str(e))
     if is_main() and bad:
         report_bad_files([ImageLoadError(path, reason) for path, reason in bad.items()])

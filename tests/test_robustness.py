@@ -97,7 +97,7 @@ def test_explain(corpus, tmp_path):
 
 def test_datasets_info_and_training_leave_bad_images_out(corpus, tmp_path):
     folder, good, bad, models = corpus
-    spec = make_ldl_dataset(tmp_path / "data", per_class=4)
+    spec = make_ldl_dataset(tmp_path / "data", per_class=8)
     images = sorted((tmp_path / "data" / "images").iterdir(), key=lambda p: int(p.stem))
     broken = {}
     for target, source in zip(images, sorted((folder / "bad").iterdir())):
