@@ -65,8 +65,11 @@ def entry_points(root: Path, folder: Path, good: set[str], bad: dict[str, str], 
 
     db = root / "db"
     r = emolens("index", str(folder), "--db", str(db), "--model", str(model))
-    with sqlite3.connect(db / "index.sqlite") as con:
-        indexed = {shown(os.path.basename(p)) for (p,) in con.execute("SELECT path FROM images")}
+    from emolens.retrieval.index import AffectiveIndex
+
+    store = AffectiveIndex(db)
+    indexed = {shown(os.path.basename(store.image_path(i))) for i in store.vectors()[0]}
+    store.close()
     rows.append(("index", tried, counted(r.stdout + r.stderr, good_shown, bad, indexed), r.returncode))
 
     ok = 0
@@ -81,8 +84,8 @@ def entry_points(root: Path, folder: Path, good: set[str], bad: dict[str, str], 
     rows.append(("search (each file as the query)", len(bad) + len(list((folder / "good").iterdir())), ok, None))
 
     r = emolens("explain", str(folder), "--model", "default", "--out", str(root / "explained"))
-    pngs = {p.stem for p in (root / "explained").glob("*.png")}
-    rows.append(("explain", tried, counted(r.stdout + r.stderr, {Path(n).stem for n in good_shown}, bad, pngs),
+    pngs = len(list((root / "explained").glob("*.png")))  # output names are made file-system safe
+    rows.append(("explain", tried, min(pngs, len(good)) + counted(r.stdout + r.stderr, set(), bad, set()),
                  r.returncode))
 
     rows.append(training_row(root, folder, bad))
@@ -145,10 +148,13 @@ def index_kills(root: Path, model: Path, kills: int, rng: random.Random) -> tupl
     for _ in range(kills):
         proc = subprocess.Popen([*base, "--db", str(root / "killed")], env=ENV, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(1.0, 6.0))  # import and model load take about a second
+        done, target = -1, indexed_rows(root / "killed") + rng.randint(1, 12)  # kill after a random few more images
+        while proc.poll() is None and done < target:
+            done = indexed_rows(root / "killed")
+            time.sleep(0.005)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
-            landed += 1
+            landed += done < 60
         proc.wait()
     subprocess.run([*base, "--db", str(root / "killed")], env=ENV, capture_output=True, check=True)
 
@@ -158,6 +164,14 @@ def index_kills(root: Path, model: Path, kills: int, rng: random.Random) -> tupl
 
     whole, killed = rows(root / "whole"), rows(root / "killed")
     return landed, len(whole ^ killed), len(whole)
+
+
+def indexed_rows(db: Path) -> int:
+    try:
+        with sqlite3.connect(db / "index.sqlite", timeout=0.1) as con:
+            return con.execute("SELECT count(*) FROM images").fetchone()[0]
+    except sqlite3.Error:  # not created yet, or locked by the writer for a moment
+        return 0
 
 
 def train_kills(root: Path, kills: int, rng: random.Random) -> tuple[int, bool]:
