@@ -20,6 +20,8 @@ from .storage import atomic_write
 
 METHODS = ("gradcam", "gradcam++", "scorecam")
 POSITIVE, NEGATIVE, NEUTRAL = "#e8a33d", "#4a78c2", "#9a9a9a"
+#: Regions drawn strongly and numbered; the others faintly.
+LABELLED_BOXES = 3
 
 
 @dataclass
@@ -118,10 +120,15 @@ def render(explanation: Explanation, taxonomy, path: str | os.PathLike) -> Path:
     view = np.asarray(explanation.image)
     ax = fig.add_subplot(grid[0, 0])
     ax.imshow(view)
-    for x1, y1, x2, y2, score in explanation.boxes or []:
-        ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1.5, color="#ffd400"))
-        ax.text(x1, y1, f"{score:.2f}", color="black", fontsize=6, backgroundcolor="#ffd400")
-    ax.set_title("image" + (f" + {len(explanation.boxes)} regions" if explanation.boxes else ""), fontsize=9)
+    ranked = sorted(explanation.boxes or [], key=lambda b: -b[4])
+    for rank, (x1, y1, x2, y2, score) in reversed(list(enumerate(ranked, 1))):  # the best drawn last, on top
+        top = rank <= LABELLED_BOXES  # the rest stay faint so that a crowd of regions stays readable
+        ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=2.0 if top else 0.8,
+                                   color="#ffd400", alpha=1.0 if top else 0.5))
+        if top:
+            ax.text(x1 + 2, y1 + 2, f"{rank}: {score:.2f}", color="black", fontsize=6, va="top",
+                    bbox={"facecolor": "#ffd400", "edgecolor": "none", "pad": 1})
+    ax.set_title("image" + (f" + {len(ranked)} regions, by score" if ranked else ""), fontsize=9)
     ax.axis("off")
     for i, (name, m) in enumerate(explanation.maps.items(), 1):
         ax = fig.add_subplot(grid[0, i])
