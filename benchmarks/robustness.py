@@ -73,11 +73,10 @@ def entry_points(root: Path, folder: Path, good: set[str], bad: dict[str, str], 
     rows.append(("index", tried, counted(r.stdout + r.stderr, good_shown, bad, indexed), r.returncode))
 
     ok = 0
-    for sub, names in (("bad", [n for n in bad if (folder / "bad" / n).exists() or (folder / "bad" / n).is_symlink()]),
-                       ("odd", [n for n in bad if (folder / "odd" / n).is_symlink()])):
-        for name in names:
-            q = emolens("search", str(folder / sub / name), "--db", str(db), "--model", str(model))
-            ok += q.returncode == 2 and name in q.stderr + q.stdout and bad[name] in " ".join((q.stderr + q.stdout).split())
+    for name, word in bad.items():
+        path = folder / ("bad" if os.path.lexists(folder / "bad" / name) else "odd") / name
+        q = emolens("search", str(path), "--db", str(db), "--model", str(model))
+        ok += q.returncode == 2 and name in q.stderr + q.stdout and word in " ".join((q.stderr + q.stdout).split())
     for name in sorted((folder / "good").iterdir()):
         q = emolens("search", str(name), "--db", str(db), "--model", str(model), "--format", "json", "-k", "3")
         ok += q.returncode == 0 and len(json.loads(q.stdout)["hits"]) == 3

@@ -127,9 +127,8 @@ class _Batches:
                              f"dataset option, e.g. {dataset.kind}=ROOT:{missing[0]}=FILE")
         self.extras = {k: torch.from_numpy(dataset.extras[k]) for k in model.extra_keys}
         self.cache, self.config = cache, config
-        # Boxes are given in the evaluation crop's frame; a random crop would move the image under them.
-        spatial = "region_boxes" in model.target_keys
-        self.train_tf = eval_transform(model.preprocessing) if spatial else train_transform(model.preprocessing)
+        augment = model.random_crops
+        self.train_tf = train_transform(model.preprocessing) if augment else eval_transform(model.preprocessing)
         self.eval_tf = eval_transform(model.preprocessing)
 
     def __call__(self, rows: list[int], train: bool, epoch_seed: int, rank: int, world: int):

@@ -35,6 +35,8 @@ class EmotionModel(nn.Module):
     target_keys: tuple[str, ...] = ()
     #: The loss ``create_model`` picks when the spec names none (``None``: the task's default).
     default_loss: str | None = None
+    #: Whether training may randomly crop and flip images (not when targets are boxes in the eval crop's frame).
+    random_crops: bool = True
     #: Why a traced ONNX graph cannot reproduce this model (``None``: it can).
     onnx_unsupported: str | None = None
     #: What a user of this model's weights must know (written into every saved checkpoint's card).

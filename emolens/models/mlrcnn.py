@@ -190,6 +190,7 @@ class MLRCNN(EmotionModel):
             self.onnx_unsupported = self.limitations = None  # the global row is a plain classifier
         elif regions == "ground_truth":
             self.target_keys = ("region_boxes",)
+            self.random_crops = False  # the boxes are in the evaluation crop's frame
 
     def start_epoch(self, epoch: int) -> None:
         """Two-stage training: freeze the detector once its epochs are over."""
