@@ -445,10 +445,11 @@ def explain(
     out: Path = typer.Option(..., help="Folder for the PNGs (one per image)."),
     model: str = typer.Option("default", help="Run folder, .safetensors file, 'default', or a registered model "
                                               "spec (its head untrained: for looking at the architecture only)."),
-    method: str = typer.Option("gradcam", help="gradcam, gradcam++ or scorecam."),
+    method: str = typer.Option("gradcam", help="gradcam or gradcam++ (about a second an image on a CPU), or "
+                                               "scorecam (one forward pass per channel: minutes an image on a CPU)."),
     target: str = typer.Option(None, help="Explain this emotion instead of the predicted one."),
 ) -> None:
-    """Where the emotion comes from: Grad-CAM and the model's own maps over each image, with its distribution."""
+    """Where the emotion comes from: class-activation maps and the model's own maps over each image, with its distribution."""
     from .explain import METHODS, explain_files
     from .images import scan_images
 
@@ -461,7 +462,10 @@ def explain(
     except Exception as e:  # any failure to build the model means nothing can run
         fail(f"cannot explain with {model}: {e}")
     scan = scan_images(paths)
-    written, errors = explain_files(loaded, scan.files, out, method, target)
+    with Progress(console=err_console, transient=True) as progress:
+        bar = progress.add_task(f"explaining ({method})", total=len(scan.files))
+        written, errors = explain_files(loaded, scan.files, out, method, target,
+                                        on_image=lambda: progress.advance(bar))
     console.print(f"wrote {len(written)} explanation(s) to {out}")
     bad = list(scan.errors) + errors
     report_bad_files(bad)
@@ -471,11 +475,15 @@ def explain(
 
 def load_any_model(source: str):
     """A saved model (run folder, ``.safetensors``, ``default``) or a fresh registered one by spec."""
-    from .models import create_model
+    from .models import create_model, list_models
+    from .storage import CheckpointError
     from .weights import load_model
 
     if source == "default" or Path(source).exists():
         return load_model(source)
+    if source.split(":", 1)[0] not in list_models():
+        raise CheckpointError(f"no such file or folder, and no registered model of that name "
+                              f"(models: {', '.join(list_models())})")
     err_console.print(f"[yellow]{source}: a fresh model with an untrained head; its explanations show the "
                       "architecture, not learned emotions[/]")
     return create_model(source)

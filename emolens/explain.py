@@ -7,7 +7,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +19,8 @@ from .models import EmotionModel
 from .storage import atomic_write
 
 METHODS = ("gradcam", "gradcam++", "scorecam")
+#: How each method is named on the panels it draws.
+METHOD_TITLES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "scorecam": "Score-CAM"}
 POSITIVE, NEGATIVE, NEUTRAL = "#e8a33d", "#4a78c2", "#9a9a9a"
 #: Regions drawn strongly and numbered; the others faintly.
 LABELLED_BOXES = 3
@@ -75,6 +77,7 @@ class Explainer:
         self.model = model.eval()
         self.cam_class = _cam_class(method)
         self.method = method
+        self.title = METHOD_TITLES[method]
         self.max_pixels = max_pixels
         self.preprocessing = model.preprocessing
 
@@ -83,7 +86,9 @@ class Explainer:
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         view = self.preprocessing.crop(load_image(source, self.max_pixels))
-        batch = torch.from_numpy(self.preprocessing(view))[None]
+        # The very input Predictor builds (Preprocessing.__call__ = normalise(crop)), so maps, boxes and
+        # the distribution belong to the view drawn and agree with `predict`.
+        batch = torch.from_numpy(self.preprocessing.normalise(view))[None]
         tax = self.model.taxonomy
         with torch.no_grad():
             outputs = self.model(batch)
@@ -91,7 +96,8 @@ class Explainer:
         index = int(probs.argmax()) if target is None else tax.index(target)
         size = self.preprocessing.size
         maps = {}
-        for name, layer in self.model.cam_layers().items():
+        for label, layer in self.model.cam_layers().items():
+            name = f"{self.title} ({label})" if label else self.title
             with self.cam_class(model=_Logits(self.model), target_layers=[layer]) as cam:
                 maps[name] = _normalise(cam(input_tensor=batch, targets=[ClassifierOutputTarget(index)])[0])
         for name, m in self.model.explanation_maps(outputs).items():
@@ -113,6 +119,8 @@ def render(explanation: Explanation, taxonomy, path: str | os.PathLike) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.patches import Patch
 
     panels = 1 + len(explanation.maps)
     fig = plt.figure(figsize=(3.0 * panels + 3.4, 3.3), dpi=100)
@@ -130,11 +138,13 @@ def render(explanation: Explanation, taxonomy, path: str | os.PathLike) -> Path:
                     bbox={"facecolor": "#ffd400", "edgecolor": "none", "pad": 1})
     ax.set_title("image" + (f" + {len(ranked)} regions, by score" if ranked else ""), fontsize=9)
     ax.axis("off")
+    image_axes = []
     for i, (name, m) in enumerate(explanation.maps.items(), 1):
         ax = fig.add_subplot(grid[0, i])
         ax.imshow(overlay(explanation.image, m))
         ax.set_title(f"{name}: {explanation.emotion}", fontsize=9)
         ax.axis("off")
+        image_axes.append(ax)
     ax = fig.add_subplot(grid[0, panels])
     classes = list(explanation.distribution)
     values = [explanation.distribution[c] for c in classes]
@@ -145,7 +155,13 @@ def render(explanation: Explanation, taxonomy, path: str | os.PathLike) -> Path:
     ax.set_xlim(0, 1)
     ax.tick_params(axis="x", labelsize=7)
     ax.set_title("predicted distribution", fontsize=9)
+    shown = [(POSITIVE, "positive"), (NEGATIVE, "negative"), (NEUTRAL, "no polarity")]
+    ax.legend(handles=[Patch(color=c, label=label) for c, label in shown if c in colours], fontsize=7,
+              loc="lower right", frameon=False)
     fig.tight_layout()
+    if image_axes:  # after tight_layout, which does not place colour bars
+        scale = fig.colorbar(ScalarMappable(cmap="jet"), ax=image_axes, fraction=0.025, pad=0.01)
+        scale.set_ticks([0, 1], labels=["low", "high"], fontsize=7)
     path = Path(path)
 
     def write(tmp: str) -> None:
@@ -173,8 +189,10 @@ def output_names(sources: Sequence[str]) -> list[str]:
 
 
 def explain_files(model: EmotionModel, sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                  method: str = "gradcam", target: str | None = None) -> tuple[list[Path], list[ImageLoadError]]:
-    """Write one PNG per usable image into ``out_dir``; unusable images come back as errors."""
+                  method: str = "gradcam", target: str | None = None,
+                  on_image: Callable[[], None] | None = None) -> tuple[list[Path], list[ImageLoadError]]:
+    """Write one PNG per usable image into ``out_dir``; unusable images come back as errors;
+    ``on_image`` is called after each image, done or failed."""
     explainer = Explainer(model, method)
     if target is not None:
         model.taxonomy.index(target)  # an unknown emotion stops the run before any work
@@ -185,6 +203,8 @@ def explain_files(model: EmotionModel, sources: Sequence[str | os.PathLike], out
             explanation = explainer.explain(source, target)
         except ImageLoadError as e:
             errors.append(e)
-            continue
-        written.append(render(explanation, model.taxonomy, out_dir / name))
+        else:
+            written.append(render(explanation, model.taxonomy, out_dir / name))
+        if on_image:
+            on_image()
     return written, errors

@@ -50,8 +50,12 @@ class Preprocessing:
         box = (left / sx, top / sy, (left + self.size) / sx, (top + self.size) / sy)
         return image.resize((self.size, self.size), _RESAMPLE[self.interpolation], box=box)
 
-    def __call__(self, image: Image.Image) -> np.ndarray:
-        """The image as a normalised (3, size, size) float32 array of :meth:`crop`."""
-        array = np.asarray(self.crop(image), dtype=np.float32) * (1 / 255)
+    def normalise(self, view: Image.Image) -> np.ndarray:
+        """A view made by :meth:`crop` as the model's normalised (3, size, size) float32 input."""
+        array = np.asarray(view, dtype=np.float32) * (1 / 255)
         array = (array - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """The model's input for any image: :meth:`normalise` of :meth:`crop`."""
+        return self.normalise(self.crop(image))

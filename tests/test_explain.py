@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -5,9 +6,11 @@ from typer.testing import CliRunner
 from conftest import write_image
 from helpers import tiny_model
 from emolens.cli import EXIT_ERROR, EXIT_SOME_FAILED, app
-from emolens.explain import Explainer, explain_files, output_names
+from emolens.explain import Explainer, explain_files, output_names, render
 from emolens.models import list_models
-from emolens.weights import save_model
+from emolens.predict import Predictor
+from emolens.taxonomy import MIKELS
+from emolens.weights import load_model, save_model
 
 runner = CliRunner()
 
@@ -45,10 +48,72 @@ def test_maps_per_stream_are_normalised_and_follow_the_target():
     assert sum(result.distribution.values()) == pytest.approx(1, abs=1e-5)
 
 
-@pytest.mark.parametrize("method", ["gradcam++", "scorecam"])
-def test_other_cam_methods(method):
-    result = Explainer(tiny_model().eval(), method).explain(Image.new("RGB", (40, 40), (10, 200, 10)))
-    assert list(result.maps) == ["Grad-CAM"] and result.maps["Grad-CAM"].shape == (160, 160)
+@pytest.mark.parametrize("method,title", [("gradcam++", "Grad-CAM++"), ("scorecam", "Score-CAM")])
+def test_other_cam_methods_give_their_own_maps_under_their_own_name(method, title):
+    model = tiny_model().eval()
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    plain = Explainer(model, "gradcam").explain(image, target="awe")
+    other = Explainer(model, method).explain(image, target="awe")
+    assert list(plain.maps) == ["Grad-CAM"] and list(other.maps) == [title]
+    assert other.maps[title].shape == (160, 160)
+    assert not np.allclose(other.maps[title], plain.maps["Grad-CAM"], atol=1e-3)
+
+
+def test_the_target_changes_what_is_explained():
+    model = tiny_model().eval()
+    image = Image.fromarray(np.random.default_rng(4).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    awe, fear = (Explainer(model).explain(image, target=t) for t in ("awe", "fear"))
+    assert (awe.emotion, fear.emotion) == ("awe", "fear")
+    assert not np.allclose(awe.maps["Grad-CAM"], fear.maps["Grad-CAM"], atol=1e-3)
+    assert awe.distribution == fear.distribution  # the prediction itself does not depend on the target
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_the_explanation_shows_what_predict_scores(tmp_path, backend):
+    """Same file, same model: the explanation's distribution is Predictor's, its view the model's input."""
+    save_model(tiny_model(), tmp_path / "m.safetensors")
+    photo = write_image(tmp_path / "wide.png", seed=7, size=(300, 170))
+    (predicted,), _ = Predictor(tmp_path / "m.safetensors", backend=backend).predict([photo])
+    explained = Explainer(load_model(tmp_path / "m.safetensors")).explain(photo)
+    assert list(explained.distribution) == list(predicted.distribution)
+    np.testing.assert_allclose(list(explained.distribution.values()), list(predicted.distribution.values()),
+                               atol=1e-5 if backend == "torch" else 1e-4)
+    assert explained.image.size == (160, 160)
+
+
+def test_cli_explain_uses_the_method_and_target_asked_for(tmp_path, monkeypatch):
+    import emolens.explain as explain_module
+
+    seen = []
+    monkeypatch.setattr(explain_module, "render", lambda explanation, taxonomy, path: seen.append(explanation) or path)
+    save_model(tiny_model(), tmp_path / "m.safetensors")
+    photo = write_image(tmp_path / "in" / "p.png", seed=2, size=(40, 30))
+    result = runner.invoke(app, ["explain", str(photo), "--model", str(tmp_path / "m.safetensors"), "--out",
+                                 str(tmp_path / "o"), "--method", "gradcam++", "--target", "fear"])
+    assert result.exit_code == 0, result.output
+    assert [(e.emotion, list(e.maps)) for e in seen] == [("fear", ["Grad-CAM++"])]
+
+
+def test_a_mistyped_model_path_is_no_such_file(tmp_path):
+    photo = write_image(tmp_path / "p.png", seed=2, size=(40, 30))
+    result = runner.invoke(app, ["explain", str(photo), "--model", str(tmp_path / "runs" / "g1x"), "--out",
+                                 str(tmp_path / "o")])
+    assert result.exit_code == EXIT_ERROR
+    said = " ".join(result.output.split())  # rich wraps long lines
+    assert "no such file" in said and "untrained head" not in said
+
+
+def test_the_png_has_a_polarity_legend_and_a_colour_scale(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: figures.append(self))
+    explanation = Explainer(tiny_model().eval()).explain(Image.new("RGB", (40, 40), (10, 200, 10)))
+    render(explanation, MIKELS, tmp_path / "x.png")
+    (fig,) = figures
+    legend = next(ax.get_legend() for ax in fig.axes if ax.get_legend())
+    assert [t.get_text() for t in legend.get_texts()] == ["positive", "negative"]
+    assert any(ax.get_label() == "<colorbar>" for ax in fig.axes)
 
 
 def test_output_names_are_distinct_and_safe():

@@ -82,11 +82,11 @@ class EmotionModel(nn.Module):
         """Called by the trainer before each epoch (0-based), also on resume; for staged training."""
 
     def cam_layers(self) -> dict[str, nn.Module]:
-        """Layers Grad-CAM explains, by name: the map the backbone pools, or for a model that reads only the
-        levels, the coarsest level (one per stream where a model has several)."""
+        """Layers a class-activation method explains, by label: the map the backbone pools, or for a model
+        that reads only the levels, the coarsest level (one per stream, labelled by it, where there are several)."""
         if "pooled" in self.feature_keys:
-            return {"Grad-CAM": self.backbone.final_map}
-        return {"Grad-CAM": self.backbone.level_module(-1)}
+            return {"": self.backbone.final_map}
+        return {"": self.backbone.level_module(-1)}
 
     def explanation_maps(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The model's own spatial maps (attention, region maps) as (B, h, w) tensors, by name; none here."""

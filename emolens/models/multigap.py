@@ -163,7 +163,7 @@ class MultiGap(EmotionModel):
         layers = {}
         for b, channels in zip(self.backbone.streams, self.backbone.block_channels):
             last = self.depth - 1
-            layers[f"Grad-CAM ({b.name})"] = b.final_map if last == len(channels) - 1 else b.level_module(last)
+            layers[b.name] = b.final_map if last == len(channels) - 1 else b.level_module(last)
         return layers
 
     def head(self, features: dict) -> dict[str, torch.Tensor]:
