@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from .identity import ModelIdentity, model_identity
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from .preprocessing import Preprocessing
 from .storage import DEFAULT_MODEL
@@ -70,6 +71,7 @@ class TorchRunner:
             self.model.to(memory_format=torch.channels_last)
         self.taxonomy: Taxonomy = model.taxonomy
         self.preprocessing: Preprocessing = model.preprocessing
+        self.identity = model_identity(model)
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         import torch
@@ -127,6 +129,7 @@ class Predictor:
         self.backend, self.runner = make_runner(model, backend, threads)
         self.taxonomy: Taxonomy = self.runner.taxonomy
         self.preprocessing: Preprocessing = self.runner.preprocessing
+        self.identity: ModelIdentity = self.runner.identity
         self.batch_size = batch_size
         self.workers = default_workers() if workers is None else workers
         self.max_pixels = max_pixels

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .identity import ModelIdentity, model_identity, source_digest, spec_name
 from .preprocessing import Preprocessing
 from .storage import CheckpointError, atomic_write_bytes, atomic_write_json, cache_dir, resolve_weights
 from .taxonomy import Taxonomy
@@ -37,8 +38,8 @@ class ExportError(Exception):
 
 
 def onnx_meta(model: "EmotionModel", outputs: list[str]) -> dict:
-    return {"format": FORMAT_VERSION, "spec": model.spec, "taxonomy": model.taxonomy.to_dict(),
-            "preprocessing": model.preprocessing.to_dict(), "outputs": outputs,
+    return {"format": FORMAT_VERSION, "spec": model.spec, "model_id": model_identity(model).digest,
+            "taxonomy": model.taxonomy.to_dict(), "preprocessing": model.preprocessing.to_dict(), "outputs": outputs,
             **{k: v for k, v in getattr(model, "meta", {}).items() if k in ("card", "dataset", "metrics")}}
 
 
@@ -99,6 +100,11 @@ class OnnxModel:
         self.taxonomy = Taxonomy.from_dict(meta["taxonomy"])
         self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         self.outputs = list(meta["outputs"])
+        digest = meta.get("model_id")
+        if digest is None:  # an export made elsewhere: the graph's own bytes identify it
+            data = source if isinstance(source, bytes) else Path(source).read_bytes()
+            digest = "onnx-" + hashlib.sha256(data).hexdigest()
+        self.identity = ModelIdentity(digest, spec_name(meta.get("spec")))
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.log_severity_level = 3  # warnings about unused initialisers are noise to a user
@@ -128,11 +134,12 @@ def read_onnx_meta(path: str | os.PathLike) -> dict:
 
 
 def cached_onnx_path(weights: Path) -> Path:
-    """Where the export of ``weights`` is cached: keyed by the weights, their metadata and the versions
-    that shape the graph, so a changed model or library never reuses a stale export."""
+    """Where the export of ``weights`` is cached: keyed by the weights, their metadata, emolens's source
+    and the versions that shape the graph, so a changed model, code or library never reuses a stale export."""
     digest = hashlib.sha256()
     for part in (weights, weights.with_suffix(".json")):
         digest.update(part.read_bytes())
+    digest.update(f"source={source_digest()};".encode())
     for package in ("emolens", "torch", "timm"):
         digest.update(f"{package}={metadata.version(package)};".encode())
     return cache_dir() / "onnx" / f"{digest.hexdigest()[:24]}.onnx"

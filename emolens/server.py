@@ -19,6 +19,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
+from .identity import model_identity
 from .images import ImageLoadError, load_image
 from .predict import Prediction, PredictionError, Predictor
 
@@ -89,6 +90,8 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
     predictor = Predictor(model, keep=("embedding",), max_pixels=limits.max_pixels)
     batcher = PredictBatcher(predictor)
     index = AffectiveIndex(db) if db is not None else None
+    if index is not None:
+        index.check_model(predictor)  # its hits and the queries' embeddings must come from one model
     app = FastAPI(title="emolens", description="Which emotions an image evokes, and images that feel alike.")
     explainers: list = []  # built on the first heat-map request: Grad-CAM needs the PyTorch model
 
@@ -99,7 +102,10 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
             from .explain import Explainer
             from .weights import load_model
 
-            explainers.append(Explainer(load_model(model or "default"), max_pixels=limits.max_pixels))
+            explaining = load_model(model or "default")
+            if model_identity(explaining).digest != predictor.identity.digest:
+                raise HTTPException(409, "the weights changed on disk since the server started; restart it")
+            explainers.append(Explainer(explaining, max_pixels=limits.max_pixels))
         return overlay_data_url(explainers[0].explain(image))
 
     @app.exception_handler(HTTPException)

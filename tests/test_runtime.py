@@ -60,6 +60,27 @@ def test_export_is_cached_and_keyed_by_the_weights(tmp_path):
     assert first.taxonomy == model.taxonomy
 
 
+def test_export_is_keyed_by_the_code(tmp_path, monkeypatch):
+    """An edit to emolens's source (a model's forward, say) must not keep serving the old export."""
+    import shutil
+
+    import emolens
+    import emolens.runtime
+    from emolens.identity import source_digest
+
+    package = tmp_path / "emolens"
+    shutil.copytree(os.path.dirname(emolens.__file__), package, ignore=shutil.ignore_patterns("__pycache__", "weights"))
+    before = source_digest(package)
+    model_code = package / "models" / "global_model.py"
+    model_code.write_text(model_code.read_text() + "\n# an edit\n")
+    source_digest.cache_clear()  # a process reads its source once
+    assert source_digest(package) != before
+    save_model(tiny_model(), tmp_path / "a.safetensors")
+    path = cached_onnx_path(tmp_path / "a.safetensors")
+    monkeypatch.setattr(emolens.runtime, "source_digest", lambda: "edited")
+    assert cached_onnx_path(tmp_path / "a.safetensors") != path
+
+
 def test_exported_model_predicts_without_pytorch(tmp_path):
     model = tiny_model()
     save_model(model, tmp_path / "m.safetensors")

@@ -7,7 +7,7 @@ from PIL import Image
 
 from helpers import tiny_model
 from emolens.predict import Predictor
-from emolens.retrieval.index import AffectiveIndex
+from emolens.retrieval.index import AffectiveIndex, AffectiveIndexError
 from emolens.runtime import export_onnx
 from emolens.server import Limits, create_app
 
@@ -162,3 +162,10 @@ def test_emolens_serve_starts_and_answers(served):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_the_server_refuses_an_index_of_another_model(served):
+    _, folder = served
+    export_onnx(tiny_model("global:dropout=0.3").eval(), folder / "other.onnx")
+    with pytest.raises(AffectiveIndexError, match="not with"):
+        create_app(folder / "other.onnx", folder / "db")

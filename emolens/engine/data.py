@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..checkpoints import save_checkpoint
 from ..data.samples import EmotionDataset
 from ..data.transforms import eval_transform
+from ..identity import weights_digest
 from ..images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from ..taxonomy import dominant_label
 
@@ -159,14 +160,16 @@ class FeatureCache:
 
 
 def cache_key(paths: Sequence[Path], backbone, keys: Sequence[str]) -> dict:
-    """What a feature cache depends on: the images, the backbone and its weights, the preprocessing."""
+    """What a feature cache depends on: the images, the backbone and its weights' content, the levels
+    it gives, the preprocessing."""
     h = hashlib.sha256()
     for p in paths:
         p = Path(p)
         st = p.stat() if p.exists() else None
         h.update(f"{p}\t{st.st_size if st else -1}\t{int(st.st_mtime) if st else -1}\n".encode())
     return {"images": h.hexdigest()[:20], "count": len(paths), "backbone": backbone.name,
-            "weights": backbone.weights, "preprocessing": backbone.preprocessing.to_dict(), "keys": sorted(keys)}
+            "weights": weights_digest(backbone.state_dict()), "strides": getattr(backbone, "strides", None),
+            "preprocessing": backbone.preprocessing.to_dict(), "keys": sorted(keys)}
 
 
 @torch.inference_mode()

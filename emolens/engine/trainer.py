@@ -8,6 +8,8 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -179,7 +181,8 @@ def feature_cache(model: EmotionModel, dataset: EmotionDataset, cache_dir: Path,
     paths = [s.path for s in dataset.samples]
     keys = list(model.feature_keys)
     meta = cache_key(paths, model.backbone, keys)
-    name = f"features-{model.backbone.name}-{meta['images']}-{'-'.join(sorted(keys))}.safetensors"
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
+    name = f"features-{model.backbone.name}-{digest}.safetensors"  # caches of other backbones/levels live side by side
     path = Path(cache_dir) / name
     cache = FeatureCache.load(path, meta)
     if cache is None:
@@ -245,6 +248,8 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
     task = model.task
     targets = {**task_targets_arrays(dataset, task), **model_targets_arrays(model, dataset)}
     loss_fn = build_loss(model.spec["loss"]["name"], model.taxonomy, **model.spec["loss"]["args"])
+    if config.init:  # before any feature is cached: a frozen backbone's features are the transferred one's
+        init_from(model, config.init, config.init_parts)
 
     if config.freeze_backbone:
         for p in model.backbone.parameters():
@@ -267,8 +272,6 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
     if config.select not in SELECT:
         raise ValueError(f"select must be one of {', '.join(SELECT)}")
 
-    if config.init:
-        init_from(model, config.init, config.init_parts)
     run_meta = _run_meta(model, dataset, fold, config)
     start_epoch, best_score, best_epoch, stale = 0, -math.inf, -1, 0
     history: list[dict] = []

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from ..identity import ModelIdentity
 from ..images import ImageLoadError, scan_images
 from ..predict import Prediction, PredictionError, Predictor
 from ..storage import atomic_write
@@ -81,12 +82,6 @@ class IndexReport:
     total: int
 
 
-def _model_fingerprint(predictor: Predictor) -> str:
-    meta = getattr(predictor.runner, "meta", None) or getattr(getattr(predictor.runner, "model", None), "spec", {})
-    return json.dumps({"taxonomy": predictor.taxonomy.to_dict(), "model": meta.get("spec", meta)}, sort_keys=True,
-                      default=str)
-
-
 class AffectiveIndex:
     """``AffectiveIndex(folder)``: ``update(paths, predictor)`` embeds, ``search(...)`` ranks."""
 
@@ -126,20 +121,34 @@ class AffectiveIndex:
     def __len__(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
 
+    @property
+    def model(self) -> ModelIdentity | None:
+        """The model whose predictions and embeddings the index holds (None: none stored yet)."""
+        digest = self._meta("model_id")
+        return None if digest is None else ModelIdentity(digest, self._meta("model_name") or "?")
+
+    def check_model(self, predictor: Predictor) -> None:
+        """Refuse a model other than the one that built the index: their embeddings and predictions do not mix."""
+        built_by = self.model
+        if built_by is None and self._meta("model") is not None:
+            raise AffectiveIndexError(f"{self.folder} was built by an earlier emolens that did not record its model's "
+                                      f"weights; index into a new folder with {predictor.identity}")
+        if built_by is not None and built_by.digest != predictor.identity.digest:
+            raise AffectiveIndexError(f"{self.folder} was built with {built_by}, not with {predictor.identity}: "
+                                      "use the model that built it, or index into a new folder")
+
     # --- building ---------------------------------------------------------------------------------
 
     def update(self, paths: Sequence[str | os.PathLike], predictor: Predictor,
                on_batch: Callable[[int], None] | None = None) -> IndexReport:
         """Bring the index in line with ``paths`` (folders are scanned): embed new and changed files,
         drop the ones that vanished from under ``paths``; bad files are recorded and reported, never fatal."""
-        fingerprint = _model_fingerprint(predictor)
-        known = self._meta("model")
-        if known is not None and known != fingerprint:
-            raise AffectiveIndexError(f"{self.folder} was built with another model; index into a new folder")
+        self.check_model(predictor)
         if "embedding" not in predictor.keep:
             raise ValueError("the predictor must keep the 'embedding' output")
         with self.db:
-            self._set_meta("model", fingerprint)
+            self._set_meta("model_id", predictor.identity.digest)
+            self._set_meta("model_name", predictor.identity.name)
             self._set_meta("classes", json.dumps(predictor.taxonomy.classes))
         scan = scan_images(paths)
         current = {}
@@ -256,6 +265,7 @@ class AffectiveIndex:
 
     def search_image(self, image: str | os.PathLike, predictor: Predictor, k: int = 10) -> tuple[Prediction, list[Hit]]:
         """The query's own prediction and the ``k`` images that feel most like it (itself left out)."""
+        self.check_model(predictor)
         good, bad = predictor.predict([image])
         if bad:
             raise ImageLoadError(bad[0].source, bad[0].reason)

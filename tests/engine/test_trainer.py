@@ -110,3 +110,65 @@ def test_polarity_and_distribution_tasks(tiny, tmp_path):
     assert "positive_recall" in pol.val_metrics
     dist = fit(tiny_model(task="distribution"), ds, fold, tmp_path / "d", config(epochs=1), progress=False)
     assert "kl" in dist.val_metrics and "wheel_distance" in dist.val_metrics
+
+
+def test_a_frozen_backbone_trains_on_the_features_of_the_init_runs_backbone(tiny, tmp_path):
+    """--init with --freeze-backbone: the cache is made from the transferred backbone, not the fresh one."""
+    from emolens.data.transforms import eval_transform
+    from emolens.engine.data import FeatureCache, cache_key
+    from emolens.identity import weights_digest
+    from emolens.images import load_image
+
+    ds, fold = tiny
+    source = tiny_model()
+    fit(source, ds, fold, tmp_path / "source", config(epochs=1, lr=0.05), progress=False)  # the backbone trains too
+    transferred = load_model(tmp_path / "source")
+    fresh = tiny_model()
+    assert weights_digest(fresh.backbone.state_dict()) != weights_digest(transferred.backbone.state_dict())
+    fit(fresh, ds, fold, tmp_path / "run", config(epochs=1, freeze_backbone=True, init=str(tmp_path / "source")),
+        progress=False)
+    (cached,) = (tmp_path / "run" / "cache").glob("features-*.safetensors")
+    paths = [s.path for s in ds.samples]
+    cache = FeatureCache.load(cached, cache_key(paths, transferred.backbone, list(fresh.feature_keys)))
+    assert cache is not None, "the cache must be keyed by the transferred backbone's weights"
+    image = eval_transform(transferred.preprocessing)(load_image(paths[0]))[None]
+    with torch.inference_mode():
+        expected = transferred.backbone(image)["pooled"][0]
+    torch.testing.assert_close(cache.features["pooled"][0].float(), expected, atol=2e-2, rtol=1e-2)
+
+
+def test_models_reading_other_levels_never_share_a_feature_cache(tiny, tmp_path):
+    """apse (strides 8, 32) and maiafa (strides 4-32) in one output folder get a cache each."""
+    from emolens.engine.trainer import feature_cache
+
+    ds, _ = tiny
+    apse, maiafa = tiny_model("apse"), tiny_model("maiafa:width=16,groups=2")
+    maiafa.backbone.load_state_dict(apse.backbone.state_dict())  # one backbone; only the levels differ
+    first = feature_cache(apse, ds, tmp_path / "cache", config(), progress=False)
+    second = feature_cache(maiafa, ds, tmp_path / "cache", config(), progress=False)
+    assert len(list((tmp_path / "cache").glob("features-*.safetensors"))) == 2
+    assert len(first.features["levels"]) == len(apse.backbone.strides)
+    assert len(second.features["levels"]) == len(maiafa.backbone.strides)
+
+
+@pytest.mark.parametrize("select,best_epoch", [("loss", 2), ("accuracy", 3), ("macro_f1", 4),
+                                               ("balanced_accuracy", 2), ("kl", 3)])
+def test_select_keeps_the_best_validation_epoch_in_the_right_direction(tiny, tmp_path, monkeypatch, select, best_epoch):
+    """Scripted validation figures, each with its best at another epoch than its worst: higher is better
+    for accuracy, macro-F1 and balanced accuracy; lower for loss and KL."""
+    import emolens.engine.trainer as trainer
+
+    script = {"loss": [1.0, 0.5, 0.7, 0.6], "accuracy": [0.2, 0.4, 0.8, 0.6], "macro_f1": [0.5, 0.1, 0.3, 0.9],
+              "balanced_accuracy": [0.3, 0.9, 0.1, 0.2], "kl": [0.9, 0.8, 0.2, 0.5]}
+    epoch = iter(range(4))
+
+    def scripted(model, batches, rows, targets, loss_fn, rank=0, world=1):
+        e = next(epoch)
+        return {k: v[e] for k, v in script.items()} | {"n": float(len(rows))}, {}
+
+    monkeypatch.setattr(trainer, "evaluate_rows", scripted)
+    ds, fold = tiny
+    result = fit(tiny_model(), ds, fold, tmp_path / "run", config(select=select), progress=False)
+    assert result.best_epoch == best_epoch
+    assert result.best_score == pytest.approx(script[select][best_epoch - 1])
+    assert json.loads((tmp_path / "run" / "best.json").read_text())["epoch"] == best_epoch

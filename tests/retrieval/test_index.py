@@ -15,6 +15,7 @@ from emolens.cli import EXIT_SOME_FAILED, app
 from emolens.predict import Predictor
 from emolens.retrieval.index import AffectiveIndex, AffectiveIndexError, build_faiss
 from emolens.runtime import export_onnx
+from emolens.weights import save_model
 
 runner = CliRunner()
 
@@ -83,10 +84,50 @@ def test_index_refuses_another_model(tmp_path, onnx_model):
     photo(tmp_path / "x" / "1.png", seed=1)
     index = AffectiveIndex(tmp_path / "db", create=True)
     index.update([tmp_path / "x"], predictor(onnx_model))
-    with pytest.raises(AffectiveIndexError, match="another model"):
+    with pytest.raises(AffectiveIndexError, match="not with"):
         index.update([tmp_path / "x"], predictor(tiny_model("global:dropout=0.5", task="polarity")))
     with pytest.raises(AffectiveIndexError, match="no index"):
         AffectiveIndex(tmp_path / "nowhere")
+
+
+def test_same_spec_other_weights_is_another_model(tmp_path):
+    """Identity is the weights' content: a model of the same spec with other head weights is refused,
+    when indexing and when searching, with a message naming both."""
+    import torch
+
+    first = tiny_model()
+    torch.manual_seed(123)
+    second = tiny_model()
+    assert first.spec == second.spec
+    save_model(first, tmp_path / "first.safetensors")
+    save_model(second, tmp_path / "second.safetensors")
+    photo(tmp_path / "x" / "1.png", seed=1)
+    index = AffectiveIndex(tmp_path / "db", create=True)
+    index.update([tmp_path / "x"], predictor(tmp_path / "first.safetensors"))
+    other = predictor(tmp_path / "second.safetensors")
+    with pytest.raises(AffectiveIndexError) as refused:
+        index.update([tmp_path / "x"], other)
+    assert index.model.digest[:12] in str(refused.value) and other.identity.digest[:12] in str(refused.value)
+    with pytest.raises(AffectiveIndexError, match="not with"):
+        index.search_image(tmp_path / "x" / "1.png", other)
+    # the same weights under the other backend are the same model
+    index.search_image(tmp_path / "x" / "1.png", predictor(tmp_path / "first.safetensors", backend="torch"))
+    result = runner.invoke(app, ["search", str(tmp_path / "x" / "1.png"), "--db", str(tmp_path / "db"),
+                                 "--model", str(tmp_path / "second.safetensors")])
+    assert result.exit_code == 2 and "not with" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
+def test_an_index_without_a_model_identity_is_refused(tmp_path, onnx_model):
+    """An index made by an earlier emolens (no weights digest) cannot be extended or searched by image."""
+    photo(tmp_path / "x" / "1.png", seed=1)
+    index = AffectiveIndex(tmp_path / "db", create=True)
+    index.update([tmp_path / "x"], predictor(onnx_model))
+    with index.db:
+        index.db.execute("DELETE FROM meta WHERE key IN ('model_id', 'model_name')")
+        index.db.execute("INSERT INTO meta VALUES ('model', '{\"model\": \"global\"}')")
+    with pytest.raises(AffectiveIndexError, match="earlier emolens"):
+        index.update([tmp_path / "x"], predictor(onnx_model))
 
 
 def _rows(db):
