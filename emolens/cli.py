@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -275,6 +276,25 @@ def benchmark(
     console.print(f"results: {out / 'results.json'}")
 
 
+def open_predictor(model: str | None, **options):
+    """A :class:`Predictor`, saying on stderr what takes time (the first ONNX export of a model) and what
+    went wrong on the way (one line each), so that stdout carries results alone."""
+    import warnings
+
+    from .predict import Predictor
+    from .runtime import export_pending
+
+    slow = options.get("backend", "auto") != "torch" and export_pending(model)
+    with warnings.catch_warnings(record=True) as caught, \
+            err_console.status("exporting the model for ONNX Runtime (once per model; about 30 s)", spinner="dots") \
+            if slow else nullcontext():
+        warnings.simplefilter("always")
+        predictor = Predictor(model, **options)
+    for w in caught:
+        err_console.print(f"[yellow]warning:[/] {w.message}", soft_wrap=True, highlight=False)
+    return predictor
+
+
 def split_model_list(models: str) -> list[str]:
     """Model specs contain commas (``global:loss=multitask,lambda=0.4``), so specs are separated by ';' or spaces."""
     return [m for m in re.split(r"[;\s]+", models.strip()) if m]
@@ -296,7 +316,7 @@ def predict(
     import sys
 
     from .images import scan_images
-    from .predict import PredictionError, Predictor
+    from .predict import PredictionError
 
     inputs = list(paths or [])
     if demo:
@@ -307,7 +327,7 @@ def predict(
         fail("no images given: name files or folders, '-' for a list on stdin, or --demo")
     scan = scan_images(inputs)
     try:
-        predictor = Predictor(model, batch_size=batch_size, workers=workers, backend=backend)
+        predictor = open_predictor(model, batch_size=batch_size, workers=workers, backend=backend)
     except Exception as e:  # any failure to build the model means nothing can run
         fail(f"cannot load model {model or 'default'}: {e}")
     with Progress(console=err_console, transient=True) as progress:
@@ -354,11 +374,10 @@ def index(
 ) -> None:
     """Embed a folder tree into a persistent affective index; re-running adds, updates and drops files.
     A killed run resumes without re-embedding what it finished."""
-    from .predict import Predictor
     from .retrieval.index import AffectiveIndex, AffectiveIndexError
 
     try:
-        predictor = Predictor(model, batch_size=batch_size, backend=backend, keep=("embedding",))
+        predictor = open_predictor(model, batch_size=batch_size, backend=backend, keep=("embedding",))
         store = AffectiveIndex(db, create=True)
     except Exception as e:  # any failure to build the model or open the index means nothing can run
         fail(f"cannot index: {e}")
@@ -389,7 +408,6 @@ def search(
     """Affective search: by example image, or by emotion."""
     import json
 
-    from .predict import Predictor
     from .retrieval.index import AffectiveIndex, AffectiveIndexError
 
     if (query is None) == (emotion is None):
@@ -399,7 +417,7 @@ def search(
         if emotion is not None:
             hits, title = store.search_emotion(emotion, k), f"images most likely to evoke {emotion}"
         else:
-            predictor = Predictor(model, keep=("embedding",))
+            predictor = open_predictor(model, keep=("embedding",))
             found, hits = store.search_image(query, predictor, k)
             title = f"feels like {query} ({found.emotion} {found.probability:.2f})"
     except ImageLoadError as e:

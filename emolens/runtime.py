@@ -12,7 +12,9 @@ import hashlib
 import io
 import json
 import os
+import sys
 import warnings
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -68,7 +70,7 @@ def export_onnx(model: "EmotionModel", path: str | os.PathLike | None = None) ->
 
     buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _native_output_discarded():
             # The TorchScript exporter is deprecated in favour of torch.export, which needs onnxscript and
             # is not reliable on the oldest PyTorch we support; it is the one that works everywhere.
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -76,13 +78,36 @@ def export_onnx(model: "EmotionModel", path: str | os.PathLike | None = None) ->
                               output_names=outputs, dynamic_axes={n: {0: "batch"} for n in ["image", *outputs]},
                               opset_version=ONNX_OPSET, dynamo=False)
     except Exception as e:  # the exporter raises many types; all mean "this graph does not export"
-        raise ExportError(f"{model.spec.get('name', type(model).__name__)}: cannot export to ONNX: {e}") from e
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]  # its message holds the whole graph
+        raise ExportError(f"{model.spec.get('name', type(model).__name__)}: cannot export to ONNX: {reason}") from e
     data, meta = buffer.getvalue(), onnx_meta(model, outputs)
     if path is not None:
         path = Path(path).with_suffix(".onnx")
         atomic_write_bytes(path, data)
         atomic_write_json(path.with_suffix(".json"), meta)
     return data, meta
+
+
+@contextmanager
+def _native_output_discarded():
+    """Silence file descriptors 1 and 2 while the exporter runs: on failure its C++ side prints the whole
+    graph (hundreds of lines) to stdout, which carries results (``predict --format json``). The reason
+    comes back in the exception. Process-wide, so an export never runs while results are printed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    sink = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(sink, 1)
+        os.dup2(sink, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, sink):
+            os.close(fd)
 
 
 class OnnxModel:
@@ -143,6 +168,18 @@ def cached_onnx_path(weights: Path) -> Path:
     for package in ("emolens", "torch", "timm"):
         digest.update(f"{package}={metadata.version(package)};".encode())
     return cache_dir() / "onnx" / f"{digest.hexdigest()[:24]}.onnx"
+
+
+def export_pending(source: str | os.PathLike | None) -> bool:
+    """Whether running the saved model ``source`` under ONNX Runtime first needs an export (no cached one)."""
+    source = source or "default"
+    if str(source).endswith(".onnx"):
+        return False
+    try:
+        cached = cached_onnx_path(resolve_weights(source))
+    except CheckpointError:
+        return False
+    return not (cached.is_file() and cached.with_suffix(".json").is_file())
 
 
 def onnx_model_for(source: str | os.PathLike, threads: int | None = None) -> OnnxModel:

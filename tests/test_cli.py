@@ -48,3 +48,34 @@ def test_datasets_info_check_images_reports_bad_files_and_goes_on(tmp_path):
 def test_datasets_info_bad_spec_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["datasets", "info", f"nope={tmp_path}"])
     assert result.exit_code == EXIT_ERROR and "unknown dataset kind" in result.output
+
+
+def test_a_failed_export_leaves_stdout_to_the_results(tmp_path):
+    """apse does not export to ONNX: the exporter's graph dump must not reach stdout (valid JSON, a clean
+    summary), and the reason is one line on stderr."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from helpers import tiny_model
+    from emolens.weights import save_model
+
+    save_model(tiny_model("apse"), tmp_path / "apse.safetensors")
+    photo = write_image(tmp_path / "in" / "a.png", seed=1, size=(50, 40))
+    env = {**os.environ, "EMOLENS_CACHE": str(tmp_path / "cache"), "COLUMNS": "400"}
+
+    def emolens(*args):
+        return subprocess.run([sys.executable, "-m", "emolens", *args], capture_output=True, text=True, env=env,
+                              timeout=300)
+
+    done = emolens("predict", str(photo), "--model", str(tmp_path / "apse.safetensors"), "--format", "json")
+    assert done.returncode == 0, done.stderr
+    assert [p["source"] for p in json.loads(done.stdout)["predictions"]] == [str(photo)]
+    warnings = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(warnings) == 1 and "cannot export to ONNX" in warnings[0]
+    done = emolens("index", str(tmp_path / "in"), "--db", str(tmp_path / "db"), "--model",
+                   str(tmp_path / "apse.safetensors"))
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 1 and "1 image(s) indexed" in done.stdout
+    assert len([line for line in done.stderr.splitlines() if line.strip()]) == 1
