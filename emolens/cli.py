@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +193,8 @@ def train(
                                                      "bad_images": bad})
             console.print(f"best epoch {result.best_epoch} (on validation); test: " +
                           ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k != "n"))
+    except typer.Exit:  # click's Exit is a RuntimeError: let a reported failure through as it is
+        raise
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
         fail(str(e))
     if is_main() and bad:
@@ -276,6 +277,32 @@ def benchmark(
     console.print(f"results: {out / 'results.json'}")
 
 
+def prediction_table(predictions, classes: list[str], width: int) -> Table:
+    """One row per image with every class's probability where the terminal is wide enough; otherwise the
+    top emotion and the next two, so the table fits (80 columns and up)."""
+    table = Table(title=f"emolens: {len(predictions)} image(s)")
+    table.add_column("image", overflow="fold", min_width=12)
+    table.add_column("emotion", no_wrap=True)
+    table.add_column("p", justify="right", no_wrap=True)
+    table.add_column("polarity", no_wrap=True)
+    fixed = 12 + max(map(len, classes)) + 4 + len("polarity") + 4 * 3 + 1  # the four columns and their borders
+    every_class = width >= fixed + sum(max(len(c), 4) + 3 for c in classes)
+    if every_class:
+        for c in classes:
+            table.add_column(c, justify="right", no_wrap=True)
+    else:
+        table.add_column("then", overflow="fold")
+    for p in predictions:
+        row = [display_path(p.source), p.emotion, f"{p.probability:.2f}", p.polarity or "-"]
+        if every_class:
+            row += [f"{p.distribution[c]:.2f}" for c in classes]
+        else:
+            following = sorted((c for c in classes if c != p.emotion), key=lambda c: -p.distribution[c])[:2]
+            row.append(", ".join(f"{c} {p.distribution[c]:.2f}" for c in following))
+        table.add_row(*row)
+    return table
+
+
 def open_predictor(model: str | None, **options):
     """A :class:`Predictor`, saying on stderr what takes time (the first ONNX export of a model) and what
     went wrong on the way (one line each), so that stdout carries results alone."""
@@ -284,10 +311,9 @@ def open_predictor(model: str | None, **options):
     from .predict import Predictor
     from .runtime import export_pending
 
-    slow = options.get("backend", "auto") != "torch" and export_pending(model)
-    with warnings.catch_warnings(record=True) as caught, \
-            err_console.status("exporting the model for ONNX Runtime (once per model; about 30 s)", spinner="dots") \
-            if slow else nullcontext():
+    if options.get("backend", "auto") != "torch" and export_pending(model):
+        err_console.print("exporting the model for ONNX Runtime (once per model; up to a minute)...", highlight=False)
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         predictor = Predictor(model, **options)
     for w in caught:
@@ -346,17 +372,7 @@ def predict(
                              "" if p.positive_probability is None else f"{p.positive_probability:.4f}",
                              *[f"{p.distribution[c]:.4f}" for c in classes]])
     elif fmt == "table":
-        table = Table(title=f"emolens: {len(good)} image(s)")
-        table.add_column("image", overflow="fold")
-        table.add_column("emotion", no_wrap=True)
-        table.add_column("p", justify="right", no_wrap=True)
-        table.add_column("polarity", no_wrap=True)
-        for c in classes:
-            table.add_column(c, justify="right", no_wrap=True)
-        for p in good:
-            table.add_row(display_path(p.source), p.emotion, f"{p.probability:.2f}", p.polarity or "-",
-                          *[f"{p.distribution[c]:.2f}" for c in classes])
-        Console(width=max(console.width, 150)).print(table)
+        console.print(prediction_table(good, classes, console.width))
     else:
         fail(f"unknown format {fmt!r}; use table, json or csv")
     report_bad_files([ImageLoadError(e.source, e.reason) for e in bad])

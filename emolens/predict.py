@@ -29,6 +29,14 @@ if TYPE_CHECKING:
 BACKENDS = ("auto", "onnx", "torch")
 
 
+def polarity_of(positive_probability: float | None) -> str | None:
+    """The one definition of an image's polarity: "positive" when the positive classes hold at least half
+    of the probability on classes that have a polarity, else "negative"; None when none has any."""
+    if positive_probability is None:
+        return None
+    return "positive" if positive_probability >= 0.5 else "negative"
+
+
 @dataclass
 class Prediction:
     """What one image evokes: the top class, its polarity, and the full distribution."""
@@ -36,7 +44,7 @@ class Prediction:
     source: str
     emotion: str
     probability: float
-    polarity: str | None  # "positive" / "negative"; None when the taxonomy gives the top class none
+    polarity: str | None  # polarity_of(positive_probability): the two never disagree
     positive_probability: float | None  # the positive share of the distribution over polar classes
     distribution: dict[str, float]
     #: Other per-image model outputs the predictor was asked to keep (``keep=("embedding",)``).
@@ -157,13 +165,10 @@ class Predictor:
         out = []
         for src, p, pos in zip(sources, probs.tolist(), polar.tolist()):
             top = max(range(len(p)), key=p.__getitem__)
-            pol = tax.polarity[top]
-            out.append(Prediction(
-                source=src, emotion=tax.classes[top], probability=p[top],
-                polarity=None if pol is None else ("positive" if pol == 1 else "negative"),
-                positive_probability=None if pos != pos else pos,  # NaN: no polar mass at all
-                distribution=dict(zip(tax.classes, p)),
-            ))
+            positive = None if pos != pos else pos  # NaN: no polar mass at all
+            out.append(Prediction(source=src, emotion=tax.classes[top], probability=p[top],
+                                  polarity=polarity_of(positive), positive_probability=positive,
+                                  distribution=dict(zip(tax.classes, p))))
         return out
 
     def _batch_results(self, names: list[str], decoded: list) -> list[Prediction | PredictionError]:

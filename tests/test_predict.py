@@ -1,6 +1,7 @@
 import csv
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,9 +43,9 @@ def test_predictor_on_a_folder_of_good_and_bad_files(tmp_path, predictor):
         assert isinstance(p, Prediction) and set(p.distribution) == set(MIKELS.classes)
         assert sum(p.distribution.values()) == pytest.approx(1.0, abs=1e-4)
         assert p.probability == max(p.distribution.values()) and p.emotion in MIKELS.classes
-        assert p.polarity == ("positive" if MIKELS.polarity[MIKELS.index(p.emotion)] else "negative")
         pos = sum(p.distribution[c] for c in MIKELS.classes[:4])
         assert p.positive_probability == pytest.approx(pos, abs=1e-4)
+        assert p.polarity == ("positive" if p.positive_probability >= 0.5 else "negative")
 
 
 def test_predictor_takes_pil_images_and_matches_files(tmp_path, predictor):
@@ -109,3 +110,79 @@ def test_cli_predict_demo_needs_no_user_data():
     assert result.exit_code == 0, result.output
     preds = json.loads(result.stdout)["predictions"]
     assert len(preds) >= 2 and all(p["polarity"] in ("positive", "negative") for p in preds)
+
+
+def fixed_output_model(distribution, taxonomy="mikels"):
+    """A model that gives ``distribution`` for any image (zero weights, log-probability biases)."""
+    model = tiny_model(taxonomy=taxonomy).eval()
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor(distribution).log())
+    return model
+
+
+@pytest.mark.parametrize("taxonomy,distribution,emotion,polarity", [
+    # top class negative (anger 0.45), positive classes 0.55 in all: positive
+    ("mikels", [0.2, 0.2, 0.15, 0.0001, 0.45, 0.0001, 0.0001, 0.0001], "anger", "positive"),
+    ("mikels", [0.4, 0.0001, 0.0001, 0.0001, 0.2, 0.2, 0.2, 0.0001], "amusement", "negative"),
+    # Emotion6: surprise and neutral have no polarity; joy 0.2 against 0.1 negative mass
+    ("emotion6", [0.05, 0.02, 0.03, 0.2, 0.0001, 0.3, 0.4], "neutral", "positive"),
+])
+def test_polarity_is_the_side_of_the_positive_share(tmp_path, taxonomy, distribution, emotion, polarity):
+    image = write_image(tmp_path / "a.png", seed=1, size=(30, 20))
+    (pred,), _ = Predictor(fixed_output_model(distribution, taxonomy)).predict([image])
+    assert pred.emotion == emotion and pred.polarity == polarity
+    assert (pred.positive_probability >= 0.5) == (polarity == "positive")
+
+
+def test_polarity_and_positive_probability_never_disagree(tmp_path):
+    images = [write_image(tmp_path / f"{i}.png", seed=i, size=(40, 30)) for i in range(24)]
+    model = tiny_model().eval()
+    with torch.no_grad():
+        model.classifier.weight.mul_(40)  # spread the predictions widely
+    preds, _ = Predictor(model).predict(images)
+    assert {p.polarity for p in preds} == {"positive", "negative"}
+    for p in preds:
+        assert p.polarity == ("positive" if p.positive_probability >= 0.5 else "negative")
+
+
+#: The embedded default model on the photos scikit-learn ships: a guard on the shipped weights and the
+#: whole preprocessing path. Update these figures when the default model is retrained on purpose.
+DEFAULT_MODEL_ON_SAMPLES = {
+    "china.jpg": {"amusement": 0.0815, "awe": 0.5409, "contentment": 0.2848, "excitement": 0.0550,
+                  "anger": 0.0075, "disgust": 0.0092, "fear": 0.0111, "sadness": 0.0101},
+    "flower.jpg": {"amusement": 0.0818, "awe": 0.2385, "contentment": 0.5187, "excitement": 0.0961,
+                   "anger": 0.0065, "disgust": 0.0218, "fear": 0.0222, "sadness": 0.0143},
+}
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_the_default_model_gives_its_known_output_on_known_photos(backend):
+    from emolens.cli import demo_images
+
+    preds, errors = Predictor(backend=backend).predict(demo_images())
+    assert not errors
+    got = {Path(p.source).name: p.distribution for p in preds}
+    assert set(got) == set(DEFAULT_MODEL_ON_SAMPLES)
+    for name, expected in DEFAULT_MODEL_ON_SAMPLES.items():
+        assert list(got[name]) == list(expected)
+        assert list(got[name].values()) == pytest.approx(list(expected.values()), abs=2e-3), name
+
+
+def test_the_predict_table_fits_an_80_column_terminal(tmp_path):
+    write_image(tmp_path / "photos" / "a-rather-long-file-name-for-a-photo.png", seed=1)
+    narrow = CliRunner(env={"COLUMNS": "80"})
+    result = narrow.invoke(app, ["predict", str(tmp_path / "photos"), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, result.stdout
+    assert any("photo" in line for line in lines) and any(c in result.stdout for c in MIKELS.classes)
+
+
+def test_the_first_prediction_with_a_model_says_it_is_exporting(tmp_path):
+    save_model(tiny_model(), tmp_path / "m.safetensors")
+    photo = write_image(tmp_path / "a.png", seed=1)
+    first = runner.invoke(app, ["predict", str(photo), "--model", str(tmp_path / "m.safetensors")])
+    again = runner.invoke(app, ["predict", str(photo), "--model", str(tmp_path / "m.safetensors")])
+    assert first.exit_code == again.exit_code == 0
+    assert "exporting the model" in first.stderr and "exporting" not in again.stderr

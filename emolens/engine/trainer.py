@@ -385,6 +385,19 @@ def evaluate_rows(model: EmotionModel, batches: _Batches, rows: list[int], targe
     return out, errors
 
 
+def check_labels_fit(model: EmotionModel, dataset: EmotionDataset) -> None:
+    """Refuse, before any work, to score a model on labels it does not predict (class sets and order)."""
+    if model.task == "polarity":
+        if not dataset.taxonomy.has_polarity:
+            raise ValueError(f"the model predicts polarity, but the classes of {dataset.spec or dataset.kind} "
+                             f"({dataset.taxonomy.name}) have none")
+        return
+    if tuple(model.taxonomy.classes) != tuple(dataset.taxonomy.classes):
+        raise ValueError(f"the model predicts {model.taxonomy.name} ({', '.join(model.taxonomy.classes)}), but "
+                         f"{dataset.spec or dataset.kind} is labelled in {dataset.taxonomy.name} "
+                         f"({', '.join(dataset.taxonomy.classes)}): score it on a dataset of its classes")
+
+
 def _batches_for(model: EmotionModel, dataset: EmotionDataset, config: TrainConfig, cache_dir: str | Path | None,
                  progress: bool) -> _Batches:
     """Batches for scoring: from the frozen backbone's feature cache when there is one, else from images."""
@@ -396,6 +409,7 @@ def evaluate(model: EmotionModel, dataset: EmotionDataset, rows: list[int], conf
              cache_dir: str | Path | None = None, progress: bool = True, with_errors: bool = False):
     """Metrics of a trained model on some samples of ``dataset`` (for the test split, say); with
     ``with_errors``, also ``{row: reason}`` of the images that could not be used."""
+    check_labels_fit(model, dataset)
     batches = _batches_for(model, dataset, config or TrainConfig(), cache_dir, progress)
     targets = task_targets_arrays(dataset, model.task)
     metrics, errors = evaluate_rows(model, batches, rows, targets, None)

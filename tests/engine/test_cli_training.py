@@ -54,3 +54,35 @@ def test_benchmark_runs_models_on_identical_folds(tmp_path):
     runs = json.loads((out / "global" / "fold1" / "best.json").read_text())["split"]
     assert runs == json.loads((out / "global_loss=kl" / "fold1" / "best.json").read_text())["split"]
     assert "± " in result.output
+
+
+def test_a_fold_that_does_not_exist_is_one_error(tmp_path):
+    spec = make_ldl_dataset(tmp_path / "data", per_class=6)
+    result = runner.invoke(app, ["train", "--model", "global", "--data", spec, "--out", str(tmp_path / "run"),
+                                 "--protocol", "kfold", "--folds", "3", "--fold", "7", "--backbone-weights", "none", *TINY])
+    assert result.exit_code == EXIT_ERROR
+    assert result.output.count("error:") == 1 and "fold 7 does not exist" in result.output
+
+
+def test_evaluate_refuses_a_dataset_of_other_classes_before_any_work(tmp_path, monkeypatch):
+    import emolens.engine.trainer as trainer
+    from helpers import tiny_model
+    from conftest import write_image
+    from emolens.taxonomy import EMOTION6
+    from emolens.weights import save_model
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("images were read before the labels were checked")
+
+    monkeypatch.setattr(trainer, "_batches_for", no_work)
+    save_model(tiny_model(), tmp_path / "m.safetensors")
+    root = tmp_path / "emotion6"
+    header = "[image_filename]\t[valence]\t[arousal]\t" + "\t".join(f"[prob. {c}]" for c in EMOTION6.classes)
+    (root / "images" / "joy").mkdir(parents=True)
+    write_image(root / "images" / "joy" / "1.jpg")
+    (root / "ground_truth.txt").write_text(header + "\njoy/1.jpg\t7\t5\t0\t0\t0\t1\t0\t0\t0\n")
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "m.safetensors"), "--data", f"emotion6={root}",
+                                 "--split", "all", "--workers", "0"])
+    assert result.exit_code == EXIT_ERROR
+    said = " ".join(result.output.split())
+    assert "mikels" in said and "emotion6" in said and "Traceback" not in said
