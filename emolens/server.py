@@ -14,9 +14,10 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
 from .identity import model_identity
@@ -83,7 +84,7 @@ def _prediction(p: Prediction) -> dict:
 
 
 def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | None = None,
-               limits: Limits = Limits()) -> FastAPI:
+               limits: Limits = Limits()):
     """The app; ``model`` as for :class:`Predictor`, ``db`` an index folder made by ``emolens index``."""
     from .retrieval.index import AffectiveIndex
 
@@ -92,7 +93,8 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
     index = AffectiveIndex(db) if db is not None else None
     if index is not None:
         index.check_model(predictor)  # its hits and the queries' embeddings must come from one model
-    app = FastAPI(title="emolens", description="Which emotions an image evokes, and images that feel alike.")
+    # FastAPIOffline serves Swagger UI's assets from the package: the stock /docs loads them from a CDN
+    app = FastAPIOffline(title="emolens", description="Which emotions an image evokes, and images that feel alike.")
     explainers: list = []  # built on the first heat-map request: Grad-CAM needs the PyTorch model
 
     def heatmap(image) -> str:
