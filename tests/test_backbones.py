@@ -71,14 +71,22 @@ def test_weights_that_do_not_fit_fail_loudly(tmp_path):
         create_backbone("resnet18", weights=tmp_path / "junk.pth")
 
 
-def test_a_pickle_with_code_is_refused(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
+class _Payload:
+    """Unpickling this runs code: it creates the file ``marker``."""
 
-    torch.save({"w": Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(CheckpointError):
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_with_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "the-payload-ran"
+    torch.save({"conv1.weight": torch.zeros(1), "w": _Payload(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="evil.pth"):
         Backbone("resnet18", weights=tmp_path / "evil.pth")
+    assert not marker.exists(), "the pickle's code ran while loading weights"
 
 
 def test_unknown_stride_is_reported():
