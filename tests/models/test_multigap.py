@@ -25,14 +25,22 @@ def test_one_mg_feature_of_64_per_block_and_stream():
     assert mg.shape == (2, 5, 64)
 
 
-def test_pooling_before_the_1x1_conv_equals_eq1():
-    model = tiny_model("multigap").eval()
+@pytest.mark.parametrize("spec", ["multigap", "multigap:streams=test_resnet,depth=3"])
+def test_the_model_computes_eq1_on_the_block_maps(spec):
+    """The model's logits from MG_i = GAP(conv1x1(C_i)) written literally on each block map C_i of each
+    stream, then the bottleneck and the early-fusion classifier."""
+    model = tiny_model(spec).eval()
     x = inputs(model)
-    blocks = model.backbone(x)["blocks"]
-    conv = model.mg[0].reduce[2]
-    direct = conv(blocks[2]).mean((2, 3))  # Eq. 1 as written: GAP(conv1x1(C_i))
-    pooled_first = torch.nn.functional.linear(blocks[2].mean((2, 3)), conv.weight.flatten(1), conv.bias)
-    torch.testing.assert_close(direct, pooled_first, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        got = model(x)["logits"]
+        blocks = model.backbone(x)["blocks"]
+        per_stream = [blocks[s] for s in model.block_slices]
+        parts = []
+        for stream, maps in zip(model.mg, per_stream):
+            mg = torch.stack([conv(c).mean((2, 3)) for conv, c in zip(stream.reduce, maps)], 1)  # Eq. 1
+            parts.append(stream.bottleneck(mg.flatten(1)))
+        want = model.classifier(torch.cat(parts, 1))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_bigru_attention_shape_and_range():
