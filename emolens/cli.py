@@ -479,8 +479,8 @@ def explain(
     out: Path = typer.Option(..., help="Folder for the PNGs (one per image)."),
     model: str = typer.Option("default", help="Run folder, .safetensors file, 'default', or a registered model "
                                               "spec (its head untrained: for looking at the architecture only)."),
-    method: str = typer.Option("gradcam", help="gradcam or gradcam++ (about a second an image on a CPU), or "
-                                               "scorecam (one forward pass per channel: minutes an image on a CPU)."),
+    method: str = typer.Option("gradcam", help="gradcam or gradcam++ (seconds an image on a CPU), or scorecam "
+                                               "(one forward pass per channel: about a minute an image on a CPU)."),
     target: str = typer.Option(None, help="Explain this emotion instead of the predicted one."),
 ) -> None:
     """Where the emotion comes from: class-activation maps and the model's own maps over each image, with its distribution."""
