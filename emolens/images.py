@@ -14,6 +14,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
+#: The only formats decoded (Pillow's names). Others are refused unread: EPS/PS/PDF hand the file to
+#: Ghostscript, which can hang or run the file's code.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+ACCEPTED_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+
 #: Largest image (in pixels) we decode; a header that declares more is a decompression bomb.
 DEFAULT_MAX_PIXELS = 64_000_000
 
@@ -54,7 +59,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def normalise_image(img: Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS, path=None) -> Image.Image:
-    """First frame, EXIF orientation applied, RGB; the size is checked before pixels are decoded."""
+    """First frame, EXIF orientation applied, RGB; the format and size are checked before pixels are decoded."""
+    if img.format is not None and img.format not in ACCEPTED_FORMATS:
+        raise ImageLoadError(path, f"{img.format} images are not accepted (only {ACCEPTED_NAMES})")
     w, h = img.size
     if w < 1 or h < 1:
         raise ImageLoadError(path, f"image has no pixels ({w}x{h})")
@@ -100,14 +107,14 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int 
             with warnings.catch_warnings():
                 # Our own pixel limit decides; PIL's warning would only repeat it.
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(fp)
+                img = Image.open(fp, formats=ACCEPTED_FORMATS)
                 return normalise_image(img, max_pixels, path)
         except ImageLoadError:
             raise
         except Image.DecompressionBombError as e:
             raise ImageLoadError(path, f"image is too large (decompression bomb?): {e}") from e
         except UnidentifiedImageError as e:
-            raise ImageLoadError(path, "not an image file (format not recognised)") from e
+            raise ImageLoadError(path, f"not an image file in an accepted format ({ACCEPTED_NAMES})") from e
         except (OSError, ValueError, SyntaxError, EOFError) as e:
             raise ImageLoadError(path, f"cannot decode image: {e}") from e
 

@@ -95,3 +95,31 @@ def test_scan_order_is_stable_and_deduplicated(tmp_path):
         Image.new("RGB", (2, 2)).save(p)
     scan = scan_images([tmp_path, tmp_path / "a.png"])
     assert [p.relative_to(tmp_path).as_posix() for p in scan.files] == ["a.png", "b.png", "sub/c.png"]
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n"
+
+
+@pytest.mark.parametrize("name,payload", [("photo.jpg", EPS), ("scan.png", b"%!PS-Adobe-3.0\n/x 1 def\nshowpage\n"),
+                                          ("doc.jpg", b"%PDF-1.4\n1 0 obj << >> endobj\ntrailer << >>\n%%EOF\n")])
+def test_postscript_and_pdf_are_refused_before_any_delegate_runs(tmp_path, monkeypatch, name, payload):
+    """Whether or not Ghostscript is installed: the file never reaches Pillow's EPS plugin."""
+    from PIL import EpsImagePlugin
+
+    def never(*args, **kwargs):
+        raise AssertionError("Ghostscript was asked to render an uploaded file")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", never)
+    monkeypatch.setattr(EpsImagePlugin, "has_ghostscript", lambda: True)  # as on a machine that has it
+    (tmp_path / name).write_bytes(payload)
+    for source in (tmp_path / name, payload):
+        with pytest.raises(ImageLoadError, match="accepted format"):
+            load_image(source)
+
+
+def test_an_opened_image_of_another_format_is_refused(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.ppm")
+    with Image.open(tmp_path / "x.ppm") as opened:
+        with pytest.raises(ImageLoadError, match="PPM images are not accepted"):
+            load_image(opened)
+    assert load_image(Image.new("RGB", (8, 8))).size == (8, 8)  # an image made in memory has no format
