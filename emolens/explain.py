@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -70,8 +72,20 @@ def _normalise(m: np.ndarray) -> np.ndarray:
     return m / m.max() if m.max() > 0 else m
 
 
+#: One lock per model: class-activation methods hook the model's layers, so two explanations running on
+#: one model at once read each other's activations (wrong maps) or corrupt memory.
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+def _model_lock(model: torch.nn.Module) -> threading.Lock:
+    with _LOCKS_LOCK:
+        return _MODEL_LOCKS.setdefault(model, threading.Lock())
+
+
 class Explainer:
-    """``Explainer(model).explain(image)``: the maps of one image for the predicted class or ``target``."""
+    """``Explainer(model).explain(image)``: the maps of one image for the predicted class or ``target``.
+    Safe to call from several threads: explanations of one model run one at a time."""
 
     def __init__(self, model: EmotionModel, method: str = "gradcam", max_pixels: int = DEFAULT_MAX_PIXELS):
         self.model = model.eval()
@@ -83,9 +97,13 @@ class Explainer:
 
     def explain(self, source: str | os.PathLike | Image.Image, target: str | None = None) -> Explanation:
         """Raises :class:`ImageLoadError` for an unusable image, ``ValueError`` for an unknown target."""
+        view = self.preprocessing.crop(load_image(source, self.max_pixels))
+        with _model_lock(self.model):
+            return self._explain(source, view, target)
+
+    def _explain(self, source, view: Image.Image, target: str | None) -> Explanation:
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-        view = self.preprocessing.crop(load_image(source, self.max_pixels))
         # The very input Predictor builds (Preprocessing.__call__ = normalise(crop)), so maps, boxes and
         # the distribution belong to the view drawn and agree with `predict`.
         batch = torch.from_numpy(self.preprocessing.normalise(view))[None]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -96,19 +97,21 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
     # FastAPIOffline serves Swagger UI's assets from the package: the stock /docs loads them from a CDN
     app = FastAPIOffline(title="emolens", description="Which emotions an image evokes, and images that feel alike.")
     explainers: list = []  # built on the first heat-map request: Grad-CAM needs the PyTorch model
+    explainer_lock = threading.Lock()
 
     def heatmap(image) -> str:
         if str(model).endswith(".onnx"):
             raise HTTPException(400, "heat maps need a PyTorch model; this server runs an ONNX export")
-        if not explainers:
-            from .explain import Explainer
-            from .weights import load_model
+        with explainer_lock:  # concurrent first requests build one explainer
+            if not explainers:
+                from .explain import Explainer
+                from .weights import load_model
 
-            explaining = load_model(model or "default")
-            if model_identity(explaining).digest != predictor.identity.digest:
-                raise HTTPException(409, "the weights changed on disk since the server started; restart it")
-            explainers.append(Explainer(explaining, max_pixels=limits.max_pixels))
-        return overlay_data_url(explainers[0].explain(image))
+                explaining = load_model(model or "default")
+                if model_identity(explaining).digest != predictor.identity.digest:
+                    raise HTTPException(409, "the weights changed on disk since the server started; restart it")
+                explainers.append(Explainer(explaining, max_pixels=limits.max_pixels))
+        return overlay_data_url(explainers[0].explain(image))  # Explainer serialises calls on its model
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):

@@ -134,3 +134,17 @@ def test_cli_explain_exit_codes(tmp_path):
     result = runner.invoke(app, ["explain", str(good), "--model", str(tmp_path / "m.safetensors"), "--out",
                                  str(tmp_path / "o3"), "--target", "joy"])
     assert result.exit_code == EXIT_ERROR and "joy" in result.output
+
+
+def test_concurrent_explanations_match_one_at_a_time():
+    """Grad-CAM hooks the model's layers: explanations running at once on one model must not mix."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = tiny_model("global").eval()
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 80, 3), dtype=np.uint8)) for i in range(12)]
+    alone = [Explainer(model).explain(image).maps["Grad-CAM"] for image in images]
+    explainers = [Explainer(model) for _ in range(6)]  # as the server's worker threads would share one model
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(lambda i: explainers[i % 6].explain(images[i]).maps["Grad-CAM"], range(12)))
+    for a, b in zip(alone, together):
+        np.testing.assert_allclose(a, b, atol=1e-5)
