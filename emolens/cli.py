@@ -460,14 +460,18 @@ def serve(
     port: int = typer.Option(8000, help="Port."),
     max_upload_mb: float = typer.Option(20, help="Largest accepted upload per file, MiB."),
     max_files: int = typer.Option(16, help="Most images per request."),
+    allowed_host: list[str] = typer.Option(None, "--allowed-host", help="Another host name browsers may reach "
+                                           "the server by (repeatable; loopback names and --host always are)."),
 ) -> None:
     """The JSON API (OpenAPI at /docs) for prediction and affective search."""
     import uvicorn
 
-    from .server import Limits, create_app
+    from .server import LOOPBACK_HOSTS, Limits, create_app
 
+    hosts = (*LOOPBACK_HOSTS, *([host] if host not in ("0.0.0.0", "::") else []), *(allowed_host or []))
     try:
-        api = create_app(model, db, Limits(max_upload_bytes=int(max_upload_mb * 2**20), max_files=max_files))
+        api = create_app(model, db, Limits(max_upload_bytes=int(max_upload_mb * 2**20), max_files=max_files),
+                         allowed_hosts=hosts)
     except Exception as e:  # any failure to load the model or index means nothing can run
         fail(f"cannot start: {e}")
     uvicorn.run(api, host=host, port=port)

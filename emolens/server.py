@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import io
+import mimetypes
 import os
+import stat
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fastapi import File, HTTPException, Query, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.concurrency import run_in_threadpool
 
 from .identity import model_identity
@@ -84,9 +87,15 @@ def _prediction(p: Prediction) -> dict:
     return {k: v for k, v in p.to_dict().items() if k != "source"}
 
 
+#: Host names a browser may use for a server on this machine; others are refused (DNS rebinding).
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
+SQLITE_IDS = range(-(2**63), 2**63)
+
+
 def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | None = None,
-               limits: Limits = Limits()):
-    """The app; ``model`` as for :class:`Predictor`, ``db`` an index folder made by ``emolens index``."""
+               limits: Limits = Limits(), allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS):
+    """The app; ``model`` as for :class:`Predictor`, ``db`` an index folder made by ``emolens index``;
+    requests whose ``Host`` is not one of ``allowed_hosts`` are refused (``"*"`` allows any)."""
     from .retrieval.index import AffectiveIndex
 
     predictor = Predictor(model, keep=("embedding",), max_pixels=limits.max_pixels)
@@ -112,6 +121,9 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
                     raise HTTPException(409, "the weights changed on disk since the server started; restart it")
                 explainers.append(Explainer(explaining, max_pixels=limits.max_pixels))
         return overlay_data_url(explainers[0].explain(image))  # Explainer serialises calls on its model
+
+    # A page on a foreign site that rebinds its own name to this address would otherwise read the index
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -188,13 +200,29 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
 
     @app.get("/api/images/{image_id}")
     async def image(image_id: int):
-        path = require_index().image_path(image_id)
-        if path is None or not Path(path).is_file():
+        store = require_index()
+        row = store.image_row(image_id) if image_id in SQLITE_IDS else None
+        data = None if row is None else await run_in_threadpool(read_indexed_file, row)
+        if data is None:
             raise HTTPException(404, f"no image with id {image_id}")
-        return FileResponse(path)
+        return Response(data, media_type=mimetypes.guess_type(row.path)[0] or "application/octet-stream")
 
     app.mount("/", StaticFiles(directory=Path(__file__).parent / "web", html=True), name="web")
     return app
+
+
+def read_indexed_file(row) -> bytes | None:
+    """The bytes of an indexed image, only if the file at its path is still the regular file that was
+    indexed (device, inode, size, modification time) and not a symbolic link swapped in since."""
+    try:
+        fd = os.open(row.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != row.identity:
+            return None
+        return f.read(st.st_size)
 
 
 def overlay_data_url(explanation) -> str:

@@ -126,6 +126,7 @@ def test_datasets_info_and_training_leave_bad_images_out(corpus, tmp_path):
 def test_server(corpus):
     folder, good, bad, models = corpus
     client = TestClient(create_app(models / "m.onnx", None, Limits(max_upload_bytes=2_000_000, max_files=64)),
+                        base_url="http://127.0.0.1",
                         raise_server_exceptions=False)
     files = [p for p in folder.rglob("*") if p.is_file() and not p.is_symlink() and os.access(p, os.R_OK)]
     # A client can only send text names: undecodable bytes arrive as U+FFFD.
@@ -150,7 +151,7 @@ def test_server_never_reads_a_client_named_path(corpus, tmp_path):
     from PIL import Image
 
     Image.new("RGB", (20, 20), (255, 0, 0)).save(secret)
-    client = TestClient(create_app(models / "m.onnx", None), raise_server_exceptions=False)
+    client = TestClient(create_app(models / "m.onnx", None), base_url="http://127.0.0.1", raise_server_exceptions=False)
     # an empty upload named after a real image on the server's disk: only the (empty) bytes count
     r = client.post("/api/predict", files=[("files", (str(secret), b"", "image/png"))])
     assert r.status_code == 400 and "empty" in r.json()["error"]

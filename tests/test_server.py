@@ -1,4 +1,5 @@
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ def served(tmp_path_factory):
     index.close()
     app = create_app(folder / "m.onnx", folder / "db", Limits(max_upload_bytes=200_000, max_files=3,
                                                               max_pixels=1_000_000))
-    return TestClient(app, raise_server_exceptions=False), folder
+    return TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False), folder
 
 
 def test_health_models_and_openapi(served):
@@ -110,7 +111,7 @@ def test_heatmaps_need_a_pytorch_model(served, tmp_path):
     from emolens.weights import save_model
 
     save_model(tiny_model(), tmp_path / "m.safetensors")
-    torch_client = TestClient(create_app(tmp_path / "m.safetensors"), raise_server_exceptions=False)
+    torch_client = TestClient(create_app(tmp_path / "m.safetensors"), base_url="http://localhost", raise_server_exceptions=False)
     r = torch_client.post("/api/predict?heatmaps=true", files=[("files", ("a.png", png(1), "image/png"))])
     assert r.status_code == 200 and r.json()["results"][0]["heatmap"].startswith("data:image/png;base64,")
     assert torch_client.get("/api/health").json()["index"] is None
@@ -169,3 +170,37 @@ def test_the_server_refuses_an_index_of_another_model(served):
     export_onnx(tiny_model("global:dropout=0.3").eval(), folder / "other.onnx")
     with pytest.raises(AffectiveIndexError, match="not with"):
         create_app(folder / "other.onnx", folder / "db")
+
+
+def test_a_foreign_host_name_is_refused(served):
+    client, _ = served
+    assert client.get("/api/health", headers={"host": "evil.example"}).status_code == 400
+    assert client.get("/api/images/1", headers={"host": "evil.example:8000"}).status_code == 400
+    assert client.get("/api/health", headers={"host": "localhost:8000"}).status_code == 200
+
+
+def test_ids_outside_sqlites_range_are_not_found(served):
+    client, _ = served
+    for image_id in (2**63, -(2**63) - 1, 10**30):
+        assert client.get(f"/api/images/{image_id}").status_code == 404
+
+
+def test_an_indexed_file_swapped_for_a_link_to_a_secret_is_not_served(tmp_path):
+    export_onnx(tiny_model().eval(), tmp_path / "m.onnx")
+    (tmp_path / "gallery").mkdir()
+    for i in range(2):
+        (tmp_path / "gallery" / f"{i}.png").write_bytes(png(i))
+    index = AffectiveIndex(tmp_path / "db", create=True)
+    index.update([tmp_path / "gallery"], Predictor(tmp_path / "m.onnx", keep=("embedding",)))
+    ids = {Path(index.image_path(i)).name: int(i) for i in index.vectors()[0]}
+    index.close()
+    client = TestClient(create_app(tmp_path / "m.onnx", tmp_path / "db"), base_url="http://127.0.0.1")
+    assert client.get(f"/api/images/{ids['0.png']}").content == png(0)
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(png(0))  # even the same bytes: it is not the file that was indexed
+    (tmp_path / "gallery" / "0.png").unlink()
+    (tmp_path / "gallery" / "0.png").symlink_to(secret)
+    assert client.get(f"/api/images/{ids['0.png']}").status_code == 404
+    other = tmp_path / "gallery" / "1.png"
+    other.write_bytes(png(5))  # replaced in place: another file now
+    assert client.get(f"/api/images/{ids['1.png']}").status_code == 404

@@ -44,7 +44,9 @@ CREATE TABLE IF NOT EXISTS images (
     probability REAL NOT NULL,
     polarity TEXT,
     distribution TEXT NOT NULL,
-    embedding BLOB NOT NULL
+    embedding BLOB NOT NULL,
+    device INTEGER,
+    inode INTEGER
 );
 CREATE TABLE IF NOT EXISTS scores (
     image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
@@ -73,6 +75,12 @@ class Hit:
 
 
 @dataclass
+class ImageRow:
+    path: str
+    identity: tuple  # (device, inode, size, mtime_ns) of the file when it was indexed
+
+
+@dataclass
 class IndexReport:
     added: int
     updated: int
@@ -98,6 +106,10 @@ class AffectiveIndex:
         self.db.execute("PRAGMA journal_mode = WAL")
         try:
             self.db.executescript(SCHEMA)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(images)")}
+            for column in ("device", "inode"):  # indexes made before files were identified by them
+                if column not in columns:
+                    self.db.execute(f"ALTER TABLE images ADD COLUMN {column} INTEGER")
         except sqlite3.DatabaseError as e:
             raise AffectiveIndexError(f"{self.db_path}: not an emolens index ({e})") from e
         self._faiss = None
@@ -151,12 +163,14 @@ class AffectiveIndex:
             self._set_meta("model_name", predictor.identity.name)
             self._set_meta("classes", json.dumps(predictor.taxonomy.classes))
         scan = scan_images(paths)
-        current = {}
+        current, inodes = {}, {}
         failures = [PredictionError(e.path, e.reason) for e in scan.errors]
         for f in scan.files:
             try:  # a dangling or looping link is listed by the scan but cannot be opened
                 st = Path(f).stat()
-                current[str(Path(f).resolve())] = (st.st_size, st.st_mtime_ns)
+                resolved = str(Path(f).resolve())
+                current[resolved] = (st.st_size, st.st_mtime_ns)
+                inodes[resolved] = (st.st_dev, st.st_ino)
             except (OSError, RuntimeError) as e:
                 failures.append(PredictionError(str(f), f"cannot access file: {getattr(e, 'strerror', None) or e}"))
         rows = {_from_db(p): (s, m) for p, s, m in self.db.execute("SELECT path, size, mtime_ns FROM images")}
@@ -177,7 +191,7 @@ class AffectiveIndex:
                 self._bump()
                 for r in results:
                     if isinstance(r, Prediction):
-                        self._store(r, current[r.source])
+                        self._store(r, current[r.source], inodes[r.source])
                         updated += r.source in rows
                         added += r.source not in rows
                     else:
@@ -195,16 +209,16 @@ class AffectiveIndex:
         unchanged = len(current) - len(todo)
         return IndexReport(added, updated, len(gone), unchanged, failures, len(self))
 
-    def _store(self, p: Prediction, stamp: tuple[int, int]) -> None:
+    def _store(self, p: Prediction, stamp: tuple[int, int], inode: tuple[int, int]) -> None:
         vector = np.asarray(p.outputs["embedding"], dtype=np.float32)
         vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
         self.db.execute("DELETE FROM images WHERE path = ?", (_to_db(p.source),))
         self.db.execute("DELETE FROM failures WHERE path = ?", (_to_db(p.source),))
         cur = self.db.execute(
-            "INSERT INTO images (path, size, mtime_ns, emotion, probability, polarity, distribution, embedding) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO images (path, size, mtime_ns, emotion, probability, polarity, distribution, embedding, "
+            "device, inode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (_to_db(p.source), stamp[0], stamp[1], p.emotion, p.probability, p.polarity, json.dumps(p.distribution),
-             vector.tobytes()))
+             vector.tobytes(), *inode))
         self.db.executemany("INSERT INTO scores VALUES (?, ?, ?)",
                             [(cur.lastrowid, c, v) for c, v in p.distribution.items()])
 
@@ -283,8 +297,14 @@ class AffectiveIndex:
         return self._hits([r[0] for r in rows], [r[1] for r in rows])
 
     def image_path(self, image_id: int) -> str | None:
-        row = self.db.execute("SELECT path FROM images WHERE id = ?", (int(image_id),)).fetchone()
-        return _from_db(row[0]) if row else None
+        row = self.image_row(image_id)
+        return row.path if row else None
+
+    def image_row(self, image_id: int) -> "ImageRow | None":
+        """Where image ``image_id`` was indexed from, and the identity of the file indexed there."""
+        row = self.db.execute("SELECT path, device, inode, size, mtime_ns FROM images WHERE id = ?",
+                              (int(image_id),)).fetchone()
+        return ImageRow(_from_db(row[0]), tuple(row[1:])) if row else None
 
 
 def _to_db(path: str) -> str:
