@@ -12,9 +12,11 @@ Re-running ``index`` embeds new and changed files and drops deleted ones.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import sqlite3
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -112,7 +114,7 @@ class AffectiveIndex:
                     self.db.execute(f"ALTER TABLE images ADD COLUMN {column} INTEGER")
         except sqlite3.DatabaseError as e:
             raise AffectiveIndexError(f"{self.db_path}: not an emolens index ({e})") from e
-        self._faiss = None
+        self._faiss, self._faiss_generation = None, None
 
     def close(self) -> None:
         self.db.close()
@@ -204,8 +206,7 @@ class AffectiveIndex:
         failures += [PredictionError(p, reason) for p, reason in
                      ((_from_db(p), r) for p, r in self.db.execute("SELECT path, reason FROM failures"))
                      if p in current and p not in todo]
-        if self._meta("vectors_for") != self._meta("generation") or not self.faiss_path.is_file():
-            self.rebuild_vectors()
+        self._vectors_index()  # brings the vectors file in line with the rows
         unchanged = len(current) - len(todo)
         return IndexReport(added, updated, len(gone), unchanged, failures, len(self))
 
@@ -231,14 +232,29 @@ class AffectiveIndex:
         return ids, np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
 
     def rebuild_vectors(self) -> None:
+        """Remake the vectors file from SQLite. The rows and the generation they belong to are read in one
+        transaction and the file's hash is recorded with that generation, so a file built from rows that
+        changed meanwhile is never taken as current (nor one that another process overwrote)."""
         import faiss
 
-        ids, vectors = self.vectors()
+        self.db.execute("BEGIN")
+        try:
+            generation = self._meta("generation") or "0"
+            ids, vectors = self.vectors()
+        finally:
+            self.db.execute("COMMIT")
         index = build_faiss(vectors, ids)
-        atomic_write(self.faiss_path, lambda tmp: faiss.write_index(index, tmp))
+        digest = []
+
+        def write(tmp: str) -> None:
+            faiss.write_index(index, tmp)
+            digest.append(_file_digest(tmp))
+
+        atomic_write(self.faiss_path, write)
         with self.db:
-            self._set_meta("vectors_for", self._meta("generation") or "0")
-        self._faiss = index
+            self._set_meta("vectors_for", generation)
+            self._set_meta("vectors_sha256", digest[0])
+        self._faiss, self._faiss_generation = index, generation
 
     def _bump(self) -> None:
         """Count a change of the rows (inside the changing transaction), so a stale vectors file is known."""
@@ -247,13 +263,24 @@ class AffectiveIndex:
     # --- searching --------------------------------------------------------------------------------
 
     def _vectors_index(self):
+        """The FAISS index of the rows as they are now: reloaded when another process changed them (a
+        running server sees ``emolens index`` runs), rebuilt when the file is stale, corrupt or missing."""
         import faiss
 
-        if self._faiss is None:
-            if not self.faiss_path.is_file() or self._meta("vectors_for") != (self._meta("generation") or "0"):
-                self.rebuild_vectors()  # the vectors file is a cache of SQLite; a stale one is remade
-            else:
-                self._faiss = faiss.read_index(str(self.faiss_path))
+        generation = self._meta("generation") or "0"
+        if self._faiss is not None and self._faiss_generation == generation:
+            return self._faiss
+        try:
+            with open(self.faiss_path, "rb") as f:  # hashed and read through one handle: a file renamed over
+                if (self._meta("vectors_for") == generation  # it meanwhile is not mixed in
+                        and self._meta("vectors_sha256") == _file_digest(f)):
+                    f.seek(0)
+                    self._faiss = faiss.deserialize_index(np.fromfile(f, dtype=np.uint8))
+                    self._faiss_generation = generation
+                    return self._faiss
+        except (OSError, RuntimeError):  # missing or unreadable: the file is only a cache of SQLite
+            pass
+        self.rebuild_vectors()
         return self._faiss
 
     def _hits(self, ids: Iterable[int], scores: Iterable[float]) -> list[Hit]:
@@ -305,6 +332,15 @@ class AffectiveIndex:
         row = self.db.execute("SELECT path, device, inode, size, mtime_ns FROM images WHERE id = ?",
                               (int(image_id),)).fetchone()
         return ImageRow(_from_db(row[0]), tuple(row[1:])) if row else None
+
+
+def _file_digest(file) -> str:
+    """sha256 of a file (a path or an open binary file), read in chunks."""
+    digest = hashlib.sha256()
+    with (open(file, "rb") if isinstance(file, (str, os.PathLike)) else nullcontext(file)) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _to_db(path: str) -> str:

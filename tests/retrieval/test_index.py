@@ -4,6 +4,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,3 +203,62 @@ def test_large_collections_get_an_approximate_index():
     assert (a[:, 0] == ids[:20]).all() and np.mean([len(set(x) & set(y)) / 5 for x, y in zip(a, b)]) > 0.9
     odd = build_faiss(vectors[:, :12].copy(), ids, approximate_from=100)  # 12 dims do not split into the codes
     assert isinstance(faiss.downcast_index(odd.index), faiss.IndexFlatIP)
+
+
+def test_a_running_reader_sees_what_another_index_run_changed(tmp_path, onnx_model):
+    """As under `emolens serve`: the reader keeps its connection while `emolens index` adds and deletes."""
+    import shutil
+
+    for i in range(24):
+        photo(tmp_path / "photos" / f"{i:02d}.png", seed=i)
+    pred = predictor(onnx_model)
+    AffectiveIndex(tmp_path / "db", create=True).update([tmp_path / "photos"], pred)
+    reader = AffectiveIndex(tmp_path / "db")
+    query, _ = pred.predict([tmp_path / "photos" / "05.png"])
+    assert len(reader.search_vector(query[0].outputs["embedding"], k=20)) == 20
+    shutil.copy(tmp_path / "photos" / "05.png", tmp_path / "photos" / "05-copy.png")
+    for i in range(10, 24):
+        (tmp_path / "photos" / f"{i:02d}.png").unlink()
+    AffectiveIndex(tmp_path / "db").update([tmp_path / "photos"], pred)
+    hits = reader.search_vector(query[0].outputs["embedding"], k=20)
+    assert len(hits) == len(reader) == 11  # every remaining image, none that was deleted
+    assert {Path(h.path).name for h in hits[:2]} == {"05.png", "05-copy.png"}
+
+
+def test_a_rebuild_from_rows_that_changed_meanwhile_is_not_marked_current(tmp_path, onnx_model):
+    for i in range(4):
+        photo(tmp_path / "photos" / f"{i}.png", seed=i)
+    pred = predictor(onnx_model)
+    index = AffectiveIndex(tmp_path / "db", create=True)
+    index.update([tmp_path / "photos"], pred)
+    read_rows = index.vectors
+
+    def rows_then_another_writer():
+        rows = read_rows()
+        photo(tmp_path / "photos" / "late.png", seed=99)
+        AffectiveIndex(tmp_path / "db").update([tmp_path / "photos"], pred)  # commits while the file is built
+        return rows
+
+    index.vectors = rows_then_another_writer
+    index.rebuild_vectors()
+    index.vectors = read_rows
+    assert index._meta("vectors_for") != index._meta("generation")
+    late, _ = pred.predict([tmp_path / "photos" / "late.png"])
+    fresh = AffectiveIndex(tmp_path / "db")
+    assert Path(fresh.search_vector(late[0].outputs["embedding"], k=1)[0].path).name == "late.png"
+
+
+def test_a_corrupt_vectors_file_is_rebuilt_from_sqlite(tmp_path, onnx_model):
+    for i in range(5):
+        photo(tmp_path / "photos" / f"{i}.png", seed=i)
+    pred = predictor(onnx_model)
+    AffectiveIndex(tmp_path / "db", create=True).update([tmp_path / "photos"], pred)
+    for damage in (b"garbage" * 10, b""):
+        (tmp_path / "db" / "vectors.faiss").write_bytes(damage)
+        index = AffectiveIndex(tmp_path / "db")
+        ids, vectors = index.vectors()
+        assert [h.id for h in index.search_vector(vectors[2], k=1)] == [ids[2]]
+        assert (tmp_path / "db" / "vectors.faiss").stat().st_size > 100
+    (tmp_path / "db" / "vectors.faiss").unlink()
+    ids, vectors = AffectiveIndex(tmp_path / "db").vectors()
+    assert len(AffectiveIndex(tmp_path / "db").search_vector(vectors[0], k=5)) == 5
