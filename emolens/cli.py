@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import sqlite3
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from .images import ImageLoadError, load_image
+from .storage import CheckpointError
 
 app = typer.Typer(help="Visual emotion analysis: predict, train, evaluate, index and search.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -21,8 +24,11 @@ app.add_typer(datasets_app, name="datasets")
 console = Console()
 err_console = Console(stderr=True)
 
-#: Exit codes: every input got a result / some inputs failed / the command could not run.
-EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 3, 2
+#: Exit codes: every input got a result / some inputs failed / the command could not run / interrupted.
+EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 3, 2, 130
+#: What stops a command with a message and exit 2: bad arguments, unreadable files and checkpoints, a disk
+#: that is full or read-only, a database that is not one.
+CANNOT_RUN = (ValueError, KeyError, OSError, CheckpointError, sqlite3.Error)  # a malformed label file is a ValueError
 
 
 def fail(message: str) -> None:
@@ -195,7 +201,7 @@ def train(
                           ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k != "n"))
     except typer.Exit:  # click's Exit is a RuntimeError: let a reported failure through as it is
         raise
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+    except (*CANNOT_RUN, RuntimeError) as e:
         fail(str(e))
     if is_main() and bad:
         report_bad_files([ImageLoadError(path, reason) for path, reason in bad.items()])
@@ -227,7 +233,7 @@ def evaluate(
         else:
             fail(f"the split part {split!r} belongs to the training dataset; use --split all for another dataset")
         metrics = evaluate_model(model, ds, rows, TrainConfig(batch_size=batch_size, workers=workers))
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except CANNOT_RUN as e:
         fail(str(e))
     table = Table(title=f"{run} on {spec} ({split}, {int(metrics.pop('n'))} images)")
     table.add_column("metric")
@@ -262,7 +268,7 @@ def benchmark(
         weights = None if backbone_weights.lower() == "none" else backbone_weights
         results = run_benchmark(ds, specs, task, out, folds, seed, config, backbone, weights, progress=True,
                                 log=lambda m: err_console.print(m), retrieval=retrieval)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except CANNOT_RUN as e:
         fail(str(e))
     first = next(iter(results["models"].values()))["mean"]
     columns = [m for m in (*HEADLINE, *RETRIEVAL_HEADLINE) if m in first] + ["train_seconds", "infer_ms_per_image"]
@@ -331,19 +337,21 @@ def predict(
     paths: list[str] = typer.Argument(None, help="Image files or folders (recursive); '-' reads a list from stdin."),
     model: str = typer.Option(None, help="Run folder, .safetensors or .onnx file (default: the embedded model)."),
     fmt: str = typer.Option("table", "--format", help="table, json or csv."),
+    out: Path = typer.Option(None, "--out", help="Write the results to this file instead of standard output."),
     batch_size: int = BATCH,
     workers: int = typer.Option(None, help="Decoding threads (default: CPUs, at most 4; 0 decodes in line)."),
     backend: str = typer.Option("auto", help="auto (ONNX Runtime where the model exports), onnx or torch."),
     demo: bool = typer.Option(False, "--demo", help="Run on sample photos that scikit-learn ships."),
 ) -> None:
-    """Which emotions each image evokes: top emotion, its probability, polarity and the full distribution."""
-    import csv
-    import json
+    """Which emotions each image evokes: top emotion, its probability, polarity and the full distribution.
+    Interrupted (Ctrl-C), it still gives the results of the images it finished."""
     import sys
 
     from .images import scan_images
-    from .predict import PredictionError
+    from .predict import Prediction, PredictionError
 
+    if fmt not in ("table", "json", "csv"):
+        fail(f"unknown format {fmt!r}; use table, json or csv")
     inputs = list(paths or [])
     if demo:
         inputs += [str(p) for p in demo_images()]
@@ -356,28 +364,59 @@ def predict(
         predictor = open_predictor(model, batch_size=batch_size, workers=workers, backend=backend)
     except Exception as e:  # any failure to build the model means nothing can run
         fail(f"cannot load model {model or 'default'}: {e}")
-    with Progress(console=err_console, transient=True) as progress:
-        bar = progress.add_task("predicting", total=len(scan.files))
-        good, bad = predictor.predict(scan.files, on_batch=lambda n: progress.advance(bar, n))
-    bad = [PredictionError(e.path, e.reason) for e in scan.errors] + bad
-    classes = predictor.taxonomy.classes
+    good, bad, interrupted = [], [PredictionError(e.path, e.reason) for e in scan.errors], False
+    try:
+        with Progress(console=err_console, transient=True) as progress:
+            bar = progress.add_task("predicting", total=len(scan.files))
+            for results in predictor.predict_iter(scan.files):
+                for r in results:
+                    (good if isinstance(r, Prediction) else bad).append(r)
+                progress.advance(bar, len(results))
+    except KeyboardInterrupt:
+        interrupted = True
+    try:
+        write_predictions(good, bad, predictor.taxonomy.classes, fmt, out)
+    except OSError as e:
+        fail(f"cannot write {out}: {e}")
+    report_bad_files([ImageLoadError(e.source, e.reason) for e in bad])
+    if interrupted:
+        done = len(good) + len(bad) - len(scan.errors)
+        err_console.print(f"interrupted: results for the {done} of {len(scan.files)} image(s) finished"
+                          + (f" are in {out}" if out else " are above"), highlight=False)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if bad:
+        raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def write_predictions(good, bad, classes: list[str], fmt: str, out: Path | None) -> None:
+    """Predictions (and the inputs that failed) as a table, JSON or CSV, on stdout or atomically into ``out``."""
+    import csv
+    import io
+    import json
+
+    buffer = io.StringIO()
     if fmt == "json":
-        print(json.dumps({"predictions": [p.to_dict() for p in good],
-                          "errors": [{"source": e.source, "reason": e.reason} for e in bad]}, indent=2))
+        json.dump({"predictions": [p.to_dict() for p in good],
+                   "errors": [{"source": e.source, "reason": e.reason} for e in bad]}, buffer, indent=2)
+        buffer.write("\n")
     elif fmt == "csv":
-        writer = csv.writer(sys.stdout)
+        writer = csv.writer(buffer)
         writer.writerow(["source", "emotion", "probability", "polarity", "positive_probability", *classes])
         for p in good:
             writer.writerow([p.source, p.emotion, f"{p.probability:.4f}", p.polarity or "",
                              "" if p.positive_probability is None else f"{p.positive_probability:.4f}",
                              *[f"{p.distribution[c]:.4f}" for c in classes]])
-    elif fmt == "table":
+    elif out is None:
         console.print(prediction_table(good, classes, console.width))
+        return
     else:
-        fail(f"unknown format {fmt!r}; use table, json or csv")
-    report_bad_files([ImageLoadError(e.source, e.reason) for e in bad])
-    if bad:
-        raise typer.Exit(EXIT_SOME_FAILED)
+        Console(file=buffer, width=200).print(prediction_table(good, classes, 200))
+    if out is None:
+        sys.stdout.write(buffer.getvalue())
+    else:
+        from .storage import atomic_write_bytes
+
+        atomic_write_bytes(out, buffer.getvalue().encode())
 
 
 @app.command()
@@ -401,8 +440,12 @@ def index(
         with Progress(console=err_console, transient=True) as progress:
             bar = progress.add_task("indexing", total=None)
             report = store.update(paths, predictor, on_batch=lambda n: progress.advance(bar, n))
-    except AffectiveIndexError as e:
-        fail(str(e))
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted: every finished batch is kept in {db}; run the same command again to "
+                          "resume where it stopped", highlight=False)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    except (AffectiveIndexError, *CANNOT_RUN, RuntimeError) as e:  # faiss reports a failed write as RuntimeError
+        fail(f"cannot write the index in {db}: {e}")
     finally:
         store.close()
     console.print(f"{db}: {report.total} image(s) indexed; {report.added} added, {report.updated} updated, "
@@ -428,6 +471,8 @@ def search(
 
     if (query is None) == (emotion is None):
         fail("give a query image or --emotion (one of them)")
+    if k < 1:
+        fail(f"-k must be at least 1, got {k}")
     try:
         store = AffectiveIndex(db)
         if emotion is not None:
@@ -438,8 +483,10 @@ def search(
             title = f"feels like {query} ({found.emotion} {found.probability:.2f})"
     except ImageLoadError as e:
         fail(f"{e.path}: {e.reason}")
-    except (AffectiveIndexError, KeyError, ValueError) as e:
+    except (AffectiveIndexError, KeyError) as e:
         fail(str(e.args[0]) if e.args else str(e))
+    except CANNOT_RUN as e:
+        fail(f"cannot search {db}: {e}")
     if fmt == "json":
         print(json.dumps({"hits": [h.__dict__ for h in hits]}, indent=2))
         return
@@ -514,7 +561,6 @@ def explain(
 def load_any_model(source: str):
     """A saved model (run folder, ``.safetensors``, ``default``) or a fresh registered one by spec."""
     from .models import create_model, list_models
-    from .storage import CheckpointError
     from .weights import load_model
 
     if source == "default" or Path(source).exists():
@@ -544,6 +590,8 @@ def export(
         data, meta = export_onnx(loaded, onnx)
     except ExportError as e:
         fail(str(e))
+    except OSError as e:
+        fail(f"cannot write {onnx}: {e}")
     console.print(f"wrote {onnx.with_suffix('.onnx')} ({len(data) / 2**20:.1f} MiB; outputs: {', '.join(meta['outputs'])})")
 
 

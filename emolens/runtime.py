@@ -179,6 +179,8 @@ def export_pending(source: str | os.PathLike | None) -> bool:
         cached = cached_onnx_path(resolve_weights(source))
     except CheckpointError:
         return False
+    except (OSError, RuntimeError):  # no usable cache: every run exports
+        return True
     return not (cached.is_file() and cached.with_suffix(".json").is_file())
 
 
@@ -188,9 +190,16 @@ def onnx_model_for(source: str | os.PathLike, threads: int | None = None) -> Onn
     if str(source).endswith(".onnx"):
         return OnnxModel(source, threads=threads)
     weights = resolve_weights(source)
-    cached = cached_onnx_path(weights)
-    if not (cached.is_file() and cached.with_suffix(".json").is_file()):
+    try:
+        cached = cached_onnx_path(weights)
+        if not (cached.is_file() and cached.with_suffix(".json").is_file()):
+            from .weights import load_model
+
+            export_onnx(load_model(weights), cached)
+        return OnnxModel(cached, threads=threads)
+    except (OSError, RuntimeError) as e:  # no home, a read-only or full cache: the export still serves this run
         from .weights import load_model
 
-        export_onnx(load_model(weights), cached)
-    return OnnxModel(cached, threads=threads)
+        warnings.warn(f"cannot use the ONNX cache ({e}); exporting in memory for this run", stacklevel=2)
+        data, meta = export_onnx(load_model(weights))
+        return OnnxModel(data, meta, threads=threads)

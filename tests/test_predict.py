@@ -3,6 +3,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -136,12 +137,13 @@ def test_polarity_is_the_side_of_the_positive_share(tmp_path, taxonomy, distribu
 
 
 def test_polarity_and_positive_probability_never_disagree(tmp_path):
-    images = [write_image(tmp_path / f"{i}.png", seed=i, size=(40, 30)) for i in range(24)]
-    model = tiny_model().eval()
-    with torch.no_grad():
-        model.classifier.weight.mul_(40)  # spread the predictions widely
-    preds, _ = Predictor(model).predict(images)
+    images = [write_image(tmp_path / f"{i}.png", seed=i, size=(40, 30)) for i in range(64)]
+    logits = np.log(np.random.default_rng(0).dirichlet(np.full(8, 0.3), size=64)).astype(np.float32)
+    predictor = Predictor(tiny_model(), batch_size=64)
+    predictor.runner = lambda batch: {"logits": logits[:len(batch)]}  # many distributions, both sides
+    preds, _ = predictor.predict(images)
     assert {p.polarity for p in preds} == {"positive", "negative"}
+    assert any(MIKELS.polarity[MIKELS.index(p.emotion)] != (p.polarity == "positive") for p in preds)
     for p in preds:
         assert p.polarity == ("positive" if p.positive_probability >= 0.5 else "negative")
 

@@ -11,7 +11,7 @@ import numpy as np
 from ..taxonomy import Taxonomy
 
 
-class LabelFileError(Exception):
+class LabelFileError(ValueError):
     """A label file is malformed; names the file, the line (1-based, when known) and the reason."""
 
     def __init__(self, file: str | Path, line: int | None, reason: str):

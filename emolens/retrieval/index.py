@@ -102,16 +102,18 @@ class AffectiveIndex:
         if not create and not self.db_path.is_file():
             raise AffectiveIndexError(f"{self.folder}: no index here (run `emolens index DIR --db {self.folder}` first)")
         self.folder.mkdir(parents=True, exist_ok=True)
-        # Usable from the thread a server runs it on; callers keep to one operation at a time.
-        self.db = sqlite3.connect(self.db_path, check_same_thread=False)
-        self.db.execute("PRAGMA foreign_keys = ON")
-        self.db.execute("PRAGMA journal_mode = WAL")
         try:
+            # Usable from the thread a server runs it on; callers keep to one operation at a time.
+            self.db = sqlite3.connect(self.db_path, check_same_thread=False)
+            self.db.execute("PRAGMA foreign_keys = ON")
+            self.db.execute("PRAGMA journal_mode = WAL")
             self.db.executescript(SCHEMA)
             columns = {row[1] for row in self.db.execute("PRAGMA table_info(images)")}
             for column in ("device", "inode"):  # indexes made before files were identified by them
                 if column not in columns:
                     self.db.execute(f"ALTER TABLE images ADD COLUMN {column} INTEGER")
+        except sqlite3.OperationalError as e:  # locked, read-only, unopenable
+            raise AffectiveIndexError(f"{self.db_path}: cannot open the index ({e})") from e
         except sqlite3.DatabaseError as e:
             raise AffectiveIndexError(f"{self.db_path}: not an emolens index ({e})") from e
         self._faiss, self._faiss_generation = None, None
