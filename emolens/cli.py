@@ -507,13 +507,14 @@ def serve(
     port: int = typer.Option(8000, help="Port."),
     max_upload_mb: float = typer.Option(20, help="Largest accepted upload per file, MiB."),
     max_files: int = typer.Option(16, help="Most images per request."),
+    max_connections: int = typer.Option(256, help="Connections served at once; more get 503."),
     allowed_host: list[str] = typer.Option(None, "--allowed-host", help="Another host name browsers may reach "
                                            "the server by (repeatable; loopback names and --host always are)."),
 ) -> None:
     """The JSON API (OpenAPI at /docs) for prediction and affective search."""
     import uvicorn
 
-    from .server import LOOPBACK_HOSTS, Limits, create_app
+    from .server import LOOPBACK_HOSTS, HeaderTimeoutH11, Limits, create_app
 
     hosts = (*LOOPBACK_HOSTS, *([host] if host not in ("0.0.0.0", "::") else []), *(allowed_host or []))
     try:
@@ -521,7 +522,9 @@ def serve(
                          allowed_hosts=hosts)
     except Exception as e:  # any failure to load the model or index means nothing can run
         fail(f"cannot start: {e}")
-    uvicorn.run(api, host=host, port=port)
+    # Connections beyond the limit get 503; idle keep-alive and silent new connections are closed.
+    uvicorn.run(api, host=host, port=port, http=HeaderTimeoutH11, limit_concurrency=max_connections,
+                timeout_keep_alive=5, backlog=2048, timeout_graceful_shutdown=10)
 
 
 @app.command()

@@ -98,10 +98,15 @@ class Explainer:
     def explain(self, source: str | os.PathLike | Image.Image, target: str | None = None) -> Explanation:
         """Raises :class:`ImageLoadError` for an unusable image, ``ValueError`` for an unknown target."""
         view = self.preprocessing.crop(load_image(source, self.max_pixels))
-        with _model_lock(self.model):
-            return self._explain(source, view, target)
+        name = getattr(source, "filename", "") if isinstance(source, Image.Image) else str(source)
+        return self.explain_view(view, target, name or "<image>")
 
-    def _explain(self, source, view: Image.Image, target: str | None) -> Explanation:
+    def explain_view(self, view: Image.Image, target: str | None = None, name: str = "<image>") -> Explanation:
+        """The maps of a view already made by the model's ``Preprocessing.crop`` (it is not cropped again)."""
+        with _model_lock(self.model):
+            return self._explain(view, target, name)
+
+    def _explain(self, view: Image.Image, target: str | None, name: str) -> Explanation:
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         # The very input Predictor builds (Preprocessing.__call__ = normalise(crop)), so maps, boxes and
@@ -126,8 +131,7 @@ class Explainer:
             scores = outputs.get("box_scores")
             boxes = [(*map(float, b), float(scores[0][i]) if scores is not None else 1.0)
                      for i, b in enumerate(outputs["boxes"][0])]
-        name = getattr(source, "filename", "") if isinstance(source, Image.Image) else str(source)
-        return Explanation(name or "<image>", tax.classes[index], dict(zip(tax.classes, probs.tolist())), maps,
+        return Explanation(name, tax.classes[index], dict(zip(tax.classes, probs.tolist())), maps,
                            view, boxes)
 
 

@@ -119,6 +119,28 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int 
             raise ImageLoadError(path, f"cannot decode image: {e}") from e
 
 
+def declared_pixels(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """The pixel count an image's header declares, read without decoding; raises :class:`ImageLoadError`
+    for data that is not an accepted image or declares more than ``max_pixels``."""
+    if not data:
+        raise ImageLoadError(None, "empty data (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as img:
+                w, h = img.size
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(None, f"image is too large (decompression bomb?): {e}") from e
+    except UnidentifiedImageError as e:
+        raise ImageLoadError(None, f"not an image file in an accepted format ({ACCEPTED_NAMES})") from e
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise ImageLoadError(None, f"cannot decode image: {e}") from e
+    if w * h > max_pixels:
+        raise ImageLoadError(None, f"image is too large: {w}x{h} = {w * h:,} pixels > limit {max_pixels:,} "
+                                   "(decompression bomb?)")
+    return w * h
+
+
 @dataclass
 class ScanResult:
     """Image files found under some paths, and the paths that could not be read."""

@@ -185,6 +185,13 @@ class Predictor:
                 results[i] = pred
         return results
 
+    def predict_prepared(self, names: Sequence[str], arrays: Sequence[np.ndarray]) -> list[Prediction]:
+        """Predictions for inputs already made by :meth:`prepare` (e.g. decoded elsewhere), in batches."""
+        results = []
+        for s in range(0, len(arrays), self.batch_size):
+            results += self._batch_results(list(names[s:s + self.batch_size]), list(arrays[s:s + self.batch_size]))
+        return results
+
     def predict_iter(self, inputs: Iterable[str | os.PathLike | Image.Image]) -> Iterator[list[Prediction | PredictionError]]:
         """Results batch by batch, in input order; the next batch decodes while this one runs."""
         items = list(inputs)

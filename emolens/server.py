@@ -9,40 +9,90 @@ only, never by a client-named path; CORS stays off.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import io
 import mimetypes
 import os
 import stat
 import threading
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import numpy as np
 
 from fastapi import File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.middleware.trustedhost import TrustedHostMiddleware
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .identity import model_identity
-from .images import ImageLoadError, load_image
-from .predict import Prediction, PredictionError, Predictor
+from .images import ImageLoadError, declared_pixels, load_image
+from .predict import Prediction, Predictor
 
 
 @dataclass(frozen=True)
 class Limits:
-    max_upload_bytes: int = 20 * 2**20
-    max_files: int = 16
-    max_pixels: int = 40_000_000
+    """What one server accepts at once. Above the budgets a request waits up to ``busy_wait`` seconds,
+    then gets 503 with ``Retry-After``: latency and memory stay bounded under overload."""
+
+    max_upload_bytes: int = 20 * 2**20  # per file
+    max_files: int = 16  # per request
+    max_pixels: int = 40_000_000  # per image
+    pixel_budget: int = 80_000_000  # decoded pixels in flight, all requests together
+    max_queued_images: int = 128  # images waiting for the model
+    busy_wait: float = 5.0
+    body_timeout: float = 30.0  # seconds a client may pause while sending a body
+
+
+class Busy(HTTPException):
+    """The server is at a limit; the client should come back (503 with Retry-After)."""
+
+    def __init__(self, what: str):
+        super().__init__(503, f"busy: {what}; try again shortly", headers={"Retry-After": "1"})
+
+
+class PixelBudget:
+    """Decoded pixels in flight: a request reserves its largest image's pixels before decoding (its images
+    decode one after another) and waits, up to ``wait`` seconds, while others hold the budget."""
+
+    def __init__(self, pixels: int, wait: float):
+        self.total = self.free = pixels
+        self.wait = wait
+        self._loop = self._changed = None
+
+    @asynccontextmanager
+    async def reserve(self, pixels: int):
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop, self._changed = loop, asyncio.Condition()
+        pixels = min(pixels, self.total)
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.free >= pixels), self.wait)
+            except asyncio.TimeoutError:
+                raise Busy("too many pixels being decoded") from None
+            self.free -= pixels
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.free += pixels
+                self._changed.notify_all()
 
 
 class PredictBatcher:
     """Gathers the images of concurrent requests into shared model calls: the first request waits up to
     ``wait`` seconds for others, up to ``max_batch`` images, then one call serves them all."""
 
-    def __init__(self, predictor: Predictor, max_batch: int = 32, wait: float = 0.01):
-        self.predictor, self.max_batch, self.wait = predictor, max_batch, wait
+    def __init__(self, predictor: Predictor, max_batch: int = 32, wait: float = 0.01, max_queued: int = 128):
+        self.predictor, self.max_batch, self.wait, self.max_queued = predictor, max_batch, wait, max_queued
         self.calls = 0  # model calls made: fewer than requests when batching helped
+        self.queued = 0  # images waiting for or in a model call
         self._loop = self._queue = self._task = None
 
     def _start(self) -> None:
@@ -51,15 +101,22 @@ class PredictBatcher:
             self._loop, self._queue = loop, asyncio.Queue()
             self._task = loop.create_task(self._serve())
 
-    async def predict(self, images: list) -> list[Prediction | PredictionError]:
+    async def predict(self, inputs: list[np.ndarray]) -> list[Prediction]:
+        """Predictions for model inputs made by ``Predictor.prepare``; :class:`Busy` when the queue is full."""
         self._start()
-        future = self._loop.create_future()
-        await self._queue.put((images, future))
-        return await future
+        if self.queued + len(inputs) > self.max_queued:
+            raise Busy(f"{self.queued} images are waiting for the model")
+        self.queued += len(inputs)
+        try:
+            future = self._loop.create_future()
+            await self._queue.put((inputs, future))
+            return await future
+        finally:
+            self.queued -= len(inputs)
 
-    def _run(self, images: list) -> list[Prediction | PredictionError]:
+    def _run(self, inputs: list[np.ndarray]) -> list[Prediction]:
         self.calls += 1
-        return [r for batch in self.predictor.predict_iter(images) for r in batch]
+        return self.predictor.predict_prepared([f"<upload {i}>" for i in range(len(inputs))], inputs)
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -99,7 +156,8 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
     from .retrieval.index import AffectiveIndex
 
     predictor = Predictor(model, keep=("embedding",), max_pixels=limits.max_pixels)
-    batcher = PredictBatcher(predictor)
+    batcher = PredictBatcher(predictor, max_queued=limits.max_queued_images)
+    budget = PixelBudget(max(limits.pixel_budget, limits.max_pixels), limits.busy_wait)
     index = AffectiveIndex(db) if db is not None else None
     if index is not None:
         index.check_model(predictor)  # its hits and the queries' embeddings must come from one model
@@ -108,7 +166,7 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
     explainers: list = []  # built on the first heat-map request: Grad-CAM needs the PyTorch model
     explainer_lock = threading.Lock()
 
-    def heatmap(image) -> str:
+    def heatmap(view) -> str:
         if str(model).endswith(".onnx"):
             raise HTTPException(400, "heat maps need a PyTorch model; this server runs an ONNX export")
         with explainer_lock:  # concurrent first requests build one explainer
@@ -120,34 +178,61 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
                 if model_identity(explaining).digest != predictor.identity.digest:
                     raise HTTPException(409, "the weights changed on disk since the server started; restart it")
                 explainers.append(Explainer(explaining, max_pixels=limits.max_pixels))
-        return overlay_data_url(explainers[0].explain(image))  # Explainer serialises calls on its model
+        return overlay_data_url(explainers[0].explain_view(view))  # Explainer serialises calls on its model
 
     # A page on a foreign site that rebinds its own name to this address would otherwise read the index
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+    app.add_middleware(BodyLimit, max_bytes=limits.max_files * limits.max_upload_bytes + 2**16,
+                       timeout=limits.body_timeout)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def any_error(request: Request, exc: Exception):
         return JSONResponse({"error": "internal error"}, status_code=500)
 
-    async def read_images(files: list[UploadFile]):
+    def decode(data: list[bytes]) -> list[tuple[np.ndarray, Image.Image] | ImageLoadError]:
+        """Each upload as (model input, model's view); the decoded full image is dropped at once."""
+        out = []
+        for blob in data:
+            try:
+                view = predictor.preprocessing.crop(load_image(blob, limits.max_pixels))
+                out.append((predictor.preprocessing.normalise(view), view))
+            except ImageLoadError as e:
+                out.append(e)
+        release_memory()
+        return out
+
+    async def read_images(files: list[UploadFile]) -> list[tuple[np.ndarray, Image.Image]]:
+        """Uploads decoded in a worker thread, never on the event loop, within the pixel budget."""
         if not files:
             raise HTTPException(400, "no image given")
         if len(files) > limits.max_files:
             raise HTTPException(413, f"too many files: {len(files)} (at most {limits.max_files})")
-        images = []
+        data = []
         for f in files:
-            data = await f.read(limits.max_upload_bytes + 1)
-            if len(data) > limits.max_upload_bytes:
+            blob = await f.read(limits.max_upload_bytes + 1)
+            if len(blob) > limits.max_upload_bytes:
                 raise HTTPException(413, f"{f.filename}: larger than {limits.max_upload_bytes} bytes")
-            try:
-                images.append(load_image(data, limits.max_pixels))
-            except ImageLoadError as e:
-                raise HTTPException(400, f"{f.filename}: {e.reason}")
-        return images
+            data.append(blob)
+        def sizes() -> list[int]:
+            out = []
+            for f, blob in zip(files, data):
+                try:
+                    out.append(declared_pixels(blob, limits.max_pixels))
+                except ImageLoadError as e:
+                    raise HTTPException(400, f"{f.filename}: {e.reason}") from None
+            return out
+
+        pixels = await run_in_threadpool(sizes)
+        async with budget.reserve(max(pixels)):
+            decoded = await run_in_threadpool(decode, data)
+        for f, d in zip(files, decoded):
+            if isinstance(d, ImageLoadError):
+                raise HTTPException(400, f"{f.filename}: {d.reason}")
+        return decoded
 
     @app.get("/api/health")
     async def health() -> dict:
@@ -164,14 +249,11 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
         """Top emotion, polarity and distribution per image; with ``heatmaps``, a Grad-CAM overlay
         (PNG data URL of the model's view) each."""
         images = await read_images(files)
-        found = await batcher.predict(images)
-        bad = [r for r in found if isinstance(r, PredictionError)]
-        if bad:
-            raise HTTPException(400, bad[0].reason)
+        found = await batcher.predict([array for array, _ in images])
         results = [{"filename": f.filename, **_prediction(p)} for f, p in zip(files, found)]
         if heatmaps:
-            for result, image in zip(results, images):
-                result["heatmap"] = await run_in_threadpool(heatmap, image)
+            for result, (_, view) in zip(results, images):
+                result["heatmap"] = await run_in_threadpool(heatmap, view)
         return {"results": results}
 
     def require_index():
@@ -182,10 +264,8 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
     @app.post("/api/search")
     async def search_image(file: UploadFile = File(...), k: int = Query(12, ge=1, le=200)) -> dict:
         store = require_index()
-        image = (await read_images([file]))[0]
-        query = (await batcher.predict([image]))[0]
-        if isinstance(query, PredictionError):
-            raise HTTPException(400, query.reason)
+        (array, _), = await read_images([file])
+        query, = await batcher.predict([array])
         hits = store.search_vector(query.outputs["embedding"], k)  # index calls stay on the event loop: one at a time
         return {"query": _prediction(query), "hits": [_hit(h) for h in hits]}
 
@@ -209,6 +289,69 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
 
     app.mount("/", StaticFiles(directory=Path(__file__).parent / "web", html=True), name="web")
     return app
+
+
+class BodyLimit:
+    """ASGI middleware: a request body larger than ``max_bytes`` gets 413 before it is read (by its
+    Content-Length) or as soon as the streamed bytes pass the limit, so nothing larger lands on disk;
+    a client that pauses more than ``timeout`` seconds while sending it gets 408."""
+
+    def __init__(self, app, max_bytes: int, timeout: float):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            response = JSONResponse({"error": f"request larger than {self.max_bytes} bytes"}, status_code=413,
+                                    headers={"Connection": "close"})
+            return await response(scope, receive, send)
+        received, complete = 0, False
+
+        async def limited_receive():
+            nonlocal received, complete
+            if complete:  # after the body only a disconnect can come, whenever it does
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"no request data for {self.timeout:g} s") from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
+                if received > self.max_bytes:
+                    raise HTTPException(413, f"request larger than {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class HeaderTimeoutH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, closing a connection that has not sent a whole request head within
+    ``HEADER_TIMEOUT`` seconds of opening: half-open connections cannot pile up to the connection limit."""
+
+    HEADER_TIMEOUT = 10.0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._head_timer = self.loop.call_later(self.HEADER_TIMEOUT, self._head_timeout)
+
+    def _head_timeout(self) -> None:
+        if self.cycle is None and not self.transport.is_closing():  # no request began on this connection
+            self.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        self._head_timer.cancel()
+        super().connection_lost(exc)
+
+
+def release_memory() -> None:
+    """Give freed heap back to the system (glibc): after a large decode the process would keep it."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def read_indexed_file(row) -> bytes | None:

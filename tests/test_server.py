@@ -124,8 +124,8 @@ def test_concurrent_requests_share_model_calls():
     from emolens.server import PredictBatcher
 
     class Counting:
-        def predict_iter(self, images):
-            yield [f"result for {i}" for i in images]
+        def predict_prepared(self, names, inputs):
+            return [f"result for {i}" for i in inputs]
 
     batcher = PredictBatcher(Counting(), max_batch=32, wait=0.05)
 

@@ -1,0 +1,190 @@
+"""The server under load and abuse: bodies capped while they stream, decoding off the event loop, a pixel
+budget and a bounded model queue that answer 503 + Retry-After, silent connections closed."""
+
+import io
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from helpers import tiny_model
+from emolens.runtime import export_onnx
+from emolens.server import HeaderTimeoutH11, Limits, create_app
+
+
+def png(seed=0, size=(60, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("limits") / "m.onnx"
+    export_onnx(tiny_model().eval(), path)
+    return path
+
+
+@pytest.fixture
+def client_for(model):
+    """A client whose requests share one event loop, as a served app's do."""
+    clients = []
+
+    def make(**limits):
+        client = TestClient(create_app(model, None, Limits(**limits)), base_url="http://127.0.0.1",
+                            raise_server_exceptions=False)
+        clients.append(client.__enter__())
+        return clients[-1]
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+def slow_decoding(monkeypatch, seconds):
+    import emolens.server as server
+
+    real = server.load_image
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(server, "load_image", slow)
+
+
+def test_decoding_runs_off_the_event_loop(client_for, monkeypatch):
+    slow_decoding(monkeypatch, 1.5)
+    client = client_for()
+    with ThreadPoolExecutor(2) as pool:
+        upload = pool.submit(client.post, "/api/predict", files=[("files", ("a.png", png(1), "image/png"))])
+        time.sleep(0.3)
+        start = time.perf_counter()
+        assert client.get("/api/health").status_code == 200
+        health_seconds = time.perf_counter() - start
+        assert upload.result().status_code == 200
+    assert health_seconds < 0.8, f"/api/health waited {health_seconds:.2f} s for a decode"
+
+
+def test_the_pixel_budget_makes_a_request_wait_then_503(client_for, monkeypatch):
+    slow_decoding(monkeypatch, 1.5)
+    client = client_for(max_pixels=60 * 40, pixel_budget=60 * 40, busy_wait=0.3)  # one upload at a time
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(client.post, "/api/predict", files=[("files", ("a.png", png(1), "image/png"))])
+        time.sleep(0.3)
+        second = client.post("/api/predict", files=[("files", ("b.png", png(2), "image/png"))])
+        assert first.result().status_code == 200
+    assert second.status_code == 503 and second.headers["retry-after"] == "1" and "busy" in second.json()["error"]
+
+
+def test_a_full_model_queue_answers_503_not_a_long_wait(client_for, monkeypatch):
+    from emolens.predict import Predictor
+
+    real = Predictor.predict_prepared
+
+    def slow_model(self, names, inputs):
+        time.sleep(1.0)
+        return real(self, names, inputs)
+
+    monkeypatch.setattr(Predictor, "predict_prepared", slow_model)
+    client = client_for(max_queued_images=2)
+    files = [("files", (f"{i}.png", png(i), "image/png")) for i in range(2)]
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(client.post, "/api/predict", files=files)
+        time.sleep(0.3)
+        started = time.perf_counter()
+        refused = client.post("/api/predict", files=files[:1])
+        refused_after = time.perf_counter() - started
+        assert first.result().status_code == 200
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused_after < 0.8
+    assert client.post("/api/predict", files=files[:1]).status_code == 200  # served again once the queue drains
+
+
+@pytest.fixture
+def live(model):
+    """A real uvicorn server with the protocol and limits `emolens serve` sets (short header timeout)."""
+    import uvicorn
+
+    class QuickHeaderTimeout(HeaderTimeoutH11):
+        HEADER_TIMEOUT = 0.5
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(model, None, Limits(max_upload_bytes=100_000, max_files=2))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=QuickHeaderTimeout,
+                                           limit_concurrency=40, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield port
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def request_head(port, head: bytes, body: bytes = b"", timeout: float = 5.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(head + body)
+        return s.recv(65536)
+
+
+def test_a_body_over_the_cap_gets_413_before_it_is_sent(live):
+    head = (b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+            b"Content-Length: 209715200\r\n\r\n")  # 200 MB announced, a few bytes sent
+    started = time.perf_counter()
+    answer = request_head(live, head, b"--x\r\n")
+    assert answer.startswith(b"HTTP/1.1 413") and time.perf_counter() - started < 2
+
+
+def test_a_streamed_body_is_stopped_at_the_cap(live):
+    head = (b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    chunk = b"a" * 65536
+    with socket.create_connection(("127.0.0.1", live), timeout=5) as s:
+        part = b"--x\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n\r\n"
+        s.sendall(head + b"%x\r\n%s\r\n" % (len(part), part))
+        sent, answer = 0, b""
+        while sent < 50 * 2**20 and not answer:  # the server answers long before 50 MB
+            try:
+                s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except OSError:
+                break
+            sent += len(chunk)
+            s.settimeout(0.001)
+            try:
+                answer = s.recv(65536)
+            except (TimeoutError, BlockingIOError, socket.timeout):
+                pass
+            s.settimeout(5)
+        if not answer:
+            answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 413") and sent < 2 * 2**20
+
+
+def test_silent_connections_are_closed_and_others_still_served(live):
+    silent = [socket.create_connection(("127.0.0.1", live), timeout=5) for _ in range(60)]
+    try:
+        time.sleep(1.0)
+        closed = 0
+        for s in silent:
+            s.settimeout(0.2)
+            try:
+                closed += s.recv(1) == b""
+            except TimeoutError:  # still open
+                pass
+            except OSError:  # reset by the server
+                closed += 1
+        assert closed == len(silent)
+        answer = request_head(live, b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200")
+    finally:
+        for s in silent:
+            s.close()
