@@ -119,7 +119,7 @@ def server_row(folder: Path, good: set[str], bad: dict[str, str], model: Path) -
 
     from emolens.server import create_app
 
-    client = TestClient(create_app(model, None), raise_server_exceptions=False)
+    client = TestClient(create_app(model, None), base_url="http://127.0.0.1", raise_server_exceptions=False)
     files = [p for p in folder.rglob("*") if p.is_file() and not p.is_symlink() and os.access(p, os.R_OK)]
     ok = 0
     for p in files:

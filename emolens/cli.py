@@ -507,7 +507,8 @@ def serve(
     port: int = typer.Option(8000, help="Port."),
     max_upload_mb: float = typer.Option(20, help="Largest accepted upload per file, MiB."),
     max_files: int = typer.Option(16, help="Most images per request."),
-    max_connections: int = typer.Option(256, help="Connections served at once; more get 503."),
+    max_connections: int = typer.Option(2048, help="Connections open at once (silent ones are closed after "
+                                        "10 s); more get 503."),
     allowed_host: list[str] = typer.Option(None, "--allowed-host", help="Another host name browsers may reach "
                                            "the server by (repeatable; loopback names and --host always are)."),
 ) -> None:
@@ -522,6 +523,7 @@ def serve(
                          allowed_hosts=hosts)
     except Exception as e:  # any failure to load the model or index means nothing can run
         fail(f"cannot start: {e}")
+    raise_open_file_limit(max_connections + 256)
     # Connections beyond the limit get 503; idle keep-alive and silent new connections are closed.
     uvicorn.run(api, host=host, port=port, http=HeaderTimeoutH11, limit_concurrency=max_connections,
                 timeout_keep_alive=5, backlog=2048, timeout_graceful_shutdown=10)
@@ -596,6 +598,18 @@ def export(
     except OSError as e:
         fail(f"cannot write {onnx}: {e}")
     console.print(f"wrote {onnx.with_suffix('.onnx')} ({len(data) / 2**20:.1f} MiB; outputs: {', '.join(meta['outputs'])})")
+
+
+def raise_open_file_limit(wanted: int) -> None:
+    """Let the process hold ``wanted`` sockets and files where the hard limit allows (soft limits are often 1024)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard))
+    except (ImportError, ValueError, OSError):  # not POSIX, or not allowed: the system's limit stays
+        pass
 
 
 def display_path(source: str) -> str:

@@ -45,16 +45,22 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if mode.startswith("I") or mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        if mode.startswith("I;16") or (mode == "I" and 255 < arr.max() <= 65535):
-            arr = arr / 257.0
-        elif mode == "F" and arr.max() <= 1.0 and arr.min() >= 0.0:
-            arr = arr * 255.0
-        elif arr.max() > 255 or arr.min() < 0:
-            lo, hi = arr.min(), arr.max()
-            arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        gray = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
-        return gray.convert("RGB")
+        arr = np.asarray(img)
+        lo, hi = arr.min(), arr.max()
+        if mode != "F" and lo >= 0 and (mode.startswith("I;16") or 255 < hi <= 65535):
+            # 16-bit to 8: round(v / 257) in integers, so a 40-megapixel scan needs no float copies
+            wide = arr.astype(np.uint32)
+            wide += 128
+            wide //= 257
+            gray = wide.astype(np.uint8)
+        elif mode == "F" and hi <= 1.0 and lo >= 0.0:
+            gray = np.rint(arr.astype(np.float32) * 255.0).astype(np.uint8)
+        elif hi > 255 or lo < 0:
+            scaled = (arr.astype(np.float32) - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros(arr.shape, np.float32)
+            gray = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        else:
+            gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
     return img.convert("RGB")
 
 

@@ -28,6 +28,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .identity import model_identity
@@ -42,9 +43,10 @@ class Limits:
 
     max_upload_bytes: int = 20 * 2**20  # per file
     max_files: int = 16  # per request
+    max_request_bytes: int = 64 * 2**20  # a whole request body
     max_pixels: int = 40_000_000  # per image
     pixel_budget: int = 80_000_000  # decoded pixels in flight, all requests together
-    max_queued_images: int = 128  # images waiting for the model
+    max_queued_images: int = 64  # images waiting for the model: about a second of work on 2 cores
     busy_wait: float = 5.0
     body_timeout: float = 30.0  # seconds a client may pause while sending a body
 
@@ -86,10 +88,11 @@ class PixelBudget:
 
 
 class PredictBatcher:
-    """Gathers the images of concurrent requests into shared model calls: the first request waits up to
-    ``wait`` seconds for others, up to ``max_batch`` images, then one call serves them all."""
+    """Gathers the images of concurrent requests into shared model calls: a call takes every request
+    waiting when it starts (up to ``max_batch`` images; after waiting ``wait`` seconds for more), so requests
+    that arrive while the model runs share the next call and a lone request never waits."""
 
-    def __init__(self, predictor: Predictor, max_batch: int = 32, wait: float = 0.01, max_queued: int = 128):
+    def __init__(self, predictor: Predictor, max_batch: int = 32, wait: float = 0.0, max_queued: int = 64):
         self.predictor, self.max_batch, self.wait, self.max_queued = predictor, max_batch, wait, max_queued
         self.calls = 0  # model calls made: fewer than requests when batching helped
         self.queued = 0  # images waiting for or in a model call
@@ -125,8 +128,11 @@ class PredictBatcher:
             deadline = loop.time() + self.wait
             while sum(len(images) for images, _ in waiting) < self.max_batch:
                 try:
-                    waiting.append(await asyncio.wait_for(self._queue.get(), max(0.0, deadline - loop.time())))
-                except asyncio.TimeoutError:
+                    if self._queue.empty() and loop.time() < deadline:
+                        waiting.append(await asyncio.wait_for(self._queue.get(), deadline - loop.time()))
+                    else:
+                        waiting.append(self._queue.get_nowait())
+                except (asyncio.TimeoutError, asyncio.QueueEmpty):
                     break
             try:
                 results = await run_in_threadpool(self._run, [img for images, _ in waiting for img in images])
@@ -182,11 +188,11 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
 
     # A page on a foreign site that rebinds its own name to this address would otherwise read the index
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
-    app.add_middleware(BodyLimit, max_bytes=limits.max_files * limits.max_upload_bytes + 2**16,
-                       timeout=limits.body_timeout)
+    app.add_middleware(BodyLimit, max_bytes=min(limits.max_request_bytes, limits.max_files * limits.max_upload_bytes
+                                                + 2**16), timeout=limits.body_timeout)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):
+    @app.exception_handler(StarletteHTTPException)  # also the framework's own (e.g. malformed multipart)
+    async def http_error(request: Request, exc: StarletteHTTPException):
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)

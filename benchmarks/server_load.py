@@ -1,0 +1,290 @@
+"""`emolens serve` under load and abuse, on loopback: throughput, latency percentiles and peak memory at
+several concurrencies, concurrent heat maps, and the fault cases with their outcome.
+
+The server is a separate process (`emolens serve`, the embedded default model, an index of synthetic
+photos); clients are threads of this process, one keep-alive connection each. Every phase is bounded in
+time and the server is stopped at the end.
+
+    python benchmarks/server_load.py [--seconds 8] [--concurrency 1,4,16,64,256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+BOUNDARY = "emolens-load"
+
+
+def photo(seed: int, size=(640, 480)) -> bytes:
+    """A smooth random photo-sized JPEG."""
+    small = np.random.default_rng(seed).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(small).resize(size, Image.BICUBIC).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def multipart(files: list[tuple[str, bytes]], field: str = "files") -> tuple[bytes, str]:
+    parts = []
+    for name, data in files:
+        parts.append(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+                     f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode(), f"multipart/form-data; boundary={BOUNDARY}"
+
+
+class Client:
+    """One keep-alive connection; reconnects when the server closed it."""
+
+    def __init__(self, port: int, timeout: float = 60):
+        self.port, self.timeout, self.conn = port, timeout, None
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        for attempt in range(2):
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+            try:
+                self.conn.request(method, path, body=body, headers=headers or {})
+                response = self.conn.getresponse()
+                data = response.read()
+                if response.getheader("connection", "").lower() == "close":
+                    self.conn.close()
+                    self.conn = None
+                return response.status, data
+            except (ConnectionError, http.client.HTTPException, OSError):
+                self.conn.close()
+                self.conn = None
+                if attempt:
+                    return 0, b""
+        return 0, b""
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def current_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_phase(port: int, concurrency: int, seconds: float, make_request) -> dict:
+    """``concurrency`` client threads for ``seconds``; latency and outcome of every request."""
+    latencies, statuses, images = [], {}, [0]
+    lock = threading.Lock()
+    stop = time.perf_counter() + seconds
+
+    def worker(k: int) -> None:
+        client, rng = Client(port), random.Random(k)
+        while time.perf_counter() < stop:
+            method, path, body, headers, count = make_request(rng)
+            start = time.perf_counter()
+            status, _ = client.request(method, path, body, headers)
+            elapsed = time.perf_counter() - start
+            with lock:
+                latencies.append(elapsed)
+                statuses[status] = statuses.get(status, 0) + 1
+                images[0] += count if status == 200 else 0
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    ms = np.array(latencies) * 1000
+    return {"requests_per_s": len(ms) / wall, "images_per_s": images[0] / wall,
+            "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
+            "p99": float(np.percentile(ms, 99)), "statuses": statuses}
+
+
+def start_server(root: Path, port: int) -> subprocess.Popen:
+    log = open(root / "serve.log", "w")  # a file, not a pipe: a full pipe would stall the server
+    proc = subprocess.Popen([sys.executable, "-m", "emolens", "serve", "--db", str(root / "db"), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=log, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"emolens serve stopped: {(root / 'serve.log').read_text()[-2000:]}")
+        try:
+            if Client(port, timeout=2).request("GET", "/api/health")[0] == 200:
+                return proc
+        except OSError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("emolens serve did not start in 180 s")
+
+
+def faults(root: Path, port: int, pid: int) -> list[tuple[str, str]]:
+    rows = []
+    client = Client(port)
+
+    body, ctype = multipart([("photo.jpg", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")])
+    start = time.perf_counter()
+    status, data = client.request("POST", "/api/predict", body, {"Content-Type": ctype})
+    rows.append(("EPS payload named photo.jpg", f"{status} in {1000 * (time.perf_counter() - start):.0f} ms: "
+                 f"{json.loads(data)['error']}"))
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        start = time.perf_counter()
+        s.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: " + ctype.encode() +
+                  b"\r\nContent-Length: 209715200\r\n\r\n" + b"\0" * 65536)
+        answer = s.recv(4096).split(b"\r\n", 1)[0].decode()
+    rows.append(("200 MB upload announced", f"{answer} after {1000 * (time.perf_counter() - start):.0f} ms, "
+                 "64 KiB sent, nothing written to disk"))
+
+    status, _ = client.request("GET", "/api/health", headers={"Host": "evil.example"})
+    rows.append(("Host: evil.example (DNS rebinding)", str(status)))
+    status, _ = client.request("GET", f"/api/images/{2**63}")
+    rows.append(("image id 2^63 (outside SQLite's range)", str(status)))
+
+    silent = []
+    try:
+        for _ in range(1100):
+            silent.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        start = time.perf_counter()
+        status, _ = Client(port).request("GET", "/api/health")
+        first = (status, time.perf_counter() - start)
+        time.sleep(12)  # past the header timeout
+        closed = 0
+        for s in silent:
+            s.settimeout(0.05)
+            try:
+                closed += s.recv(1) == b""
+            except TimeoutError:
+                pass
+            except OSError:
+                closed += 1
+        status, _ = Client(port).request("GET", "/api/health")
+        rows.append(("1,100 half-open connections", f"health {first[0]} in {1000 * first[1]:.0f} ms while open; "
+                     f"{closed}/1100 closed by the server after the header timeout; then health {status}"))
+    finally:
+        for s in silent:
+            s.close()
+
+    big = np.zeros((5000, 8000), dtype=np.uint16)  # 40 megapixels, 16-bit: 80 MB decoded as it is
+    big[::7] = 40000
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, "PNG")
+    body, ctype = multipart([(f"{i}.png", buf.getvalue()) for i in range(16)])
+    before = current_rss_mib(pid)
+    result = {}
+
+    def heavy():
+        start = time.perf_counter()
+        result["status"], _ = Client(port, timeout=300).request("POST", "/api/predict", body, {"Content-Type": ctype})
+        result["seconds"] = time.perf_counter() - start
+
+    thread = threading.Thread(target=heavy)
+    thread.start()
+    health = []
+    while thread.is_alive():
+        start = time.perf_counter()
+        Client(port).request("GET", "/api/health")
+        health.append(time.perf_counter() - start)
+        time.sleep(0.2)
+    thread.join()
+    time.sleep(1)
+    rows.append((f"16 x 40-MP 16-bit PNGs in one request ({len(body) / 2**20:.1f} MB)",
+                 f"{result['status']} in {result['seconds']:.1f} s; health p100 {1000 * max(health):.0f} ms meanwhile; "
+                 f"RSS {before:.0f} -> peak {peak_rss_mib(pid):.0f} MiB, {current_rss_mib(pid):.0f} MiB after"))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=8.0, help="length of each load phase")
+    ap.add_argument("--concurrency", default="1,4,16,64,256")
+    ap.add_argument("--gallery", type=int, default=200, help="synthetic photos in the index")
+    args = ap.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "photos").mkdir()
+        for i in range(args.gallery):
+            (root / "photos" / f"{i}.jpg").write_bytes(photo(i))
+        env_cache = os.environ.setdefault("EMOLENS_CACHE", str(root / "cache"))
+        subprocess.run([sys.executable, "-m", "emolens", "index", str(root / "photos"), "--db", str(root / "db")],
+                       check=True, capture_output=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = start_server(root, port)
+        try:
+            uploads = [multipart([(f"q{i}.jpg", photo(10_000 + i))]) for i in range(32)]
+            emotions = ["amusement", "awe", "contentment", "excitement", "anger", "disgust", "fear", "sadness"]
+
+            def predict(rng):
+                body, ctype = rng.choice(uploads)
+                return "POST", "/api/predict", body, {"Content-Type": ctype}, 1
+
+            def mixed(rng):
+                x = rng.random()
+                if x < 0.6:
+                    return predict(rng)
+                if x < 0.8:
+                    return "GET", f"/api/search?emotion={rng.choice(emotions)}&k=12", None, {}, 0
+                if x < 0.9:
+                    body, ctype = rng.choice(uploads)
+                    body, ctype = body.replace(b'name="files"', b'name="file"'), ctype
+                    return "POST", "/api/search?k=12", body, {"Content-Type": ctype}, 1
+                return "GET", "/api/health", None, {}, 0
+
+            print(f"emolens serve, default model (ONNX Runtime), index of {args.gallery} photos; "
+                  f"{os.cpu_count()} CPUs shared by server and clients; {args.seconds:g} s per phase; cache {env_cache}")
+            print(f"{'traffic':8} {'conc':>4} {'req/s':>7} {'img/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
+                  f"{'peak RSS':>9}  statuses")
+            for name, make in (("predict", predict), ("mixed", mixed)):
+                for c in levels:
+                    r = run_phase(port, c, args.seconds, make)
+                    print(f"{name:8} {c:4d} {r['requests_per_s']:7.1f} {r['images_per_s']:7.1f} {r['p50']:8.1f} "
+                          f"{r['p95']:8.1f} {r['p99']:8.1f} {peak_rss_mib(server.pid):7.0f} M  "
+                          f"{dict(sorted(r['statuses'].items()))}", flush=True)
+
+            heat_body, heat_type = uploads[0]
+            reference = Client(port).request("POST", "/api/predict?heatmaps=true", heat_body, {"Content-Type": heat_type})
+            maps = []
+            heat = run_phase(port, 6, args.seconds, lambda rng: ("POST", "/api/predict?heatmaps=true", heat_body,
+                                                               {"Content-Type": heat_type}, 1))
+            for _ in range(6):
+                maps.append(Client(port).request("POST", "/api/predict?heatmaps=true", heat_body,
+                                                 {"Content-Type": heat_type}))
+            same = sum(m == reference for m in maps)
+            print(f"heat maps, 6 concurrent clients: {heat['requests_per_s']:.1f} req/s, p50 {heat['p50']:.0f} ms, "
+                  f"statuses {heat['statuses']}; {same}/{len(maps)} answers identical to a lone request's")
+            print("faults:")
+            for case, outcome in faults(root, port, server.pid):
+                print(f"  {case}: {outcome}")
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        graceful = "Application shutdown complete" in (root / "serve.log").read_text()
+        print(f"SIGTERM: {'graceful shutdown' if graceful else 'NO graceful shutdown'} "
+              f"(exit status {server.returncode}: uvicorn re-raises the signal once it has shut down)")
+
+
+if __name__ == "__main__":
+    main()
