@@ -123,3 +123,29 @@ def test_an_opened_image_of_another_format_is_refused(tmp_path):
         with pytest.raises(ImageLoadError, match="PPM images are not accepted"):
             load_image(opened)
     assert load_image(Image.new("RGB", (8, 8))).size == (8, 8)  # an image made in memory has no format
+
+
+def test_files_that_would_stall_a_read_are_reported_not_read(tmp_path):
+    """A FIFO or a link to a device named like a photo would block or never end; each is a reported failure."""
+    import os
+    import threading
+
+    from emolens.predict import Predictor
+    from helpers import tiny_model
+
+    os.mkfifo(tmp_path / "stall.jpg")
+    (tmp_path / "endless.png").symlink_to("/dev/zero")
+    Image.new("RGB", (20, 20), (9, 9, 9)).save(tmp_path / "fine.png")
+    outcome = {}
+
+    def run():
+        outcome["result"] = Predictor(tiny_model(), workers=2).predict(scan_images([tmp_path]).files)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "prediction hung on a file that never ends"
+    good, bad = outcome["result"]
+    assert [Path(p.source).name for p in good] == ["fine.png"]
+    assert {Path(e.source).name: e.reason for e in bad} == {"stall.jpg": "not a regular file",
+                                                          "endless.png": "not a regular file"}

@@ -12,7 +12,9 @@ the query's class (the emotion for mAP8 and the others, the polarity for mAP2). 
 - ANMRR (MPEG-7): ranks beyond ``K(q) = min(4 R, 2 max_q R)`` count as ``1.25 K(q)``;
   ``NMRR = (AVR - 0.5 - R/2) / (1.25 K - 0.5 - R/2)``; 0 is perfect, 1 is worst.
 
-Queries without any relevant gallery item are left out (they have no defined AP or recall).
+Queries without any relevant gallery item are left out (they have no defined AP or recall). Tied
+scores never favour the gallery's order: every figure is its expected value under a random order of
+each tie (exactly for AP, NN, FT, ST, DCG and F1; ANMRR from the expected relevance at each rank).
 """
 
 from __future__ import annotations
@@ -20,26 +22,65 @@ from __future__ import annotations
 import numpy as np
 
 
-def rank_gallery(queries: np.ndarray, gallery: np.ndarray, exclude_self: bool = False) -> np.ndarray:
-    """Gallery indices by decreasing inner product for each query, (Q, G); with ``exclude_self``
-    (leave-one-out, queries = gallery) a query's own item is put last and must be ignored."""
+#: Scores closer than this are ties (identical embeddings can differ in the last bits of a matrix product).
+TIE_TOLERANCE = 1e-6
+
+
+def rank_gallery(queries: np.ndarray, gallery: np.ndarray, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(gallery indices by decreasing inner product, the scores in that order), each (Q, G); with
+    ``exclude_self`` (leave-one-out, queries = gallery) a query's own item is put last and must be ignored."""
     scores = queries @ gallery.T
     if exclude_self:
         np.fill_diagonal(scores, -np.inf)
-    return np.argsort(-scores, axis=1, kind="stable")
+    ranking = np.argsort(-scores, axis=1, kind="stable")
+    return ranking, np.take_along_axis(scores, ranking, axis=1)
+
+
+def tie_groups(ranked_scores: np.ndarray) -> np.ndarray:
+    """(Q, G) ids of the runs of tied scores in each ranking, numbered 0, 1, ... from the top."""
+    steps = np.abs(np.diff(ranked_scores, axis=1)) > TIE_TOLERANCE
+    return np.concatenate([np.zeros((len(ranked_scores), 1), dtype=np.int64), np.cumsum(steps, axis=1)], axis=1)
 
 
 def relevance(ranking: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,
-              exclude_self: bool = False) -> np.ndarray:
-    """Boolean (Q, G') matrix: is the item at each rank relevant (G' = G - 1 when leaving one out)."""
-    rel = gallery_labels[ranking] == query_labels[:, None]
-    return rel[:, :-1] if exclude_self else rel
+              exclude_self: bool = False, groups: np.ndarray | None = None) -> np.ndarray:
+    """(Q, G') relevance of the item at each rank (G' = G - 1 when leaving one out). With tie ``groups``,
+    tied items share their mean relevance: the expected relevance at those ranks when the tie is broken
+    at random, so no figure depends on the order of the gallery."""
+    rel = (gallery_labels[ranking] == query_labels[:, None]).astype(np.float64)
+    if exclude_self:
+        rel = rel[:, :-1]
+    if groups is None:
+        return rel
+    out = np.empty_like(rel)
+    for i, (row, group) in enumerate(zip(rel, groups[:, :rel.shape[1]])):
+        out[i] = (np.bincount(group, weights=row) / np.bincount(group))[group]
+    return out
 
 
-def _average_precision(rel: np.ndarray) -> np.ndarray:
-    hits = np.cumsum(rel, axis=1)
-    ranks = np.arange(1, rel.shape[1] + 1)
-    return (hits / ranks * rel).sum(1) / rel.sum(1)
+def _average_precision(rel: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+    """AP per query; with tie ``groups``, its expected value over random orders of each tie (McSherry and
+    Najork, ECIR 2008): a relevant item at offset o of a tie of n items with r relevant has, in expectation,
+    R_before + o (r - 1) / (n - 1) + 1 relevant items at or above it."""
+    n = rel.shape[1]
+    ranks = np.arange(1, n + 1)
+    if groups is None:
+        return (np.cumsum(rel, axis=1) / ranks * rel).sum(1) / rel.sum(1)
+    out = np.empty(len(rel))
+    for i, (row, group) in enumerate(zip(rel, groups[:, :n])):
+        size = np.bincount(group)
+        relevant = np.bincount(group, weights=row)
+        before = np.cumsum(relevant) - relevant
+        start = np.cumsum(size) - size
+        offset = np.arange(n) - start[group]
+        share = np.where(size > 1, (relevant - 1) / np.maximum(size - 1, 1), 0.0)[group]
+        out[i] = (row * (before[group] + offset * share + 1) / ranks).sum() / row.sum()
+    return out
+
+
+def _relevant_counts(rel: np.ndarray) -> np.ndarray:
+    """Relevant items per query (tie-averaged relevance still sums to a whole number)."""
+    return np.rint(rel.sum(1)).astype(np.int64)
 
 
 def _dcg(rel: np.ndarray) -> np.ndarray:
@@ -47,30 +88,32 @@ def _dcg(rel: np.ndarray) -> np.ndarray:
     discount = np.ones(n)
     discount[1:] = 1 / np.log2(np.arange(2, n + 1))
     gained = (rel * discount).sum(1)
-    ideal = np.cumsum(discount)[rel.sum(1) - 1]
+    ideal = np.cumsum(discount)[_relevant_counts(rel) - 1]
     return gained / ideal
 
 
 def _anmrr(rel: np.ndarray) -> float:
-    counts = rel.sum(1)
+    counts = _relevant_counts(rel)
     gtm = counts.max()
+    ranks = np.arange(1, rel.shape[1] + 1, dtype=np.float64)
     nmrr = []
     for row, ng in zip(rel, counts):
         k = min(4 * ng, 2 * gtm)
-        ranks = np.flatnonzero(row) + 1.0
-        ranks[ranks > k] = 1.25 * k
-        avr = ranks.sum() / ng
+        avr = (row * np.where(ranks > k, 1.25 * k, ranks)).sum() / ng  # relevance-weighted mean rank
         nmrr.append((avr - 0.5 - ng / 2) / (1.25 * k - 0.5 - ng / 2))
     return float(np.mean(nmrr))
 
 
-def retrieval_report(rel_emotion: np.ndarray, rel_polarity: np.ndarray | None = None, f1_k: int = 32) -> dict[str, float]:
-    """All metrics from relevance matrices (rank order, one row per query)."""
+def retrieval_report(rel_emotion: np.ndarray, rel_polarity: np.ndarray | None = None, f1_k: int = 32,
+                     groups: np.ndarray | None = None) -> dict[str, float]:
+    """All metrics from relevance matrices (rank order, one row per query; tie-averaged with ``groups``)."""
+    rel_emotion = np.asarray(rel_emotion, dtype=np.float64)
     usable = rel_emotion.sum(1) > 0
     rel = rel_emotion[usable]
+    rel_groups = None if groups is None else groups[usable]
     if not len(rel):
         raise ValueError("no query has a relevant gallery item")
-    counts = rel.sum(1)
+    counts = _relevant_counts(rel)
     hits = np.cumsum(rel, axis=1)
     n = rel.shape[1]
     first = hits[np.arange(len(rel)), np.minimum(counts, n) - 1]
@@ -80,7 +123,7 @@ def retrieval_report(rel_emotion: np.ndarray, rel_polarity: np.ndarray | None = 
     with np.errstate(invalid="ignore", divide="ignore"):
         f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
     out = {
-        "map8": float(_average_precision(rel).mean()),
+        "map8": float(_average_precision(rel, rel_groups).mean()),
         "nn": float(rel[:, 0].mean()),
         "ft": float((first / counts).mean()),
         "st": float((second / counts).mean()),
@@ -90,8 +133,10 @@ def retrieval_report(rel_emotion: np.ndarray, rel_polarity: np.ndarray | None = 
         "queries": float(len(rel)),
     }
     if rel_polarity is not None:
-        polar = rel_polarity[rel_polarity.sum(1) > 0]
-        out["map2"] = float(_average_precision(polar).mean()) if len(polar) else float("nan")
+        rel_polarity = np.asarray(rel_polarity, dtype=np.float64)
+        polar = rel_polarity.sum(1) > 0
+        out["map2"] = (float(_average_precision(rel_polarity[polar], None if groups is None else groups[polar]).mean())
+                       if polar.any() else float("nan"))
     return out
 
 
@@ -102,9 +147,10 @@ def evaluate_retrieval(query_embeddings: np.ndarray, query_labels: np.ndarray, g
     leave_one_out = gallery_embeddings is None
     if leave_one_out:
         gallery_embeddings, gallery_labels = query_embeddings, query_labels
-    ranking = rank_gallery(query_embeddings, gallery_embeddings, exclude_self=leave_one_out)
-    rel_e = relevance(ranking, query_labels, gallery_labels, leave_one_out)
+    ranking, scores = rank_gallery(query_embeddings, gallery_embeddings, exclude_self=leave_one_out)
+    groups = tie_groups(scores[:, :-1] if leave_one_out else scores)
+    rel_e = relevance(ranking, query_labels, gallery_labels, leave_one_out, groups)
     pol = np.array([-1 if p is None else p for p in polarity])
     q_pol, g_pol = pol[query_labels], pol[gallery_labels]
-    rel_p = relevance(ranking, q_pol, g_pol, leave_one_out) & (q_pol[:, None] >= 0)
-    return retrieval_report(rel_e, rel_p, f1_k)
+    rel_p = relevance(ranking, q_pol, g_pol, leave_one_out, groups) * (q_pol[:, None] >= 0)
+    return retrieval_report(rel_e, rel_p, f1_k, groups)

@@ -35,7 +35,7 @@ def test_leave_one_out_and_polarity_map():
     emb = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], dtype=np.float32)
     labels = np.array([0, 0, 4, 5])
     polarity = [1, 1, 1, 1, 0, 0, 0, 0]
-    ranking = rank_gallery(emb, emb, exclude_self=True)
+    ranking, _ = rank_gallery(emb, emb, exclude_self=True)
     assert ranking[0, 0] == 1 and ranking[0, -1] == 0  # a query never finds itself
     report = evaluate_retrieval(emb, labels, None, None, polarity)
     assert report["nn"] == pytest.approx(1)  # classes 4 and 5 have no same-class partner: left out
@@ -46,7 +46,8 @@ def test_queries_against_a_gallery():
     gallery = np.eye(3, dtype=np.float32)
     report = evaluate_retrieval(np.array([[0, 1, 0]], dtype=np.float32), np.array([1]), gallery, np.array([0, 1, 1]),
                                 [1, 0])
-    assert report["nn"] == 1 and report["map8"] == pytest.approx((1 + 2 / 3) / 2)
+    # items 0 and 2 tie behind item 1: AP is the mean over both orders, ((1 + 2/3) / 2 + 1) / 2
+    assert report["nn"] == 1 and report["map8"] == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
 
 
 def test_benchmark_scores_retrieval_per_fold(tmp_path):
@@ -63,3 +64,46 @@ def test_benchmark_scores_retrieval_per_fold(tmp_path):
     for fold in results["models"]["apse:loss=npair"]["folds"]:
         assert set(RETRIEVAL_HEADLINE) <= set(fold)
         assert 0 <= fold["map8"] <= 1 and 0 <= fold["anmrr"] <= 1
+
+
+def test_tied_scores_never_depend_on_the_gallery_order():
+    """80 identical embeddings over a class-sorted gallery: every ranking is one big tie, so mAP is the
+    chance level (the class's share), whatever the gallery's order."""
+    labels = np.repeat(np.arange(4), 20)
+    same = np.ones((80, 8), dtype=np.float32) / np.sqrt(8)
+    polarity = [1, 1, 0, 0, 1, 1, 0, 0]
+    report = evaluate_retrieval(same, labels, None, None, polarity)
+
+    def chance_ap(relevant: int, n: int) -> float:  # mean AP of random orders, by sampling
+        rng = np.random.default_rng(0)
+        aps = []
+        for _ in range(4000):
+            rel = rng.permutation(n) < relevant
+            aps.append((np.cumsum(rel) / np.arange(1, n + 1))[rel].mean())
+        return float(np.mean(aps))
+
+    assert report["map8"] == pytest.approx(chance_ap(19, 79), abs=3e-3)  # 19 of the other 79 share the class
+    assert report["map2"] == pytest.approx(chance_ap(39, 79), abs=3e-3)
+    assert report["nn"] == pytest.approx(19 / 79) and report["ft"] == pytest.approx(19 / 79)
+    order = np.random.default_rng(0).permutation(80)
+    shuffled = evaluate_retrieval(same[order], labels[order], None, None, polarity)
+    for key, value in report.items():
+        assert shuffled[key] == pytest.approx(value), key
+    gallery = evaluate_retrieval(same[:8], np.arange(8) % 4, same, labels, polarity)
+    assert gallery["map8"] == pytest.approx(chance_ap(20, 80), abs=3e-3)
+
+
+def test_tie_aware_ap_is_the_mean_over_orders():
+    """A small case checked by enumerating every order of the tie."""
+    from itertools import permutations
+
+    scores = np.array([[0.9, 0.5, 0.5, 0.5, 0.1]])
+    labels = np.array([1, 0, 1, 1, 0])
+    want = []
+    for order in permutations([1, 2, 3]):
+        rel = labels[[0, *order, 4]] == 1
+        hits = np.cumsum(rel)
+        want.append((hits / np.arange(1, 6))[rel].mean())
+    query, gallery = np.array([[1.0]]), scores.T
+    report = evaluate_retrieval(query, np.array([1]), gallery, labels, [1, 0])
+    assert report["map8"] == pytest.approx(np.mean(want))
