@@ -117,7 +117,7 @@ def live(model):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(model, None, Limits(max_upload_bytes=100_000, max_files=2))
+    app = create_app(model, None, Limits(max_upload_bytes=100_000, max_files=2, body_timeout=0.5))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=QuickHeaderTimeout,
                                            limit_concurrency=40, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -188,3 +188,11 @@ def test_silent_connections_are_closed_and_others_still_served(live):
     finally:
         for s in silent:
             s.close()
+
+
+def test_a_client_that_stops_sending_its_body_gets_408(live):
+    head = (b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+            b"Content-Length: 5000\r\n\r\n")
+    started = time.perf_counter()
+    answer = request_head(live, head, b"--x\r\n")  # then nothing more
+    assert answer.startswith(b"HTTP/1.1 408") and time.perf_counter() - started < 3
