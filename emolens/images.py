@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -64,15 +65,38 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def normalise_image(img: Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS, path=None) -> Image.Image:
-    """First frame, EXIF orientation applied, RGB; the format and size are checked before pixels are decoded."""
-    if img.format is not None and img.format not in ACCEPTED_FORMATS:
-        raise ImageLoadError(path, f"{img.format} images are not accepted (only {ACCEPTED_NAMES})")
-    w, h = img.size
+def _check_size(size: tuple[int, int], max_pixels: int, path) -> None:
+    w, h = size
     if w < 1 or h < 1:
         raise ImageLoadError(path, f"image has no pixels ({w}x{h})")
     if w * h > max_pixels:
         raise ImageLoadError(path, f"image is too large: {w}x{h} = {w * h:,} pixels > limit {max_pixels:,} (decompression bomb?)")
+
+
+@contextmanager
+def _accepted_image(fp, path):
+    """Pillow's ``Image.open`` limited to the accepted formats; every failure, also while the image is
+    used, as :class:`ImageLoadError`."""
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit decides; PIL's warning would only repeat it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield Image.open(fp, formats=ACCEPTED_FORMATS)
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(path, f"image is too large (decompression bomb?): {e}") from e
+    except UnidentifiedImageError as e:
+        raise ImageLoadError(path, f"not an image file in an accepted format ({ACCEPTED_NAMES})") from e
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise ImageLoadError(path, f"cannot decode image: {e}") from e
+
+
+def normalise_image(img: Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS, path=None) -> Image.Image:
+    """First frame, EXIF orientation applied, RGB; the format and size are checked before pixels are decoded."""
+    if img.format is not None and img.format not in ACCEPTED_FORMATS:
+        raise ImageLoadError(path, f"{img.format} images are not accepted (only {ACCEPTED_NAMES})")
+    _check_size(img.size, max_pixels, path)
     if getattr(img, "is_animated", False):
         img.seek(0)
     try:
@@ -108,21 +132,8 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int 
             fp = open(path, "rb")
         except OSError as e:
             raise ImageLoadError(path, f"cannot open file: {e.strerror or e}") from e
-    with fp:
-        try:
-            with warnings.catch_warnings():
-                # Our own pixel limit decides; PIL's warning would only repeat it.
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(fp, formats=ACCEPTED_FORMATS)
-                return normalise_image(img, max_pixels, path)
-        except ImageLoadError:
-            raise
-        except Image.DecompressionBombError as e:
-            raise ImageLoadError(path, f"image is too large (decompression bomb?): {e}") from e
-        except UnidentifiedImageError as e:
-            raise ImageLoadError(path, f"not an image file in an accepted format ({ACCEPTED_NAMES})") from e
-        except (OSError, ValueError, SyntaxError, EOFError) as e:
-            raise ImageLoadError(path, f"cannot decode image: {e}") from e
+    with fp, _accepted_image(fp, path) as img:
+        return normalise_image(img, max_pixels, path)
 
 
 def declared_pixels(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
@@ -130,21 +141,9 @@ def declared_pixels(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
     for data that is not an accepted image or declares more than ``max_pixels``."""
     if not data:
         raise ImageLoadError(None, "empty data (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as img:
-                w, h = img.size
-    except Image.DecompressionBombError as e:
-        raise ImageLoadError(None, f"image is too large (decompression bomb?): {e}") from e
-    except UnidentifiedImageError as e:
-        raise ImageLoadError(None, f"not an image file in an accepted format ({ACCEPTED_NAMES})") from e
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise ImageLoadError(None, f"cannot decode image: {e}") from e
-    if w * h > max_pixels:
-        raise ImageLoadError(None, f"image is too large: {w}x{h} = {w * h:,} pixels > limit {max_pixels:,} "
-                                   "(decompression bomb?)")
-    return w * h
+    with _accepted_image(io.BytesIO(data), None) as img:
+        _check_size(img.size, max_pixels, None)
+        return img.size[0] * img.size[1]
 
 
 @dataclass
