@@ -122,13 +122,15 @@ def datasets_info(
 
 
 def _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience, init=None,
-            init_parts=None):
+            init_parts=None, device="auto", precision="fp32", channels_last=False):
     from .engine import TrainConfig
 
     parts = tuple(p.strip() for p in init_parts.split(",") if p.strip()) if init_parts else None
-    return TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, freeze_backbone=freeze_backbone,
-                       workers=workers, seed=seed, select=select, patience=patience or None, init=init,
-                       init_parts=parts)
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, freeze_backbone=freeze_backbone,
+                         workers=workers, seed=seed, select=select, patience=patience or None, init=init,
+                         init_parts=parts, device=device, precision=precision, channels_last=channels_last)
+    config.placement()  # an unknown or absent device is an error before any work
+    return config
 
 
 EPOCHS = typer.Option(30, help="Training epochs.")
@@ -145,6 +147,11 @@ INIT = typer.Option(None, "--init", help="Start from this run's weights (transfe
 INIT_PARTS = typer.Option(None, "--init-parts", help="Take only these parts (submodules, comma-separated, e.g. "
                           "detector,cam_head) from --init; the rest of the model may differ.")
 TASK = typer.Option("emotion", help="emotion (the dataset's classes), polarity, or distribution.")
+DEVICE = typer.Option("auto", help="auto (CUDA when present; under torchrun the GPU of LOCAL_RANK), cpu, cuda, "
+                      "cuda:N or mps.")
+PRECISION = typer.Option("fp32", help="fp32, bf16 (autocast; CPUs and recent GPUs) or fp16 (autocast with a "
+                         "gradient scaler; GPUs).")
+CHANNELS_LAST = typer.Option(False, "--channels-last", help="NHWC memory format for convolutional backbones.")
 
 
 @app.command()
@@ -160,7 +167,8 @@ def train(
     backbone_weights: str = typer.Option("imagenet", help="'imagenet' (bundled), a local weights file, or 'none'."),
     freeze_backbone: bool = FREEZE, epochs: int = EPOCHS, batch_size: int = BATCH, optimizer: str = OPTIM,
     lr: float = LR, workers: int = WORKERS, seed: int = SEED, select: str = SELECT, patience: int = PATIENCE,
-    init: str = INIT, init_parts: str = INIT_PARTS,
+    init: str = INIT, init_parts: str = INIT_PARTS, device: str = DEVICE, precision: str = PRECISION,
+    channels_last: bool = CHANNELS_LAST,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its last checkpoint."),
 ) -> None:
     """Train a model; the checkpoint is chosen on validation data, then scored once on the test part."""
@@ -187,7 +195,8 @@ def train(
 
         torch.manual_seed(seed)  # the head's initial weights are part of what the seed fixes
         net = create_model(model, taxonomy=ds.taxonomy, task=task, backbone=backbone, backbone_weights=weights)
-        config = _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience, init, init_parts)
+        config = _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience, init, init_parts,
+                         device, precision, channels_last)
         chosen = proto.folds[fold]
         result = fit(net, ds, chosen, out, config, resume=resume)
         if is_main():
@@ -213,7 +222,8 @@ def evaluate(
     run: Path = typer.Argument(..., help="Run folder or .safetensors checkpoint."),
     data: str = typer.Option(None, help="KIND=ROOT[:...]; default: the dataset the model was trained on."),
     split: str = typer.Option("test", help="test, val or train part of the run's split; 'all' for every sample."),
-    batch_size: int = BATCH, workers: int = WORKERS,
+    batch_size: int = BATCH, workers: int = WORKERS, device: str = DEVICE, precision: str = PRECISION,
+    channels_last: bool = CHANNELS_LAST,
 ) -> None:
     """Score a trained model on a part of its split, or on all of another dataset."""
     from .data import load_dataset
@@ -232,7 +242,9 @@ def evaluate(
             rows = model.meta["split"][split]
         else:
             fail(f"the split part {split!r} belongs to the training dataset; use --split all for another dataset")
-        metrics = evaluate_model(model, ds, rows, TrainConfig(batch_size=batch_size, workers=workers))
+        config = TrainConfig(batch_size=batch_size, workers=workers, device=device, precision=precision,
+                             channels_last=channels_last)
+        metrics = evaluate_model(model, ds, rows, config)
     except CANNOT_RUN as e:
         fail(str(e))
     table = Table(title=f"{run} on {spec} ({split}, {int(metrics.pop('n'))} images)")
@@ -253,7 +265,8 @@ def benchmark(
     backbone_weights: str = typer.Option("imagenet", help="'imagenet' (bundled), a local weights file, or 'none'."),
     freeze_backbone: bool = FREEZE, epochs: int = EPOCHS, batch_size: int = BATCH, optimizer: str = OPTIM,
     lr: float = LR, workers: int = WORKERS, seed: int = SEED, select: str = SELECT, patience: int = PATIENCE,
-    init: str = INIT, init_parts: str = INIT_PARTS,
+    init: str = INIT, init_parts: str = INIT_PARTS, device: str = DEVICE, precision: str = PRECISION,
+    channels_last: bool = CHANNELS_LAST,
     retrieval: bool = typer.Option(False, "--retrieval", help="Also score retrieval: test images query the "
                                    "training images by embedding (mAP8, mAP2, NN, FT, ST, DCG, F1, ANMRR)."),
 ) -> None:
@@ -264,7 +277,8 @@ def benchmark(
     specs = split_model_list(models)
     try:
         ds = load_dataset(data)
-        config = _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience, init, init_parts)
+        config = _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience, init, init_parts,
+                         device, precision, channels_last)
         weights = None if backbone_weights.lower() == "none" else backbone_weights
         results = run_benchmark(ds, specs, task, out, folds, seed, config, backbone, weights, progress=True,
                                 log=lambda m: err_console.print(m), retrieval=retrieval)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -97,10 +98,10 @@ def collate_images(items: list[dict]) -> dict[str, Any]:
 
 
 def image_loader(paths, transform, batch_size: int, workers: int, shuffle: bool = False, generator=None,
-                 sampler=None, max_pixels: int = DEFAULT_MAX_PIXELS) -> DataLoader:
+                 sampler=None, max_pixels: int = DEFAULT_MAX_PIXELS, pin_memory: bool = False) -> DataLoader:
     return DataLoader(ImageFiles(paths, transform, max_pixels), batch_size=batch_size, shuffle=shuffle and sampler is None,
                       num_workers=workers, collate_fn=collate_images, generator=generator, sampler=sampler,
-                      persistent_workers=False, prefetch_factor=4 if workers else None)
+                      persistent_workers=False, prefetch_factor=4 if workers else None, pin_memory=pin_memory)
 
 
 @dataclass
@@ -174,11 +175,13 @@ def cache_key(paths: Sequence[Path], backbone, keys: Sequence[str]) -> dict:
 
 @torch.inference_mode()
 def compute_features(backbone, paths: Sequence[Path], keys: Sequence[str], batch_size: int = 32, workers: int = 2,
-                     progress: bool = True) -> FeatureCache:
-    """Run the (frozen) backbone once over ``paths``; unusable images are recorded, not fatal."""
+                     progress: bool = True, placement=None) -> FeatureCache:
+    """Run the (frozen) backbone once over ``paths`` (on ``placement``'s device); unusable images are
+    recorded, not fatal. The features are kept in fp16 on the CPU."""
     was_training = backbone.training
     backbone.eval()
-    loader = image_loader(paths, eval_transform(backbone.preprocessing), batch_size, workers)
+    loader = image_loader(paths, eval_transform(backbone.preprocessing), batch_size, workers,
+                          pin_memory=placement is not None and placement.pin_memory)
     stores: dict[str, list[torch.Tensor]] = {}
     is_list: dict[str, bool] = {}
     errors = {}
@@ -187,7 +190,9 @@ def compute_features(backbone, paths: Sequence[Path], keys: Sequence[str], batch
         for batch in loader:
             errors.update({i: r for i, r in batch["errors"]})
             if len(batch["index"]):
-                out = backbone(batch["image"])
+                images = batch["image"] if placement is None else placement.tensor(batch["image"])
+                with placement.autocast() if placement is not None else nullcontext():
+                    out = backbone(images)
                 idx = batch["index"]
                 for key in keys:
                     is_list[key] = isinstance(out[key], list)
@@ -195,7 +200,7 @@ def compute_features(backbone, paths: Sequence[Path], keys: Sequence[str], batch
                     if key not in stores:
                         stores[key] = [torch.zeros(len(paths), *t.shape[1:], dtype=torch.float16) for t in parts]
                     for store, t in zip(stores[key], parts):
-                        store[idx] = t.half()
+                        store[idx] = t.half().cpu()
             bar.update(task, advance=len(batch["index"]) + len(batch["errors"]))
     backbone.train(was_training)
     if not stores:

@@ -9,11 +9,14 @@ import torch
 import torch.distributed as dist
 
 
-def init_distributed() -> tuple[int, int]:
-    """(rank, world size); joins the process group when started by torchrun (gloo on CPU, nccl on GPU)."""
+def init_distributed(backend: str = "gloo") -> tuple[int, int]:
+    """(rank, world size); joins the process group when started by torchrun (``backend``: nccl for CUDA
+    tensors, gloo for CPU ones; each process's GPU is its ``LOCAL_RANK``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1

@@ -36,6 +36,7 @@ from ..taxonomy import MIKELS_WHEEL_ORDER, Taxonomy, wheel_steps
 from ..weights import init_from, model_state, save_model
 from .data import FeatureCache, Targets, class_balanced_batches, batch_targets, cache_key, compute_features, image_loader, task_targets_arrays
 from .distributed import barrier, gather, init_distributed, is_main, sync_buffers
+from .placement import Placement
 
 console = Console(stderr=True)
 
@@ -59,6 +60,12 @@ class TrainConfig:
     seed: int = 0
     init: str | None = None  # start from this run's (or checkpoint's) weights: transfer learning
     init_parts: tuple[str, ...] | None = None  # only these submodules from ``init`` (e.g. a detector)
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N, mps
+    precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 with a gradient scaler)
+    channels_last: bool = False  # NHWC memory format, faster for convolutions on GPUs and recent CPUs
+
+    def placement(self) -> Placement:
+        return Placement.resolve(self.device, self.precision, self.channels_last)
 
     def learning_rate(self) -> float:
         if self.lr is not None:
@@ -120,7 +127,8 @@ class _Batches:
     """Yields ``(inputs, index, errors)`` for sample rows, from the feature cache or by decoding images."""
 
     def __init__(self, dataset: EmotionDataset, cache: FeatureCache | None, config: TrainConfig, model: EmotionModel,
-                 balanced_labels: np.ndarray | None = None):
+                 placement: Placement, balanced_labels: np.ndarray | None = None):
+        self.placement = placement  # batches come out on its device
         self.paths = [s.path for s in dataset.samples]
         self.balanced_labels = balanced_labels  # training batches of P classes x M images (metric losses)
         missing = [k for k in model.extra_keys if k not in dataset.extras]
@@ -148,7 +156,7 @@ class _Batches:
                 order = order[rank::world]
                 chunks = [order[start:start + bs] for start in range(0, len(order), bs)]
             for idx in chunks:
-                yield {**self.cache.batch(idx), **self._extras(idx)}, idx, []
+                yield self.placement.batch({**self.cache.batch(idx), **self._extras(idx)}), idx, []
             return
         if balanced:
             batches = class_balanced_batches(rows, self.balanced_labels, bs, epoch_seed)[rank::world]
@@ -160,13 +168,14 @@ class _Batches:
         if world > 1:
             sampler = DistributedSampler(range(len(paths)), num_replicas=world, rank=rank, shuffle=train, seed=epoch_seed)
         loader = image_loader(paths, self.train_tf if train else self.eval_tf, bs, self.config.workers,
-                              shuffle=train and not balanced, generator=generator, sampler=sampler)
+                              shuffle=train and not balanced, generator=generator, sampler=sampler,
+                              pin_memory=self.placement.pin_memory)
         lookup = torch.as_tensor(rows, dtype=torch.long)
         for batch in loader:
             errors = [(rows[i], reason) for i, reason in batch["errors"]]
             if len(batch["index"]):
                 idx = lookup[batch["index"]]
-                yield {"images": batch["image"], **self._extras(idx)}, idx, errors
+                yield self.placement.batch({"images": batch["image"], **self._extras(idx)}), idx, errors
             elif errors:
                 yield None, None, errors
 
@@ -176,7 +185,7 @@ class _Batches:
 
 
 def feature_cache(model: EmotionModel, dataset: EmotionDataset, cache_dir: Path, config: TrainConfig,
-                  progress: bool = True) -> FeatureCache:
+                  progress: bool = True, placement: Placement | None = None) -> FeatureCache:
     """The backbone features of every sample of ``dataset``, computed once and kept under ``cache_dir``."""
     paths = [s.path for s in dataset.samples]
     keys = list(model.feature_keys)
@@ -187,7 +196,8 @@ def feature_cache(model: EmotionModel, dataset: EmotionDataset, cache_dir: Path,
     cache = FeatureCache.load(path, meta)
     if cache is None:
         if is_main():
-            cache = compute_features(model.backbone, paths, keys, config.batch_size, config.workers, progress)
+            cache = compute_features(model.backbone, paths, keys, config.batch_size, config.workers, progress,
+                                     placement or config.placement())
             cache.save(path, meta)
         barrier()
         if cache is None:
@@ -243,22 +253,26 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
     """Train ``model`` on ``fold.train``, choose the epoch on ``fold.val``; ``fold.test`` is not looked at."""
     config = config or TrainConfig()
     out_dir = Path(out_dir)
-    rank, world = init_distributed()
+    placement = config.placement()
+    rank, world = init_distributed(placement.distributed_backend())
     torch.manual_seed(config.seed)
     task = model.task
     targets = {**task_targets_arrays(dataset, task), **model_targets_arrays(model, dataset)}
-    loss_fn = build_loss(model.spec["loss"]["name"], model.taxonomy, **model.spec["loss"]["args"])
+    loss_fn = placement.model(build_loss(model.spec["loss"]["name"], model.taxonomy, **model.spec["loss"]["args"]))
     if config.init:  # before any feature is cached: a frozen backbone's features are the transferred one's
         init_from(model, config.init, config.init_parts)
+    placement.model(model)
 
     if config.freeze_backbone:
         for p in model.backbone.parameters():
             p.requires_grad_(False)
-        cache = feature_cache(model, dataset, Path(cache_dir or out_dir / "cache"), config, progress and is_main())
+        cache = feature_cache(model, dataset, Path(cache_dir or out_dir / "cache"), config, progress and is_main(),
+                              placement)
     else:
         cache = None
     balanced = getattr(loss_fn, "needs_class_balanced_batches", False)
-    batches = _Batches(dataset, cache, config, model, targets["label"] if balanced else None)
+    batches = _Batches(dataset, cache, config, model, placement, targets["label"] if balanced else None)
+    scaler = placement.grad_scaler()
     params = [p for p in model.parameters() if p.requires_grad]
     lr = config.learning_rate()
     if config.optimizer == "sgd":
@@ -296,7 +310,8 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
     if world > 1:
         # A model that freezes parts of itself between epochs leaves parameters without gradients.
         staged = type(model).start_epoch is not EmotionModel.start_epoch
-        runner = DistributedDataParallel(runner, find_unused_parameters=staged)
+        runner = DistributedDataParallel(runner, find_unused_parameters=staged,
+                                         device_ids=[placement.device.index] if placement.device.type == "cuda" else None)
     t0 = time.perf_counter()
     sign = SELECT[config.select]
     for epoch in range(start_epoch, config.epochs):
@@ -316,12 +331,14 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
                 bad_images.update(errors)
                 if inputs is None:
                     continue
-                batch = batch_targets(targets, idx)
-                outputs = runner({**inputs, "targets": batch})  # a head may train parts of itself on them
-                loss = loss_fn(outputs, batch) + sum(outputs.get("losses", {}).values())
+                batch = placement.batch(batch_targets(targets, idx))
+                with placement.autocast():
+                    outputs = runner({**inputs, "targets": batch})  # a head may train parts of itself on them
+                    loss = loss_fn(outputs, batch) + sum(outputs.get("losses", {}).values())
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
                 total += float(loss.detach()) * len(idx)
                 count += len(idx)
                 bar.update(bar_task, advance=len(idx) * world, loss=total / max(count, 1))
@@ -367,11 +384,12 @@ def evaluate_rows(model: EmotionModel, batches: _Batches, rows: list[int], targe
         errors.update(errs)
         if inputs is None:
             continue
-        outputs = run_model(model, inputs, batches.cache is not None)
-        if loss_fn is not None:
-            losses.append(float(loss_fn(outputs, batch_targets(targets, idx))) * len(idx))
+        with batches.placement.autocast():
+            outputs = run_model(model, inputs, batches.cache is not None)
+            if loss_fn is not None:
+                losses.append(float(loss_fn(outputs, batches.placement.batch(batch_targets(targets, idx)))) * len(idx))
         seen.append(idx.numpy())
-        probs.append(outputs["logits"].float().softmax(-1).numpy())
+        probs.append(outputs["logits"].float().softmax(-1).cpu().numpy())
     parts = gather((seen, probs, losses, errors))
     seen = np.concatenate([a for p in parts for a in p[0]] or [np.zeros(0, dtype=np.int64)])
     probs = np.concatenate([a for p in parts for a in p[1]] or [np.zeros((0, model.num_classes))])
@@ -400,9 +418,13 @@ def check_labels_fit(model: EmotionModel, dataset: EmotionDataset) -> None:
 
 def _batches_for(model: EmotionModel, dataset: EmotionDataset, config: TrainConfig, cache_dir: str | Path | None,
                  progress: bool) -> _Batches:
-    """Batches for scoring: from the frozen backbone's feature cache when there is one, else from images."""
-    cache = feature_cache(model, dataset, Path(cache_dir), config, progress) if cache_dir and config.freeze_backbone else None
-    return _Batches(dataset, cache, config, model)
+    """Batches for scoring, on the configured device with ``model`` moved there: from the frozen backbone's
+    feature cache when there is one, else from images."""
+    placement = config.placement()
+    placement.model(model)
+    cache = (feature_cache(model, dataset, Path(cache_dir), config, progress, placement)
+             if cache_dir and config.freeze_backbone else None)
+    return _Batches(dataset, cache, config, model, placement)
 
 
 def evaluate(model: EmotionModel, dataset: EmotionDataset, rows: list[int], config: TrainConfig | None = None,
@@ -433,8 +455,9 @@ def embed(model: EmotionModel, dataset: EmotionDataset, row_sets: Sequence[list[
             if inputs is None:
                 continue
             seen.append(idx.numpy())
-            embedding = run_model(model, inputs, batches.cache is not None)["embedding"].float()
-            vectors.append(torch.nn.functional.normalize(embedding, dim=1).numpy())
+            with batches.placement.autocast():
+                embedding = run_model(model, inputs, batches.cache is not None)["embedding"].float()
+            vectors.append(torch.nn.functional.normalize(embedding, dim=1).cpu().numpy())
         if not seen:
             raise RuntimeError("no usable image to embed")
         out.append((np.concatenate(seen), np.concatenate(vectors)))

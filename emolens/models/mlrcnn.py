@@ -245,5 +245,5 @@ class MLRCNN(EmotionModel):
         if "cam" not in outputs:
             return {}
         top = outputs["logits"].argmax(-1)
-        cam = outputs["cam"][torch.arange(len(top)), top]
+        cam = outputs["cam"][torch.arange(len(top), device=top.device), top]
         return {"class activation": cam.clamp_min(0)}

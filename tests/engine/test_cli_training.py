@@ -86,3 +86,18 @@ def test_evaluate_refuses_a_dataset_of_other_classes_before_any_work(tmp_path, m
     assert result.exit_code == EXIT_ERROR
     said = " ".join(result.output.split())
     assert "mikels" in said and "emotion6" in said and "Traceback" not in said
+
+
+def test_train_takes_device_and_precision_and_refuses_an_absent_gpu(tmp_path, monkeypatch):
+    import torch
+
+    spec = make_ldl_dataset(tmp_path / "data", per_class=6)
+    args = ["train", "--model", "global", "--data", spec, "--epochs", "1", "--backbone-weights", "none", *TINY]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "bf16"), "--device", "cpu", "--precision", "bf16",
+                                 "--channels-last"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "bf16" / "best.json").read_text())["train_config"]["precision"] == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "gpu"), "--device", "cuda"])
+    assert result.exit_code == EXIT_ERROR and "no CUDA GPU" in " ".join(result.output.split())
+    assert not (tmp_path / "gpu" / "best.safetensors").exists()
