@@ -152,6 +152,8 @@ DEVICE = typer.Option("auto", help="auto (CUDA when present; under torchrun the 
 PRECISION = typer.Option("fp32", help="fp32, bf16 (autocast; CPUs and recent GPUs) or fp16 (autocast with a "
                          "gradient scaler; GPUs).")
 CHANNELS_LAST = typer.Option(False, "--channels-last", help="NHWC memory format for convolutional backbones.")
+INFER_DEVICE = typer.Option("cpu", help="cpu (the default: ONNX Runtime where the model exports), or auto, cuda, "
+                            "cuda:N, mps to run the PyTorch model there.")
 
 
 @app.command()
@@ -355,6 +357,7 @@ def predict(
     batch_size: int = BATCH,
     workers: int = typer.Option(None, help="Decoding threads (default: CPUs, at most 4; 0 decodes in line)."),
     backend: str = typer.Option("auto", help="auto (ONNX Runtime where the model exports), onnx or torch."),
+    device: str = INFER_DEVICE,
     demo: bool = typer.Option(False, "--demo", help="Run on sample photos that scikit-learn ships."),
 ) -> None:
     """Which emotions each image evokes: top emotion, its probability, polarity and the full distribution.
@@ -375,7 +378,7 @@ def predict(
         fail("no images given: name files or folders, '-' for a list on stdin, or --demo")
     scan = scan_images(inputs)
     try:
-        predictor = open_predictor(model, batch_size=batch_size, workers=workers, backend=backend)
+        predictor = open_predictor(model, batch_size=batch_size, workers=workers, backend=backend, device=device)
     except Exception as e:  # any failure to build the model means nothing can run
         fail(f"cannot load model {model or 'default'}: {e}")
     good, bad, interrupted = [], [PredictionError(e.path, e.reason) for e in scan.errors], False
@@ -440,13 +443,14 @@ def index(
     model: str = typer.Option(None, help="Run folder, .safetensors or .onnx file (default: the embedded model)."),
     batch_size: int = BATCH,
     backend: str = typer.Option("auto", help="auto, onnx or torch."),
+    device: str = INFER_DEVICE,
 ) -> None:
     """Embed a folder tree into a persistent affective index; re-running adds, updates and drops files.
     A killed run resumes without re-embedding what it finished."""
     from .retrieval.index import AffectiveIndex, AffectiveIndexError
 
     try:
-        predictor = open_predictor(model, batch_size=batch_size, backend=backend, keep=("embedding",))
+        predictor = open_predictor(model, batch_size=batch_size, backend=backend, keep=("embedding",), device=device)
         store = AffectiveIndex(db, create=True)
     except Exception as e:  # any failure to build the model or open the index means nothing can run
         fail(f"cannot index: {e}")
@@ -521,6 +525,7 @@ def serve(
     port: int = typer.Option(8000, help="Port."),
     max_upload_mb: float = typer.Option(20, help="Largest accepted upload per file, MiB."),
     max_files: int = typer.Option(16, help="Most images per request."),
+    device: str = INFER_DEVICE,
     max_connections: int = typer.Option(2048, help="Connections open at once (silent ones are closed after "
                                         "10 s); more get 503."),
     allowed_host: list[str] = typer.Option(None, "--allowed-host", help="Another host name browsers may reach "
@@ -534,7 +539,7 @@ def serve(
     hosts = (*LOOPBACK_HOSTS, *([host] if host not in ("0.0.0.0", "::") else []), *(allowed_host or []))
     try:
         api = create_app(model, db, Limits(max_upload_bytes=int(max_upload_mb * 2**20), max_files=max_files),
-                         allowed_hosts=hosts)
+                         allowed_hosts=hosts, device=device)
     except Exception as e:  # any failure to load the model or index means nothing can run
         fail(f"cannot start: {e}")
     raise_open_file_limit(max_connections + 256)
@@ -552,6 +557,7 @@ def explain(
     method: str = typer.Option("gradcam", help="gradcam or gradcam++ (seconds an image on a CPU), or scorecam "
                                                "(one forward pass per channel: about a minute an image on a CPU)."),
     target: str = typer.Option(None, help="Explain this emotion instead of the predicted one."),
+    device: str = INFER_DEVICE,
 ) -> None:
     """Where the emotion comes from: class-activation maps and the model's own maps over each image, with its distribution."""
     from .explain import METHODS, explain_files
@@ -560,6 +566,9 @@ def explain(
     if method not in METHODS:
         fail(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     try:
+        from .engine.placement import resolve_device
+
+        resolve_device(device)
         loaded = load_any_model(model)
         if target is not None:
             loaded.taxonomy.index(target)
@@ -569,7 +578,7 @@ def explain(
     with Progress(console=err_console, transient=True) as progress:
         bar = progress.add_task(f"explaining ({method})", total=len(scan.files))
         written, errors = explain_files(loaded, scan.files, out, method, target,
-                                        on_image=lambda: progress.advance(bar))
+                                        on_image=lambda: progress.advance(bar), device=device)
     console.print(f"wrote {len(written)} explanation(s) to {out}")
     bad = list(scan.errors) + errors
     report_bad_files(bad)

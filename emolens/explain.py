@@ -87,8 +87,12 @@ class Explainer:
     """``Explainer(model).explain(image)``: the maps of one image for the predicted class or ``target``.
     Safe to call from several threads: explanations of one model run one at a time."""
 
-    def __init__(self, model: EmotionModel, method: str = "gradcam", max_pixels: int = DEFAULT_MAX_PIXELS):
-        self.model = model.eval()
+    def __init__(self, model: EmotionModel, method: str = "gradcam", max_pixels: int = DEFAULT_MAX_PIXELS,
+                 device: str = "cpu"):
+        from .engine.placement import Placement
+
+        self.placement = Placement.resolve(device)
+        self.model = self.placement.model(model.eval())
         self.cam_class = _cam_class(method)
         self.method = method
         self.title = METHOD_TITLES[method]
@@ -111,11 +115,11 @@ class Explainer:
 
         # The very input Predictor builds (Preprocessing.__call__ = normalise(crop)), so maps, boxes and
         # the distribution belong to the view drawn and agree with `predict`.
-        batch = torch.from_numpy(self.preprocessing.normalise(view))[None]
+        batch = self.placement.tensor(torch.from_numpy(self.preprocessing.normalise(view))[None])
         tax = self.model.taxonomy
         with torch.no_grad():
             outputs = self.model(batch)
-        probs = outputs["logits"].float().softmax(-1)[0]
+        probs = outputs["logits"].float().softmax(-1)[0].cpu()
         index = int(probs.argmax()) if target is None else tax.index(target)
         size = self.preprocessing.size
         maps = {}
@@ -125,7 +129,7 @@ class Explainer:
                 maps[name] = _normalise(cam(input_tensor=batch, targets=[ClassifierOutputTarget(index)])[0])
         for name, m in self.model.explanation_maps(outputs).items():
             up = F.interpolate(m[:1, None].float(), size=(size, size), mode="bilinear", align_corners=False)[0, 0]
-            maps[name] = _normalise(up.detach().numpy())
+            maps[name] = _normalise(up.detach().cpu().numpy())
         boxes = None
         if "boxes" in outputs:
             scores = outputs.get("box_scores")
@@ -211,11 +215,11 @@ def output_names(sources: Sequence[str]) -> list[str]:
 
 
 def explain_files(model: EmotionModel, sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                  method: str = "gradcam", target: str | None = None,
-                  on_image: Callable[[], None] | None = None) -> tuple[list[Path], list[ImageLoadError]]:
+                  method: str = "gradcam", target: str | None = None, on_image: Callable[[], None] | None = None,
+                  device: str = "cpu") -> tuple[list[Path], list[ImageLoadError]]:
     """Write one PNG per usable image into ``out_dir``; unusable images come back as errors;
     ``on_image`` is called after each image, done or failed."""
-    explainer = Explainer(model, method)
+    explainer = Explainer(model, method, device=device)
     if target is not None:
         model.taxonomy.index(target)  # an unknown emotion stops the run before any work
     out_dir = Path(out_dir)

@@ -70,13 +70,11 @@ def default_workers() -> int:
 class TorchRunner:
     """Eager PyTorch behind the same array-in, arrays-out call as :class:`~emolens.runtime.OnnxModel`."""
 
-    def __init__(self, model: "EmotionModel", channels_last: bool = True):
-        import torch
+    def __init__(self, model: "EmotionModel", channels_last: bool = True, device: str = "cpu"):
+        from .engine.placement import Placement
 
-        self.model = model.eval()
-        self.channels_last = channels_last
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
+        self.placement = Placement.resolve(device, "fp32", channels_last)
+        self.model = self.placement.model(model.eval())
         self.taxonomy: Taxonomy = model.taxonomy
         self.preprocessing: Preprocessing = model.preprocessing
         self.identity = model_identity(model)
@@ -84,26 +82,30 @@ class TorchRunner:
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         import torch
 
-        batch = torch.from_numpy(images)
-        if self.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            out = self.model(batch)
-        return {k: v.float().numpy() for k, v in out.items()
+            out = self.model(self.placement.tensor(torch.from_numpy(images)))
+        return {k: v.float().cpu().numpy() for k, v in out.items()
                 if isinstance(v, torch.Tensor) and v.shape[:1] == (len(images),)}
 
 
-def make_runner(model, backend: str = "auto", threads: int | None = None):
+def make_runner(model, backend: str = "auto", threads: int | None = None, device: str = "cpu"):
     """``(backend_used, runner)`` for a live model, a saved model (run folder, ``.safetensors``,
-    ``"default"``) or an exported ``.onnx`` file."""
+    ``"default"``) or an exported ``.onnx`` file. A ``device`` other than the CPU runs PyTorch."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if device != "cpu":
+        from .engine.placement import resolve_device
+
+        if resolve_device(device).type != "cpu":
+            if backend == "onnx" or str(model).endswith(".onnx"):
+                raise ValueError(f"ONNX Runtime runs on the CPU here; use the torch backend on {device}")
+            backend = "torch"
     from .runtime import ExportError, OnnxModel, onnx_model_for
 
     live = model is not None and not isinstance(model, (str, os.PathLike))
     if live:
         if backend != "onnx":
-            return "torch", TorchRunner(model)
+            return "torch", TorchRunner(model, device=device)
         from .runtime import export_onnx
 
         data, meta = export_onnx(model)
@@ -122,7 +124,7 @@ def make_runner(model, backend: str = "auto", threads: int | None = None):
             warnings.warn(f"ONNX Runtime unavailable for {source} ({e}); running in PyTorch", stacklevel=3)
     from .weights import load_model
 
-    return "torch", TorchRunner(load_model(source))
+    return "torch", TorchRunner(load_model(source), device=device)
 
 
 class Predictor:
@@ -131,10 +133,10 @@ class Predictor:
 
     def __init__(self, model: "EmotionModel | str | os.PathLike | None" = None, batch_size: int = 32,
                  workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, backend: str = "auto",
-                 threads: int | None = None, keep: Sequence[str] = ()):
+                 threads: int | None = None, keep: Sequence[str] = (), device: str = "cpu"):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        self.backend, self.runner = make_runner(model, backend, threads)
+        self.backend, self.runner = make_runner(model, backend, threads, device)
         self.taxonomy: Taxonomy = self.runner.taxonomy
         self.preprocessing: Preprocessing = self.runner.preprocessing
         self.identity: ModelIdentity = self.runner.identity

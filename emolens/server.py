@@ -156,12 +156,12 @@ SQLITE_IDS = range(-(2**63), 2**63)
 
 
 def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | None = None,
-               limits: Limits = Limits(), allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS):
+               limits: Limits = Limits(), allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS, device: str = "cpu"):
     """The app; ``model`` as for :class:`Predictor`, ``db`` an index folder made by ``emolens index``;
     requests whose ``Host`` is not one of ``allowed_hosts`` are refused (``"*"`` allows any)."""
     from .retrieval.index import AffectiveIndex
 
-    predictor = Predictor(model, keep=("embedding",), max_pixels=limits.max_pixels)
+    predictor = Predictor(model, keep=("embedding",), max_pixels=limits.max_pixels, device=device)
     batcher = PredictBatcher(predictor, max_queued=limits.max_queued_images)
     budget = PixelBudget(max(limits.pixel_budget, limits.max_pixels), limits.busy_wait)
     index = AffectiveIndex(db) if db is not None else None
@@ -183,7 +183,7 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
                 explaining = load_model(model or "default")
                 if model_identity(explaining).digest != predictor.identity.digest:
                     raise HTTPException(409, "the weights changed on disk since the server started; restart it")
-                explainers.append(Explainer(explaining, max_pixels=limits.max_pixels))
+                explainers.append(Explainer(explaining, max_pixels=limits.max_pixels, device=device))
         return overlay_data_url(explainers[0].explain_view(view))  # Explainer serialises calls on its model
 
     # A page on a foreign site that rebinds its own name to this address would otherwise read the index

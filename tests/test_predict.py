@@ -188,3 +188,16 @@ def test_the_first_prediction_with_a_model_says_it_is_exporting(tmp_path):
     again = runner.invoke(app, ["predict", str(photo), "--model", str(tmp_path / "m.safetensors")])
     assert first.exit_code == again.exit_code == 0
     assert "exporting the model" in first.stderr and "exporting" not in again.stderr
+
+
+def test_inference_commands_take_a_device_and_refuse_an_absent_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    photo = write_image(tmp_path / "a.png", seed=1)
+    save_model(tiny_model(), tmp_path / "m.safetensors")
+    model = ["--model", str(tmp_path / "m.safetensors")]
+    for args in (["predict", str(photo), "--backend", "torch"], ["explain", str(photo), "--out", str(tmp_path / "o")],
+                 ["index", str(photo), "--db", str(tmp_path / "db")]):
+        result = runner.invoke(app, [*args, *model, "--device", "cuda"])
+        assert result.exit_code == EXIT_ERROR and "no CUDA GPU" in " ".join(result.output.split()), args
+    ok = runner.invoke(app, ["predict", str(photo), *model, "--backend", "torch", "--device", "cpu", "--format", "json"])
+    assert ok.exit_code == 0 and len(json.loads(ok.stdout)["predictions"]) == 1
