@@ -122,13 +122,14 @@ def datasets_info(
 
 
 def _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience, init=None,
-            init_parts=None, device="auto", precision="fp32", channels_last=False):
+            init_parts=None, device="auto", precision="fp32", channels_last=False, schedule=None):
     from .engine import TrainConfig
 
     parts = tuple(p.strip() for p in init_parts.split(",") if p.strip()) if init_parts else None
     config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, freeze_backbone=freeze_backbone,
                          workers=workers, seed=seed, select=select, patience=patience or None, init=init,
-                         init_parts=parts, device=device, precision=precision, channels_last=channels_last)
+                         init_parts=parts, device=device, precision=precision, channels_last=channels_last,
+                         **(schedule or {}))
     config.placement()  # an unknown or absent device is an error before any work
     return config
 
@@ -141,7 +142,7 @@ FREEZE = typer.Option(False, "--freeze-backbone", help="Cache the backbone's fea
 WORKERS = typer.Option(2, help="Image-decoding worker processes.")
 SEED = typer.Option(0, help="Seed for splits, initialisation and batches.")
 SELECT = typer.Option("loss", help="Validation figure that picks the checkpoint: loss, accuracy, macro_f1, balanced_accuracy, kl.")
-PATIENCE = typer.Option(10, help="Stop after this many epochs without a better validation figure (0: never).")
+PATIENCE = typer.Option(10, help="Stop after this many epochs without a better validation figure (0: no early stopping).")
 INIT = typer.Option(None, "--init", help="Start from this run's weights (transfer learning; same model and classes). "
                     "In a benchmark, {fold} in the path is replaced by the fold number.")
 INIT_PARTS = typer.Option(None, "--init-parts", help="Take only these parts (submodules, comma-separated, e.g. "
@@ -152,6 +153,21 @@ DEVICE = typer.Option("auto", help="auto (CUDA when present; under torchrun the 
 PRECISION = typer.Option("fp32", help="fp32, bf16 (autocast; CPUs and recent GPUs) or fp16 (autocast with a "
                          "gradient scaler; GPUs).")
 CHANNELS_LAST = typer.Option(False, "--channels-last", help="NHWC memory format for convolutional backbones.")
+WEIGHT_DECAY = typer.Option(5e-4, "--weight-decay", help="Weight decay of the optimizer.")
+LR_STEPS = typer.Option(None, "--lr-steps", help="Epochs at which the learning rate is multiplied by --gamma, "
+                        "e.g. 30,60 (default: every --lr-step-every epochs).")
+LR_STEP_EVERY = typer.Option(None, "--lr-step-every", help="Decay every N epochs (default: a third of the epochs).")
+GAMMA = typer.Option(0.1, "--gamma", help="Factor of each learning-rate decay.")
+WARMUP = typer.Option(0, "--warmup", help="Epochs of linear learning-rate warm-up.")
+BACKBONE_LR = typer.Option(None, "--backbone-lr", help="Learning rate of the backbone when it trains (default: --lr).")
+ACCUMULATE = typer.Option(1, "--accumulate", help="Batches whose gradients make one optimizer step "
+                          "(effective batch = --batch-size x this).")
+
+
+def _schedule(weight_decay, lr_steps, lr_step_every, gamma, warmup, backbone_lr, accumulate) -> dict:
+    steps = tuple(int(x) for x in lr_steps.split(",") if x.strip()) if lr_steps else None
+    return {"weight_decay": weight_decay, "lr_steps": steps, "step_size": lr_step_every, "gamma": gamma,
+            "warmup_epochs": warmup, "backbone_lr": backbone_lr, "accumulate": accumulate}
 INFER_DEVICE = typer.Option("cpu", help="cpu (the default: ONNX Runtime where the model exports), or auto, cuda, "
                             "cuda:N, mps to run the PyTorch model there.")
 
@@ -170,7 +186,9 @@ def train(
     freeze_backbone: bool = FREEZE, epochs: int = EPOCHS, batch_size: int = BATCH, optimizer: str = OPTIM,
     lr: float = LR, workers: int = WORKERS, seed: int = SEED, select: str = SELECT, patience: int = PATIENCE,
     init: str = INIT, init_parts: str = INIT_PARTS, device: str = DEVICE, precision: str = PRECISION,
-    channels_last: bool = CHANNELS_LAST,
+    channels_last: bool = CHANNELS_LAST, weight_decay: float = WEIGHT_DECAY, lr_steps: str = LR_STEPS,
+    lr_step_every: int = LR_STEP_EVERY, gamma: float = GAMMA, warmup: int = WARMUP, backbone_lr: float = BACKBONE_LR,
+    accumulate: int = ACCUMULATE,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its last checkpoint."),
 ) -> None:
     """Train a model; the checkpoint is chosen on validation data, then scored once on the test part."""
@@ -198,7 +216,8 @@ def train(
         torch.manual_seed(seed)  # the head's initial weights are part of what the seed fixes
         net = create_model(model, taxonomy=ds.taxonomy, task=task, backbone=backbone, backbone_weights=weights)
         config = _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience, init, init_parts,
-                         device, precision, channels_last)
+                         device, precision, channels_last,
+                         _schedule(weight_decay, lr_steps, lr_step_every, gamma, warmup, backbone_lr, accumulate))
         chosen = proto.folds[fold]
         result = fit(net, ds, chosen, out, config, resume=resume)
         if is_main():
@@ -268,7 +287,9 @@ def benchmark(
     freeze_backbone: bool = FREEZE, epochs: int = EPOCHS, batch_size: int = BATCH, optimizer: str = OPTIM,
     lr: float = LR, workers: int = WORKERS, seed: int = SEED, select: str = SELECT, patience: int = PATIENCE,
     init: str = INIT, init_parts: str = INIT_PARTS, device: str = DEVICE, precision: str = PRECISION,
-    channels_last: bool = CHANNELS_LAST,
+    channels_last: bool = CHANNELS_LAST, weight_decay: float = WEIGHT_DECAY, lr_steps: str = LR_STEPS,
+    lr_step_every: int = LR_STEP_EVERY, gamma: float = GAMMA, warmup: int = WARMUP, backbone_lr: float = BACKBONE_LR,
+    accumulate: int = ACCUMULATE,
     retrieval: bool = typer.Option(False, "--retrieval", help="Also score retrieval: test images query the "
                                    "training images by embedding (mAP8, mAP2, NN, FT, ST, DCG, F1, ANMRR)."),
 ) -> None:
@@ -280,7 +301,8 @@ def benchmark(
     try:
         ds = load_dataset(data)
         config = _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience, init, init_parts,
-                         device, precision, channels_last)
+                         device, precision, channels_last,
+                         _schedule(weight_decay, lr_steps, lr_step_every, gamma, warmup, backbone_lr, accumulate))
         weights = None if backbone_weights.lower() == "none" else backbone_weights
         results = run_benchmark(ds, specs, task, out, folds, seed, config, backbone, weights, progress=True,
                                 log=lambda m: err_console.print(m), retrieval=retrieval)

@@ -52,6 +52,10 @@ class TrainConfig:
     lr: float | None = None  # default: 1e-3 fine-tuning, 3e-3 on a frozen backbone (SGD); a tenth for AdamW
     weight_decay: float = 5e-4
     step_size: int | None = None  # step decay every N epochs (default: a third of the epochs)
+    lr_steps: tuple[int, ...] | None = None  # decay at these epochs instead (e.g. 30, 60)
+    warmup_epochs: int = 0  # linear warm-up of the learning rate over the first epochs
+    backbone_lr: float | None = None  # the backbone's own learning rate (default: the model's)
+    accumulate: int = 1  # batches whose gradients add up to one optimizer step
     gamma: float = 0.1
     patience: int | None = 10  # early stopping: epochs without a better validation figure
     select: str = "loss"  # validation figure that picks the checkpoint
@@ -66,6 +70,15 @@ class TrainConfig:
 
     def placement(self) -> Placement:
         return Placement.resolve(self.device, self.precision, self.channels_last)
+
+    def lr_factor(self, epoch: int) -> float:
+        """The learning rate of ``epoch`` (0-based) over the base rate: warm-up, then step decay."""
+        warm = min(1.0, (epoch + 1) / (self.warmup_epochs + 1)) if self.warmup_epochs else 1.0
+        if self.lr_steps:
+            passed = sum(epoch >= m for m in self.lr_steps)
+        else:
+            passed = epoch // (self.step_size or max(1, math.ceil(self.epochs / 3)))
+        return warm * self.gamma ** passed
 
     def learning_rate(self) -> float:
         if self.lr is not None:
@@ -273,16 +286,21 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
     balanced = getattr(loss_fn, "needs_class_balanced_batches", False)
     batches = _Batches(dataset, cache, config, model, placement, targets["label"] if balanced else None)
     scaler = placement.grad_scaler()
-    params = [p for p in model.parameters() if p.requires_grad]
     lr = config.learning_rate()
+    backbone_ids = {id(p) for p in model.backbone.parameters()}
+    params = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in backbone_ids]}]
+    trainable_backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    if trainable_backbone:
+        params.append({"params": trainable_backbone, "lr": config.backbone_lr or lr})
     if config.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=config.weight_decay)
     elif config.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
     else:
         raise ValueError(f"unknown optimizer {config.optimizer!r}; use sgd or adamw")
-    step = config.step_size or max(1, math.ceil(config.epochs / 3))
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step, gamma=config.gamma)
+    if config.accumulate < 1:
+        raise ValueError("accumulate must be at least 1")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, config.lr_factor)
     if config.select not in SELECT:
         raise ValueError(f"select must be one of {', '.join(SELECT)}")
 
@@ -323,7 +341,8 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
         model.train()
         if config.freeze_backbone:
             model.backbone.eval()  # frozen BN statistics
-        total, count = 0.0, 0
+        total, count, pending = 0.0, 0, 0
+        opt.zero_grad(set_to_none=True)
         with Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
                       TimeRemainingColumn(), console=console, transient=True, disable=not (progress and is_main())) as bar:
             bar_task = bar.add_task("train", total=len(fold.train), epoch=epoch + 1, loss=float("nan"))
@@ -335,20 +354,25 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
                 with placement.autocast():
                     outputs = runner({**inputs, "targets": batch})  # a head may train parts of itself on them
                     loss = loss_fn(outputs, batch) + sum(outputs.get("losses", {}).values())
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
+                scaler.scale(loss / config.accumulate).backward()
+                pending += 1
+                if pending == config.accumulate:
+                    step_optimizer(opt, scaler)
+                    pending = 0
                 total += float(loss.detach()) * len(idx)
                 count += len(idx)
                 bar.update(bar_task, advance=len(idx) * world, loss=total / max(count, 1))
+        if pending:  # the epoch's last, partial accumulation
+            step_optimizer(opt, scaler)
+        epoch_lrs = [group["lr"] for group in opt.param_groups]
         sched.step()
         sync_buffers(model)  # so that validation and the saved weights see the same BN statistics on every rank
         train_loss = sum(gather(total)) / max(sum(gather(count)), 1)
         val_metrics, errors = evaluate_rows(model, batches, fold.val, targets, loss_fn, rank, world)
         bad_images.update(errors)
         score = sign * (val_metrics["loss"] if config.select == "loss" else val_metrics[config.select])
-        history.append({"epoch": epoch + 1, "train_loss": train_loss, **{f"val_{k}": v for k, v in val_metrics.items()}})
+        history.append({"epoch": epoch + 1, "lr": epoch_lrs, "train_loss": train_loss,
+                        **{f"val_{k}": v for k, v in val_metrics.items()}})
         improved = score > best_score
         if improved:
             best_score, best_epoch, best_val, stale = score, epoch, val_metrics, 0
@@ -372,6 +396,12 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
         console.print(f"[yellow]{len(bad_images)} image(s) could not be used and were left out[/]")
     return FitResult(best_epoch + 1, sign * best_score, best_val, history, seconds_before + time.perf_counter() - t0,
                      bad_images)
+
+
+def step_optimizer(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
 
 
 @torch.inference_mode()

@@ -172,3 +172,37 @@ def test_select_keeps_the_best_validation_epoch_in_the_right_direction(tiny, tmp
     assert result.best_epoch == best_epoch
     assert result.best_score == pytest.approx(script[select][best_epoch - 1])
     assert json.loads((tmp_path / "run" / "best.json").read_text())["epoch"] == best_epoch
+
+
+def test_learning_rate_schedule_backbone_rate_and_accumulation(tiny, tmp_path, monkeypatch):
+    """Warm-up then decay at the given epochs; the backbone at its own rate; one step per `accumulate` batches."""
+    ds, fold = tiny
+    steps = []
+    real_step = torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: steps.append(1) or real_step(self, *a, **k))
+    config = TrainConfig(epochs=5, batch_size=4, workers=0, patience=None, optimizer="sgd", lr=0.01, backbone_lr=0.001,
+                         warmup_epochs=1, lr_steps=(3, 4), gamma=0.5, accumulate=2)
+    result = fit(tiny_model(), ds, fold, tmp_path / "run", config, progress=False)
+    head = [h["lr"][0] for h in result.history]
+    backbone = [h["lr"][1] for h in result.history]
+    assert head == pytest.approx([0.005, 0.01, 0.01, 0.005, 0.0025])
+    assert backbone == pytest.approx([0.0005, 0.001, 0.001, 0.0005, 0.00025])
+    batches = -(-len(fold.train) // 4)
+    assert len(steps) == 5 * -(-batches // 2)
+
+
+def test_cli_takes_the_papers_hyper_parameters(tmp_path):
+    from typer.testing import CliRunner
+
+    from emolens.cli import app
+
+    spec = make_ldl_dataset(tmp_path / "data", per_class=6)
+    result = CliRunner().invoke(app, [
+        "train", "--model", "global", "--data", spec, "--out", str(tmp_path / "run"), "--backbone", "test_efficientnet",
+        "--backbone-weights", "none", "--workers", "0", "--epochs", "3", "--batch-size", "4", "--lr", "0.02",
+        "--weight-decay", "1e-4", "--lr-steps", "2", "--gamma", "0.1", "--warmup", "0", "--backbone-lr", "0.002",
+        "--accumulate", "2", "--patience", "0"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "run" / "last.json").read_text())
+    assert meta["train_config"]["weight_decay"] == 1e-4 and meta["train_config"]["accumulate"] == 2
+    assert [lr for h in meta["history"] for lr in h["lr"]] == pytest.approx([0.02, 0.002, 0.02, 0.002, 0.002, 0.0002])
