@@ -290,8 +290,11 @@ def benchmark(
     channels_last: bool = CHANNELS_LAST, weight_decay: float = WEIGHT_DECAY, lr_steps: str = LR_STEPS,
     lr_step_every: int = LR_STEP_EVERY, gamma: float = GAMMA, warmup: int = WARMUP, backbone_lr: float = BACKBONE_LR,
     accumulate: int = ACCUMULATE,
-    retrieval: bool = typer.Option(False, "--retrieval", help="Also score retrieval: test images query the "
-                                   "training images by embedding (mAP8, mAP2, NN, FT, ST, DCG, F1, ANMRR)."),
+    retrieval: bool = typer.Option(False, "--retrieval", help="Also score retrieval by embedding (mAP8, mAP2, NN, "
+                                   "FT, ST, DCG, F1, ANMRR)."),
+    retrieval_protocol: str = typer.Option("gallery", "--retrieval-protocol", help="gallery (test images query the "
+                                           "training images) or loo (each test image queries the other test images)."),
+    protocol: str = typer.Option("kfold", help="kfold (--folds) or split (the papers' 80/5/15, one split)."),
 ) -> None:
     """k-fold cross-validation of several models on identical folds; prints mean ± std per model."""
     from .data import load_dataset
@@ -305,12 +308,14 @@ def benchmark(
                          _schedule(weight_decay, lr_steps, lr_step_every, gamma, warmup, backbone_lr, accumulate))
         weights = None if backbone_weights.lower() == "none" else backbone_weights
         results = run_benchmark(ds, specs, task, out, folds, seed, config, backbone, weights, progress=True,
-                                log=lambda m: err_console.print(m), retrieval=retrieval)
+                                log=lambda m: err_console.print(m), retrieval=retrieval, protocol=protocol,
+                                retrieval_protocol=retrieval_protocol)
     except CANNOT_RUN as e:
         fail(str(e))
     first = next(iter(results["models"].values()))["mean"]
     columns = [m for m in (*HEADLINE, *RETRIEVAL_HEADLINE) if m in first] + ["train_seconds", "infer_ms_per_image"]
-    table = Table(title=f"{data}: {task}, {folds}-fold CV (mean ± std), seed {seed}")
+    title = f"{results['folds']}-fold CV (mean ± std)" if protocol == "kfold" else "80/5/15 split"
+    table = Table(title=f"{data}: {task}, {title}, seed {seed}")
     wide = Console(width=max(console.width, 60 + 18 * len(columns)))
     table.add_column("model")
     for c in columns:

@@ -48,10 +48,21 @@ def summarise(fold_metrics: list[dict[str, float]]) -> tuple[dict[str, float], d
             {k: float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0 for k, v in arr.items()})
 
 
+RETRIEVAL_PROTOCOLS = ("gallery", "loo")
+
+
 def retrieval_figures(model, dataset: EmotionDataset, fold, config: TrainConfig, cache_dir: Path,
-                      progress: bool) -> dict[str, float]:
-    """Test images as queries against the fold's training images (the gallery)."""
+                      progress: bool, protocol: str = "gallery") -> dict[str, float]:
+    """Paper 002's protocols: ``gallery``, the test images query the training images; ``loo`` (small
+    sets), each test image queries the other test images."""
+    if protocol not in RETRIEVAL_PROTOCOLS:
+        raise ValueError(f"unknown retrieval protocol {protocol!r}; use {' or '.join(RETRIEVAL_PROTOCOLS)}")
     labels = task_targets_arrays(dataset, model.task)["label"]
+    if protocol == "loo":
+        ((query_rows, queries),) = embed(model, dataset, [fold.test], config, cache_dir, progress)
+        figures = evaluate_retrieval(queries, labels[query_rows], None, None, model.taxonomy.polarity)
+        figures.pop("queries")
+        return figures
     (gallery_rows, gallery), (query_rows, queries) = embed(model, dataset, [fold.train, fold.test], config, cache_dir,
                                                            progress)
     figures = evaluate_retrieval(queries, labels[query_rows], gallery, labels[gallery_rows], model.taxonomy.polarity)
@@ -63,22 +74,27 @@ def run_benchmark(dataset: EmotionDataset, specs: list[str], task: str, out_dir:
                   seed: int = 0, config: TrainConfig | None = None, backbone: str | None = None,
                   backbone_weights: str | None = "imagenet",
                   only_folds: list[int] | None = None, timing_images: int = 64, progress: bool = True,
-                  log=print, retrieval: bool = False) -> dict:
-    """Cross-validate every model spec on the same saved folds; returns (and writes) the results.
-    With ``retrieval``, each fold's test images also query its training images by ``embedding``
-    (paper 002's protocol) and the retrieval metrics join the figures."""
+                  log=print, retrieval: bool = False, protocol: str = "kfold",
+                  retrieval_protocol: str = "gallery") -> dict:
+    """Cross-validate every model spec on the same saved folds (``protocol="split"``: the papers' one
+    80/5/15 split instead); returns (and writes) the results. With ``retrieval``, each fold's test images
+    also query by ``embedding`` (see :func:`retrieval_figures`) and the retrieval metrics join the figures."""
+    if protocol not in ("kfold", "split"):
+        raise ValueError(f"a benchmark runs protocol kfold or split, not {protocol!r}")
     config = config or TrainConfig(seed=seed)
     out_dir = Path(out_dir)
+    kind = protocol
     proto_path = out_dir / "protocol.json"
     if proto_path.is_file():
         protocol = Protocol.load(proto_path, dataset)
-        if protocol.params.get("task") != task or len(protocol.folds) != folds:
-            raise ValueError(f"{proto_path} was made for another task or fold count; use another --out folder")
+        if protocol.params.get("task") != task or protocol.kind != kind or (kind == "kfold" and len(protocol.folds) != folds):
+            raise ValueError(f"{proto_path} was made for another task, protocol or fold count; use another --out folder")
     else:
-        protocol = make_protocol(dataset, "kfold", seed=seed, k=folds, task=task)
+        protocol = make_protocol(dataset, kind, seed=seed, k=folds, task=task)
         protocol.save(proto_path)
     cache_dir = out_dir / "cache"
-    results = {"dataset": dataset.spec, "task": task, "folds": folds, "seed": seed, "protocol": str(proto_path),
+    results = {"dataset": dataset.spec, "task": task, "folds": len(protocol.folds), "seed": seed,
+               "protocol": str(proto_path), "retrieval_protocol": retrieval_protocol if retrieval else None,
                "train_config": asdict(config), "versions": library_versions(), "models": {}}
     for spec in specs:
         per_fold = []
@@ -96,7 +112,7 @@ def run_benchmark(dataset: EmotionDataset, specs: list[str], task: str, out_dir:
             test = evaluate(best, dataset, fold.test, config, cache_dir=cache_dir, progress=progress)
             test_paths = [dataset.samples[i].path for i in fold.test[:timing_images]]
             if retrieval:
-                test.update(retrieval_figures(best, dataset, fold, config, cache_dir, progress))
+                test.update(retrieval_figures(best, dataset, fold, config, cache_dir, progress, retrieval_protocol))
             test["infer_ms_per_image"] = inference_ms_per_image(best, test_paths, config.batch_size, config.workers)
             test["train_seconds"] = result.train_seconds
             test["best_epoch"] = float(result.best_epoch)

@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -107,3 +108,32 @@ def test_tie_aware_ap_is_the_mean_over_orders():
     query, gallery = np.array([[1.0]]), scores.T
     report = evaluate_retrieval(query, np.array([1]), gallery, labels, [1, 0])
     assert report["map8"] == pytest.approx(np.mean(want))
+
+
+def test_benchmark_on_the_papers_split_with_leave_one_out_retrieval(tmp_path, monkeypatch):
+    import emolens.engine.benchmark as benchmark
+    from helpers import TINY_BACKBONE, make_ldl_dataset
+    from emolens.data import load_dataset
+    from emolens.engine import TrainConfig
+
+    calls = []
+    real = benchmark.evaluate_retrieval
+
+    def spy(queries, query_labels, gallery, gallery_labels, polarity, *args):
+        calls.append((len(queries), gallery is None))
+        return real(queries, query_labels, gallery, gallery_labels, polarity, *args)
+
+    monkeypatch.setattr(benchmark, "evaluate_retrieval", spy)
+    ds = load_dataset(make_ldl_dataset(tmp_path / "ds", per_class=10))
+    results = benchmark.run_benchmark(ds, ["apse:loss=npair"], "emotion", tmp_path / "out", protocol="split",
+                                      config=TrainConfig(epochs=1, batch_size=8, freeze_backbone=True, workers=0),
+                                      backbone=TINY_BACKBONE, backbone_weights=None, progress=False,
+                                      log=lambda *_: None, retrieval=True, retrieval_protocol="loo")
+    protocol = json.loads((tmp_path / "out" / "protocol.json").read_text())
+    test = protocol["folds"][0]["test"]
+    assert protocol["kind"] == "split" and results["folds"] == 1
+    assert calls == [(len(test), True)]  # every test image queried the other test images
+    assert 0 <= results["models"]["apse:loss=npair"]["mean"]["map8"] <= 1
+    with pytest.raises(ValueError, match="another task, protocol"):
+        benchmark.run_benchmark(ds, ["apse"], "emotion", tmp_path / "out", protocol="kfold", backbone=TINY_BACKBONE,
+                                backbone_weights=None, progress=False, log=lambda *_: None)
