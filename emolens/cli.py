@@ -138,7 +138,10 @@ EPOCHS = typer.Option(30, help="Training epochs.")
 BATCH = typer.Option(32, "--batch-size", help="Images per batch.")
 OPTIM = typer.Option("sgd", help="sgd (momentum 0.9, step decay, as in the papers) or adamw.")
 LR = typer.Option(None, help="Learning rate (default: 1e-3 fine-tuning, 3e-3 frozen; a tenth with adamw).")
-FREEZE = typer.Option(False, "--freeze-backbone", help="Cache the backbone's features once and train only the model's own layers.")
+FREEZE = typer.Option(False, "--freeze-backbone", help="Train only the model's own layers; the backbone's features are "
+                      "cached on disk once (within --cache-budget) or computed on the fly.")
+CACHE_BUDGET = typer.Option(None, "--cache-budget", help="GiB of frozen-backbone features kept on disk (default 4 on a "
+                            "CPU, 0 on a GPU); above it the frozen backbone runs on the fly.")
 WORKERS = typer.Option(2, help="Image-decoding worker processes.")
 SEED = typer.Option(0, help="Seed for splits, initialisation and batches.")
 SELECT = typer.Option("loss", help="Validation figure that picks the checkpoint: loss, accuracy, macro_f1, balanced_accuracy, kl.")
@@ -164,10 +167,10 @@ ACCUMULATE = typer.Option(1, "--accumulate", help="Batches whose gradients make 
                           "(effective batch = --batch-size x this).")
 
 
-def _schedule(weight_decay, lr_steps, lr_step_every, gamma, warmup, backbone_lr, accumulate) -> dict:
+def _schedule(weight_decay, lr_steps, lr_step_every, gamma, warmup, backbone_lr, accumulate, cache_budget) -> dict:
     steps = tuple(int(x) for x in lr_steps.split(",") if x.strip()) if lr_steps else None
     return {"weight_decay": weight_decay, "lr_steps": steps, "step_size": lr_step_every, "gamma": gamma,
-            "warmup_epochs": warmup, "backbone_lr": backbone_lr, "accumulate": accumulate}
+            "warmup_epochs": warmup, "backbone_lr": backbone_lr, "accumulate": accumulate, "cache_budget": cache_budget}
 INFER_DEVICE = typer.Option("cpu", help="cpu (the default: ONNX Runtime where the model exports), or auto, cuda, "
                             "cuda:N, mps to run the PyTorch model there.")
 
@@ -188,7 +191,7 @@ def train(
     init: str = INIT, init_parts: str = INIT_PARTS, device: str = DEVICE, precision: str = PRECISION,
     channels_last: bool = CHANNELS_LAST, weight_decay: float = WEIGHT_DECAY, lr_steps: str = LR_STEPS,
     lr_step_every: int = LR_STEP_EVERY, gamma: float = GAMMA, warmup: int = WARMUP, backbone_lr: float = BACKBONE_LR,
-    accumulate: int = ACCUMULATE,
+    accumulate: int = ACCUMULATE, cache_budget: float = CACHE_BUDGET,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its last checkpoint."),
 ) -> None:
     """Train a model; the checkpoint is chosen on validation data, then scored once on the test part."""
@@ -217,7 +220,8 @@ def train(
         net = create_model(model, taxonomy=ds.taxonomy, task=task, backbone=backbone, backbone_weights=weights)
         config = _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience, init, init_parts,
                          device, precision, channels_last,
-                         _schedule(weight_decay, lr_steps, lr_step_every, gamma, warmup, backbone_lr, accumulate))
+                         _schedule(weight_decay, lr_steps, lr_step_every, gamma, warmup, backbone_lr, accumulate,
+                                   cache_budget))
         chosen = proto.folds[fold]
         result = fit(net, ds, chosen, out, config, resume=resume)
         if is_main():
@@ -289,7 +293,7 @@ def benchmark(
     init: str = INIT, init_parts: str = INIT_PARTS, device: str = DEVICE, precision: str = PRECISION,
     channels_last: bool = CHANNELS_LAST, weight_decay: float = WEIGHT_DECAY, lr_steps: str = LR_STEPS,
     lr_step_every: int = LR_STEP_EVERY, gamma: float = GAMMA, warmup: int = WARMUP, backbone_lr: float = BACKBONE_LR,
-    accumulate: int = ACCUMULATE,
+    accumulate: int = ACCUMULATE, cache_budget: float = CACHE_BUDGET,
     retrieval: bool = typer.Option(False, "--retrieval", help="Also score retrieval by embedding (mAP8, mAP2, NN, "
                                    "FT, ST, DCG, F1, ANMRR)."),
     retrieval_protocol: str = typer.Option("gallery", "--retrieval-protocol", help="gallery (test images query the "
@@ -305,7 +309,8 @@ def benchmark(
         ds = load_dataset(data)
         config = _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience, init, init_parts,
                          device, precision, channels_last,
-                         _schedule(weight_decay, lr_steps, lr_step_every, gamma, warmup, backbone_lr, accumulate))
+                         _schedule(weight_decay, lr_steps, lr_step_every, gamma, warmup, backbone_lr, accumulate,
+                                   cache_budget))
         weights = None if backbone_weights.lower() == "none" else backbone_weights
         results = run_benchmark(ds, specs, task, out, folds, seed, config, backbone, weights, progress=True,
                                 log=lambda m: err_console.print(m), retrieval=retrieval, protocol=protocol,

@@ -15,7 +15,7 @@ import torch
 from rich.progress import Progress
 from torch.utils.data import DataLoader, Dataset
 
-from ..checkpoints import save_checkpoint
+from ..storage import atomic_write_json
 from ..data.samples import EmotionDataset
 from ..data.transforms import eval_transform
 from ..identity import weights_digest
@@ -106,7 +106,8 @@ def image_loader(paths, transform, batch_size: int, workers: int, shuffle: bool 
 
 @dataclass
 class FeatureCache:
-    """Backbone outputs (eval transform, no augmentation) for a list of images, kept in fp16.
+    """Backbone outputs (eval transform, no augmentation) for a list of images, in fp16 on disk and read
+    lazily (memory-mapped), so a cache never has to fit in memory.
 
     ``features["pooled"]`` is (N, D); ``features["levels"]`` a list of (N, C, H, W). ``errors``
     maps the position of an unusable image to the reason; those rows are zeros and must not be used.
@@ -117,47 +118,134 @@ class FeatureCache:
     errors: dict[int, str] = field(default_factory=dict)
 
     def batch(self, rows: torch.Tensor) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in self.features.items():
-            out[key] = [v[rows].float() for v in value] if isinstance(value, list) else value[rows].float()
-        return out
+        order = np.asarray(rows)
 
-    def save(self, path: Path, meta: dict) -> None:
-        tensors = {}
-        for key, value in self.features.items():
-            if isinstance(value, list):
-                tensors.update({f"{key}.{i}": v for i, v in enumerate(value)})
-            else:
-                tensors[key] = value
-        save_checkpoint(path, tensors, {**meta, "errors": {str(k): v for k, v in self.errors.items()}})
+        def take(array) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(array[order])).float()
+
+        return {key: [take(v) for v in value] if isinstance(value, list) else take(value)
+                for key, value in self.features.items()}
 
     def usable(self, rows: Sequence[int]) -> list[int]:
         """``rows`` without the images that could not be read."""
         return [int(r) for r in rows if int(r) not in self.errors]
 
-    @classmethod
-    def load(cls, path: Path, meta: dict) -> "FeatureCache | None":
-        """The cache at ``path`` if it was made with exactly ``meta``, else ``None``."""
-        from safetensors.torch import load_file
 
-        meta_path = path.with_suffix(".json")
-        if not (path.is_file() and meta_path.is_file()):
-            return None
-        saved = json.loads(meta_path.read_text())
-        errors = {int(k): v for k, v in saved.pop("errors", {}).items()}
-        if saved != json.loads(json.dumps(meta)):
-            return None
-        tensors = load_file(str(path))
-        features: dict[str, Any] = {}
-        lists: dict[str, list] = {}
-        for name, value in tensors.items():
-            key, _, position = name.partition(".")
-            if position:
-                lists.setdefault(key, []).append((int(position), value))
-            else:
-                features[key] = value
-        features.update({key: [v for _, v in sorted(items)] for key, items in lists.items()})
-        return cls(features, int(saved["count"]), errors)
+@dataclass
+class CachePlan:
+    """A feature cache folder: what it holds (``meta``), each feature's per-image shape, and its size."""
+
+    folder: Path
+    meta: dict
+    shapes: dict[str, tuple[int, ...]]  # "pooled", "levels.0", ... -> shape of one image's feature
+    shard_size: int
+
+    @property
+    def bytes(self) -> int:
+        return self.meta["count"] * sum(2 * int(np.prod(shape)) for shape in self.shapes.values())
+
+    @property
+    def shards(self) -> int:
+        return max(1, math.ceil(self.meta["count"] / self.shard_size))
+
+
+def plan_cache(backbone, keys: Sequence[str], meta: dict, folder: Path, shard_size: int = 512) -> CachePlan:
+    """The layout of a cache, from one forward pass of a blank image (nothing is written)."""
+    size = backbone.preprocessing.size
+    was_training = backbone.training
+    backbone.eval()
+    device = next(backbone.parameters()).device
+    with torch.inference_mode():
+        out = backbone(torch.zeros(1, 3, size, size, device=device))
+    backbone.train(was_training)
+    shapes = {}
+    for key in keys:
+        parts = out[key] if isinstance(out[key], list) else [out[key]]
+        for i, t in enumerate(parts):
+            shapes[f"{key}.{i}" if isinstance(out[key], list) else key] = tuple(t.shape[1:])
+    return CachePlan(Path(folder), meta, shapes, shard_size)
+
+
+def open_cache(plan: CachePlan) -> FeatureCache | None:
+    """The finished cache ``plan`` describes, memory-mapped; ``None`` while any shard is missing."""
+    progress = _read_json(plan.folder / "shards.json")
+    if _read_json(plan.folder / "meta.json") != _jsonable(plan.meta) or progress is None:
+        return None
+    if len(progress["done"]) < plan.shards:
+        return None
+    features: dict[str, Any] = {}
+    for name in plan.shapes:
+        array = np.load(plan.folder / f"{name}.npy", mmap_mode="r")
+        key, _, position = name.partition(".")
+        if position:
+            features.setdefault(key, []).append(array)
+        else:
+            features[key] = array
+    return FeatureCache(features, plan.meta["count"], {int(k): v for k, v in progress["errors"].items()})
+
+
+@torch.inference_mode()
+def build_cache(plan: CachePlan, backbone, paths: Sequence[Path], batch_size: int = 32, workers: int = 2,
+                progress: bool = True, placement=None) -> FeatureCache:
+    """Fill the cache shard by shard (``plan.shard_size`` images each): a shard's rows are written and
+    flushed, then the shard is recorded as done in one atomic write, so a killed build resumes at the
+    first shard not recorded. Unusable images are recorded, not fatal."""
+    plan.folder.mkdir(parents=True, exist_ok=True)
+    state = _read_json(plan.folder / "shards.json")
+    if _read_json(plan.folder / "meta.json") != _jsonable(plan.meta) or state is None:
+        for stale in plan.folder.glob("*.npy"):
+            stale.unlink()
+        state = {"done": [], "errors": {}}
+        atomic_write_json(plan.folder / "meta.json", plan.meta)
+        atomic_write_json(plan.folder / "shards.json", state)
+    arrays = {}
+    for name, shape in plan.shapes.items():
+        file = plan.folder / f"{name}.npy"
+        arrays[name] = (np.load(file, mmap_mode="r+") if file.is_file() else
+                        np.lib.format.open_memmap(file, mode="w+", dtype=np.float16, shape=(plan.meta["count"], *shape)))
+    was_training = backbone.training
+    backbone.eval()
+    todo = [k for k in range(plan.shards) if k not in state["done"]]
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task("caching backbone features", total=len(paths), completed=len(paths) - sum(
+            len(range(k * plan.shard_size, min(len(paths), (k + 1) * plan.shard_size))) for k in todo))
+        for shard in todo:
+            first = shard * plan.shard_size
+            rows = range(first, min(len(paths), first + plan.shard_size))
+            loader = image_loader([paths[r] for r in rows], eval_transform(backbone.preprocessing), batch_size, workers,
+                                  pin_memory=placement is not None and placement.pin_memory)
+            for batch in loader:
+                state["errors"].update({str(first + i): r for i, r in batch["errors"]})
+                if len(batch["index"]):
+                    images = batch["image"] if placement is None else placement.tensor(batch["image"])
+                    with placement.autocast() if placement is not None else nullcontext():
+                        out = backbone(images)
+                    at = (first + batch["index"]).numpy()
+                    for name in plan.shapes:
+                        key, _, position = name.partition(".")
+                        value = out[key][int(position)] if position else out[key]
+                        arrays[name][at] = value.half().cpu().numpy()
+                bar.update(task, advance=len(batch["index"]) + len(batch["errors"]))
+            for array in arrays.values():
+                array.flush()
+            state["done"].append(shard)
+            atomic_write_json(plan.folder / "shards.json", state)
+    backbone.train(was_training)
+    if len(state["errors"]) == len(paths):
+        raise RuntimeError("no image could be read: nothing to cache")
+    del arrays
+    return open_cache(plan)
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def cache_key(paths: Sequence[Path], backbone, keys: Sequence[str]) -> dict:
@@ -171,39 +259,3 @@ def cache_key(paths: Sequence[Path], backbone, keys: Sequence[str]) -> dict:
     return {"images": h.hexdigest()[:20], "count": len(paths), "backbone": backbone.name,
             "weights": weights_digest(backbone.state_dict()), "strides": getattr(backbone, "strides", None),
             "preprocessing": backbone.preprocessing.to_dict(), "keys": sorted(keys)}
-
-
-@torch.inference_mode()
-def compute_features(backbone, paths: Sequence[Path], keys: Sequence[str], batch_size: int = 32, workers: int = 2,
-                     progress: bool = True, placement=None) -> FeatureCache:
-    """Run the (frozen) backbone once over ``paths`` (on ``placement``'s device); unusable images are
-    recorded, not fatal. The features are kept in fp16 on the CPU."""
-    was_training = backbone.training
-    backbone.eval()
-    loader = image_loader(paths, eval_transform(backbone.preprocessing), batch_size, workers,
-                          pin_memory=placement is not None and placement.pin_memory)
-    stores: dict[str, list[torch.Tensor]] = {}
-    is_list: dict[str, bool] = {}
-    errors = {}
-    with Progress(transient=True, disable=not progress) as bar:
-        task = bar.add_task("caching backbone features", total=len(paths))
-        for batch in loader:
-            errors.update({i: r for i, r in batch["errors"]})
-            if len(batch["index"]):
-                images = batch["image"] if placement is None else placement.tensor(batch["image"])
-                with placement.autocast() if placement is not None else nullcontext():
-                    out = backbone(images)
-                idx = batch["index"]
-                for key in keys:
-                    is_list[key] = isinstance(out[key], list)
-                    parts = out[key] if is_list[key] else [out[key]]
-                    if key not in stores:
-                        stores[key] = [torch.zeros(len(paths), *t.shape[1:], dtype=torch.float16) for t in parts]
-                    for store, t in zip(stores[key], parts):
-                        store[idx] = t.half().cpu()
-            bar.update(task, advance=len(batch["index"]) + len(batch["errors"]))
-    backbone.train(was_training)
-    if not stores:
-        raise RuntimeError("no image could be read: nothing to cache")
-    features = {key: parts if is_list[key] else parts[0] for key, parts in stores.items()}
-    return FeatureCache(features, len(paths), errors)

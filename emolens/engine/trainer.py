@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,7 +34,8 @@ from ..models import EmotionModel
 from ..regions import dataset_region_boxes
 from ..taxonomy import MIKELS_WHEEL_ORDER, Taxonomy, wheel_steps
 from ..weights import init_from, model_state, save_model
-from .data import FeatureCache, Targets, class_balanced_batches, batch_targets, cache_key, compute_features, image_loader, task_targets_arrays
+from .data import (FeatureCache, Targets, batch_targets, build_cache, cache_key, class_balanced_batches, image_loader,
+                   open_cache, plan_cache, task_targets_arrays)
 from .distributed import barrier, gather, init_distributed, is_main, sync_buffers
 from .placement import Placement
 
@@ -68,8 +69,16 @@ class TrainConfig:
     precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 with a gradient scaler)
     channels_last: bool = False  # NHWC memory format, faster for convolutions on GPUs and recent CPUs
 
+    cache_budget: float | None = None  # GiB of frozen-backbone features kept on disk (default: 4 on a CPU, 0 on a GPU)
+
     def placement(self) -> Placement:
         return Placement.resolve(self.device, self.precision, self.channels_last)
+
+    def cache_budget_bytes(self, placement: Placement) -> float:
+        """Above this, a frozen backbone runs on the fly instead of being cached (on a GPU that is faster
+        than reading features back, so the default there is no cache)."""
+        budget = self.cache_budget if self.cache_budget is not None else (0.0 if placement.device.type == "cuda" else 4.0)
+        return budget * 2**30
 
     def lr_factor(self, epoch: int) -> float:
         """The learning rate of ``epoch`` (0-based) over the base rate: warm-up, then step decay."""
@@ -117,23 +126,33 @@ def task_metrics(task: str, taxonomy: Taxonomy, targets: Targets, rows: np.ndarr
 # --- batches from images or from cached features -------------------------------------------------
 
 
-class _Forward(nn.Module):
-    """The trainable computation, so DDP can wrap it: the whole model, or its head on cached features."""
+#: What a batch holds and how the model meets it: cached backbone features (the head alone), images through a
+#: frozen backbone run under no_grad (the head's view is the same as from the cache), or images through all.
+FEEDS = ("cached", "frozen", "images")
 
-    def __init__(self, model: EmotionModel, cached: bool):
+
+class _Forward(nn.Module):
+    """The trainable computation, so DDP can wrap it."""
+
+    def __init__(self, model: EmotionModel, feed: str):
         super().__init__()
-        self.model, self.cached = model, cached
+        self.model, self.feed = model, feed
 
     def forward(self, inputs):
-        return run_model(self.model, inputs, self.cached)
+        return run_model(self.model, inputs, self.feed)
 
 
-def run_model(model: EmotionModel, inputs: dict, cached: bool) -> dict:
-    """Outputs for one batch: the head on cached features, or the whole model on ``inputs["images"]``;
-    side features (``dataset.extras``) ride along in both cases."""
-    if cached:
+def run_model(model: EmotionModel, inputs: dict, feed: str) -> dict:
+    """Outputs for one batch fed as ``feed`` (one of :data:`FEEDS`); side features (``dataset.extras``)
+    ride along in every case."""
+    if feed == "cached":
         return model.head(inputs)
-    return model(inputs["images"], extras={k: v for k, v in inputs.items() if k != "images"})
+    extras = {k: v for k, v in inputs.items() if k != "images"}
+    if feed == "frozen":
+        with torch.no_grad():
+            features = model.backbone(inputs["images"])
+        return model.head({**features, **extras})
+    return model(inputs["images"], extras=extras)
 
 
 class _Batches:
@@ -150,7 +169,9 @@ class _Batches:
                              f"dataset option, e.g. {dataset.kind}=ROOT:{missing[0]}=FILE")
         self.extras = {k: torch.from_numpy(dataset.extras[k]) for k in model.extra_keys}
         self.cache, self.config = cache, config
-        augment = model.random_crops
+        self.feed = "cached" if cache is not None else "frozen" if config.freeze_backbone else "images"
+        # A frozen backbone sees what a cache would hold: the evaluation view, never a random crop.
+        augment = model.random_crops and self.feed == "images"
         self.train_tf = train_transform(model.preprocessing) if augment else eval_transform(model.preprocessing)
         self.eval_tf = eval_transform(model.preprocessing)
 
@@ -198,24 +219,31 @@ class _Batches:
 
 
 def feature_cache(model: EmotionModel, dataset: EmotionDataset, cache_dir: Path, config: TrainConfig,
-                  progress: bool = True, placement: Placement | None = None) -> FeatureCache:
-    """The backbone features of every sample of ``dataset``, computed once and kept under ``cache_dir``."""
+                  progress: bool = True, placement: Placement | None = None) -> FeatureCache | None:
+    """The frozen backbone's features of every sample of ``dataset``, on disk under ``cache_dir`` (built once,
+    resumable); ``None`` when they would take more than the cache budget: the backbone then runs on the fly."""
+    placement = placement or config.placement()
     paths = [s.path for s in dataset.samples]
-    keys = list(model.feature_keys)
-    meta = cache_key(paths, model.backbone, keys)
+    meta = cache_key(paths, model.backbone, list(model.feature_keys))
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
-    name = f"features-{model.backbone.name}-{digest}.safetensors"  # caches of other backbones/levels live side by side
-    path = Path(cache_dir) / name
-    cache = FeatureCache.load(path, meta)
-    if cache is None:
-        if is_main():
-            cache = compute_features(model.backbone, paths, keys, config.batch_size, config.workers, progress,
-                                     placement or config.placement())
-            cache.save(path, meta)
-        barrier()
-        if cache is None:
-            cache = FeatureCache.load(path, meta)
-    return cache
+    # caches of other backbones, weights or levels live side by side
+    plan = plan_cache(model.backbone, model.feature_keys, meta, Path(cache_dir) / f"features-{model.backbone.name}-{digest}")
+    cache = open_cache(plan)
+    if cache is not None:
+        return cache
+    budget = config.cache_budget_bytes(placement)
+    size = f"{len(paths)} images x {plan.bytes / max(len(paths), 1) / 2**10:.0f} KiB = {plan.bytes / 2**30:.2f} GiB"
+    if plan.bytes > budget:
+        if is_main() and progress:
+            console.print(f"backbone features would take {size}, above the cache budget of {budget / 2**30:.2f} GiB: "
+                          "the frozen backbone runs on the fly")
+        return None
+    if is_main():
+        if progress:
+            console.print(f"caching backbone features: {size} in {plan.folder}")
+        cache = build_cache(plan, model.backbone, paths, config.batch_size, config.workers, progress, placement)
+    barrier()
+    return cache if cache is not None else open_cache(plan)
 
 
 # --- optimiser state in safetensors ------------------------------------------------------------------
@@ -324,7 +352,7 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
         if is_main():
             console.print(f"resuming {out_dir} at epoch {start_epoch + 1}")
 
-    runner: nn.Module = _Forward(model, cached=cache is not None)
+    runner: nn.Module = _Forward(model, batches.feed)
     if world > 1:
         # A model that freezes parts of itself between epochs leaves parameters without gradients.
         staged = type(model).start_epoch is not EmotionModel.start_epoch
@@ -415,7 +443,7 @@ def evaluate_rows(model: EmotionModel, batches: _Batches, rows: list[int], targe
         if inputs is None:
             continue
         with batches.placement.autocast():
-            outputs = run_model(model, inputs, batches.cache is not None)
+            outputs = run_model(model, inputs, batches.feed)
             if loss_fn is not None:
                 losses.append(float(loss_fn(outputs, batches.placement.batch(batch_targets(targets, idx)))) * len(idx))
         seen.append(idx.numpy())
@@ -454,6 +482,7 @@ def _batches_for(model: EmotionModel, dataset: EmotionDataset, config: TrainConf
     placement.model(model)
     cache = (feature_cache(model, dataset, Path(cache_dir), config, progress, placement)
              if cache_dir and config.freeze_backbone else None)
+    config = replace(config, freeze_backbone=cache is not None)  # scoring without a cache runs the whole model
     return _Batches(dataset, cache, config, model, placement)
 
 
@@ -486,7 +515,7 @@ def embed(model: EmotionModel, dataset: EmotionDataset, row_sets: Sequence[list[
                 continue
             seen.append(idx.numpy())
             with batches.placement.autocast():
-                embedding = run_model(model, inputs, batches.cache is not None)["embedding"].float()
+                embedding = run_model(model, inputs, batches.feed)["embedding"].float()
             vectors.append(torch.nn.functional.normalize(embedding, dim=1).cpu().numpy())
         if not seen:
             raise RuntimeError("no usable image to embed")

@@ -93,7 +93,7 @@ def test_frozen_backbone_trains_only_the_head_from_cached_features(tiny, tmp_pat
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(not k.startswith("backbone.") for k in changed)
-    assert list((tmp_path / "run" / "cache").glob("features-*.safetensors"))
+    assert list((tmp_path / "run" / "cache").glob("features-*/shards.json"))
 
 
 def test_bad_images_are_left_out_and_reported(tiny, tmp_path):
@@ -115,7 +115,7 @@ def test_polarity_and_distribution_tasks(tiny, tmp_path):
 def test_a_frozen_backbone_trains_on_the_features_of_the_init_runs_backbone(tiny, tmp_path):
     """--init with --freeze-backbone: the cache is made from the transferred backbone, not the fresh one."""
     from emolens.data.transforms import eval_transform
-    from emolens.engine.data import FeatureCache, cache_key
+    from emolens.engine.data import cache_key, open_cache, plan_cache
     from emolens.identity import weights_digest
     from emolens.images import load_image
 
@@ -127,14 +127,15 @@ def test_a_frozen_backbone_trains_on_the_features_of_the_init_runs_backbone(tiny
     assert weights_digest(fresh.backbone.state_dict()) != weights_digest(transferred.backbone.state_dict())
     fit(fresh, ds, fold, tmp_path / "run", config(epochs=1, freeze_backbone=True, init=str(tmp_path / "source")),
         progress=False)
-    (cached,) = (tmp_path / "run" / "cache").glob("features-*.safetensors")
+    (cached,) = (tmp_path / "run" / "cache").glob("features-*")
     paths = [s.path for s in ds.samples]
-    cache = FeatureCache.load(cached, cache_key(paths, transferred.backbone, list(fresh.feature_keys)))
+    key = cache_key(paths, transferred.backbone, list(fresh.feature_keys))
+    cache = open_cache(plan_cache(transferred.backbone, fresh.feature_keys, key, cached))
     assert cache is not None, "the cache must be keyed by the transferred backbone's weights"
     image = eval_transform(transferred.preprocessing)(load_image(paths[0]))[None]
     with torch.inference_mode():
         expected = transferred.backbone(image)["pooled"][0]
-    torch.testing.assert_close(cache.features["pooled"][0].float(), expected, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(cache.batch(torch.tensor([0]))["pooled"][0], expected, atol=2e-2, rtol=1e-2)
 
 
 def test_models_reading_other_levels_never_share_a_feature_cache(tiny, tmp_path):
@@ -146,7 +147,7 @@ def test_models_reading_other_levels_never_share_a_feature_cache(tiny, tmp_path)
     maiafa.backbone.load_state_dict(apse.backbone.state_dict())  # one backbone; only the levels differ
     first = feature_cache(apse, ds, tmp_path / "cache", config(), progress=False)
     second = feature_cache(maiafa, ds, tmp_path / "cache", config(), progress=False)
-    assert len(list((tmp_path / "cache").glob("features-*.safetensors"))) == 2
+    assert len(list((tmp_path / "cache").glob("features-*"))) == 2
     assert len(first.features["levels"]) == len(apse.backbone.strides)
     assert len(second.features["levels"]) == len(maiafa.backbone.strides)
 

@@ -1,0 +1,85 @@
+"""The frozen-backbone feature cache: on disk in shards, memory-mapped, resumable after a kill, above a
+budget replaced by the backbone run on the fly - and the head cannot tell which fed it."""
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import make_ldl_dataset, tiny_model
+from emolens.data import load_dataset, make_protocol
+from emolens.data.transforms import eval_transform
+from emolens.engine import TrainConfig, fit
+from emolens.engine.data import build_cache, cache_key, open_cache, plan_cache
+from emolens.engine.trainer import feature_cache, run_model
+from emolens.images import load_image
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    ds = load_dataset(make_ldl_dataset(tmp_path / "data", per_class=6))
+    return ds, make_protocol(ds, "split", seed=0, fractions=(0.6, 0.2, 0.2)).folds[0]
+
+
+def config(**kw):
+    return TrainConfig(**{**dict(epochs=2, batch_size=4, workers=0, patience=None, optimizer="adamw", lr=3e-3,
+                                 freeze_backbone=True), **kw})
+
+
+def test_the_cache_is_memory_mapped_and_its_size_said_first(tiny, tmp_path, capsys):
+    ds, _ = tiny
+    model = tiny_model("maiafa:width=16,groups=2")
+    cache = feature_cache(model, ds, tmp_path / "cache", config(), progress=True)
+    arrays = [a for value in cache.features.values() for a in (value if isinstance(value, list) else [value])]
+    assert arrays and all(isinstance(a, np.memmap) for a in arrays)
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"caching backbone features: {len(ds)} images x" in said and "GiB" in said
+
+
+def test_above_the_budget_the_backbone_runs_on_the_fly_with_the_same_head_outputs(tiny, tmp_path):
+    ds, fold = tiny
+    model = tiny_model().eval()
+    cached = feature_cache(model, ds, tmp_path / "cache", config(), progress=False)
+    assert feature_cache(model, ds, tmp_path / "other", config(cache_budget=1e-9), progress=False) is None
+    assert not (tmp_path / "other").exists()
+    rows = torch.tensor([0, 3, 5])
+    images = torch.stack([eval_transform(model.preprocessing)(load_image(ds.samples[r].path)) for r in rows.tolist()])
+    with torch.no_grad():
+        on_the_fly = run_model(model, {"images": images}, "frozen")["logits"]
+        from_cache = run_model(model, cached.batch(rows), "cached")["logits"]
+    torch.testing.assert_close(on_the_fly, from_cache, atol=2e-2, rtol=2e-2)
+    result = fit(tiny_model(), ds, fold, tmp_path / "run", config(cache_budget=1e-9), progress=False)
+    assert not (tmp_path / "run" / "cache").exists() and result.val_metrics["n"] == len(fold.val)
+
+
+def test_a_killed_build_resumes_at_the_first_unfinished_shard(tiny, tmp_path):
+    ds, _ = tiny
+    model = tiny_model().eval()
+    paths = [s.path for s in ds.samples]
+    meta = cache_key(paths, model.backbone, list(model.feature_keys))
+    plan = plan_cache(model.backbone, model.feature_keys, meta, tmp_path / "killed", shard_size=8)
+    calls = []
+    real_forward = model.backbone.forward
+
+    class Killed(Exception):
+        pass
+
+    def dies_in_the_third_shard(images):
+        calls.append(len(images))
+        if len(calls) == 5 and not resumed:  # shards of 8 images in batches of 4: the third shard's first batch
+            raise Killed
+        return real_forward(images)
+
+    model.backbone.forward = dies_in_the_third_shard
+    resumed = None
+    with pytest.raises(Killed):
+        build_cache(plan, model.backbone, paths, batch_size=4, workers=0, progress=False)
+    assert open_cache(plan) is None  # not finished: never read
+    calls.clear()
+    resumed = True
+    resumed = build_cache(plan, model.backbone, paths, batch_size=4, workers=0, progress=False)
+    assert sum(calls) == len(paths) - 16  # only the shards not recorded as done
+    model.backbone.forward = real_forward
+    whole = build_cache(plan_cache(model.backbone, model.feature_keys, meta, tmp_path / "whole", shard_size=8),
+                        model.backbone, paths, batch_size=4, workers=0, progress=False)
+    everything = torch.arange(len(paths))
+    torch.testing.assert_close(resumed.batch(everything), whole.batch(everything))
