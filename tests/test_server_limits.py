@@ -166,7 +166,7 @@ def test_a_streamed_body_is_stopped_at_the_cap(live):
             s.settimeout(5)
         if not answer:
             answer = s.recv(65536)
-    assert answer.startswith(b"HTTP/1.1 413") and sent < 2 * 2**20
+    assert answer.startswith(b"HTTP/1.1 413") and sent < 8 * 2**20  # what the socket buffers took meanwhile
 
 
 def test_silent_connections_are_closed_and_others_still_served(live):
