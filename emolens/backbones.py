@@ -16,7 +16,7 @@ import timm
 import torch
 from torch import nn
 
-from .checkpoints import load_into, read_state_dict
+from .checkpoints import CheckpointError, load_into, read_state_dict
 from .preprocessing import Preprocessing
 
 
@@ -126,7 +126,7 @@ class Backbone(nn.Module):
         else:
             state = read_state_dict(Path(weights))
         own = self.net.state_dict()
-        state = {k.removeprefix("module."): v for k, v in state.items()}
+        state = from_torchvision_layout({k.removeprefix("module."): v for k, v in state.items()}, own)
         state = {k: v for k, v in state.items() if k in own or not _is_head_key(k)}
         load_into(self.net, state, source=f"weights {weights} for backbone {self.name!r}")
 
@@ -138,6 +138,26 @@ class Backbone(nn.Module):
         final, levels = self.net.forward_intermediates(x, indices=self.level_indices)
         final = self.final_map(final)
         return {"levels": levels, "final": final, "pooled": self.net.forward_head(final, pre_logits=True)}
+
+
+#: timm's VGG keeps fc6 and fc7 as convolutions (``pre_logits``) where torchvision's has linear layers
+#: (``classifier.0``, ``classifier.3``): the usual layout of VGG16-Places365 files.
+TORCHVISION_VGG_FC = {"pre_logits.fc1": "classifier.0", "pre_logits.fc2": "classifier.3"}
+
+
+def from_torchvision_layout(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with torchvision's VGG fully connected layers as the convolutions timm's VGG has (the same
+    numbers, reshaped); other layouts (torchvision's ResNets match timm's key for key) pass unchanged."""
+    state = dict(state)
+    for timm_name, tv_name in TORCHVISION_VGG_FC.items():
+        for part in ("weight", "bias"):
+            target, source = f"{timm_name}.{part}", f"{tv_name}.{part}"
+            if target in own and target not in state and source in state:
+                if state[source].numel() != own[target].numel():
+                    raise CheckpointError(f"{source} {tuple(state[source].shape)} cannot become {target} "
+                                          f"{tuple(own[target].shape)}")
+                state[target] = state.pop(source).reshape(own[target].shape)
+    return state
 
 
 def _is_head_key(key: str) -> bool:

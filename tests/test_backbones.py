@@ -92,3 +92,34 @@ def test_a_pickle_with_code_is_refused_without_running_it(tmp_path):
 def test_unknown_stride_is_reported():
     with pytest.raises(ValueError, match="stride"):
         create_backbone("resnet18", weights=None, out_strides=(64,))
+
+
+def test_a_torchvision_resnet_file_loads_and_gives_torchvisions_features(tmp_path):
+    import torchvision
+
+    reference = torchvision.models.resnet50(weights=None).eval()
+    torch.save(reference.state_dict(), tmp_path / "resnet50.pth")
+    backbone = Backbone("resnet50", weights=tmp_path / "resnet50.pth").eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        theirs = torch.flatten(reference.avgpool(reference.layer4(reference.layer3(reference.layer2(reference.layer1(
+            reference.maxpool(reference.relu(reference.bn1(reference.conv1(x))))))))), 1)
+        torch.testing.assert_close(backbone(x)["pooled"], theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_torchvision_vgg_fully_connected_layers_become_timms_convolutions():
+    """fc6 of torchvision's VGG flattens (C, H, W) maps: the same numbers as a C x H x W convolution kernel."""
+    from emolens.backbones import from_torchvision_layout
+
+    linear = torch.nn.Linear(3 * 2 * 2, 5)
+    own = {"pre_logits.fc1.weight": torch.zeros(5, 3, 2, 2), "pre_logits.fc1.bias": torch.zeros(5),
+           "features.0.weight": torch.zeros(1)}
+    state = from_torchvision_layout({"classifier.0.weight": linear.weight.detach(), "classifier.0.bias":
+                                     linear.bias.detach(), "features.0.weight": torch.ones(1)}, own)
+    assert set(state) == set(own)
+    conv = torch.nn.Conv2d(3, 5, 2)
+    conv.load_state_dict({"weight": state["pre_logits.fc1.weight"], "bias": state["pre_logits.fc1.bias"]})
+    maps = torch.randn(4, 3, 2, 2)
+    torch.testing.assert_close(conv(maps).flatten(1), linear(maps.flatten(1)))
+    with pytest.raises(CheckpointError, match="cannot become"):
+        from_torchvision_layout({"classifier.0.weight": torch.zeros(5, 7)}, own)
