@@ -140,6 +140,8 @@ OPTIM = typer.Option("sgd", help="sgd (momentum 0.9, step decay, as in the paper
 LR = typer.Option(None, help="Learning rate (default: 1e-3 fine-tuning, 3e-3 frozen; a tenth with adamw).")
 FREEZE = typer.Option(False, "--freeze-backbone", help="Train only the model's own layers; the backbone's features are "
                       "cached on disk once (within --cache-budget) or computed on the fly.")
+LIMIT = typer.Option(None, "--limit", help="Use only N images of the dataset (each class in turn), for a quick check "
+                     "of a long run; the same as the dataset option limit=N.")
 CACHE_BUDGET = typer.Option(None, "--cache-budget", help="GiB of frozen-backbone features kept on disk (default 4 on a "
                             "CPU, 0 on a GPU); above it the frozen backbone runs on the fly.")
 WORKERS = typer.Option(2, help="Image-decoding worker processes.")
@@ -167,6 +169,15 @@ ACCUMULATE = typer.Option(1, "--accumulate", help="Batches whose gradients make 
                           "(effective batch = --batch-size x this).")
 
 
+def with_limit(spec: str, limit: int | None) -> str:
+    """``spec`` with the dataset option ``limit=N`` added (when ``limit`` is given)."""
+    if limit is None:
+        return spec
+    from .data import parse_spec
+
+    return f"{spec}{',' if parse_spec(spec)[2] else ':'}limit={limit}"
+
+
 def _schedule(weight_decay, lr_steps, lr_step_every, gamma, warmup, backbone_lr, accumulate, cache_budget) -> dict:
     steps = tuple(int(x) for x in lr_steps.split(",") if x.strip()) if lr_steps else None
     return {"weight_decay": weight_decay, "lr_steps": steps, "step_size": lr_step_every, "gamma": gamma,
@@ -191,7 +202,7 @@ def train(
     init: str = INIT, init_parts: str = INIT_PARTS, device: str = DEVICE, precision: str = PRECISION,
     channels_last: bool = CHANNELS_LAST, weight_decay: float = WEIGHT_DECAY, lr_steps: str = LR_STEPS,
     lr_step_every: int = LR_STEP_EVERY, gamma: float = GAMMA, warmup: int = WARMUP, backbone_lr: float = BACKBONE_LR,
-    accumulate: int = ACCUMULATE, cache_budget: float = CACHE_BUDGET,
+    accumulate: int = ACCUMULATE, cache_budget: float = CACHE_BUDGET, limit: int = LIMIT,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its last checkpoint."),
 ) -> None:
     """Train a model; the checkpoint is chosen on validation data, then scored once on the test part."""
@@ -203,7 +214,7 @@ def train(
     from .checkpoints import atomic_write_json
 
     try:
-        ds = load_dataset(data)
+        ds = load_dataset(with_limit(data, limit))
         proto_path = out / "protocol.json"
         if resume and proto_path.is_file():
             proto = Protocol.load(proto_path, ds)
@@ -293,7 +304,7 @@ def benchmark(
     init: str = INIT, init_parts: str = INIT_PARTS, device: str = DEVICE, precision: str = PRECISION,
     channels_last: bool = CHANNELS_LAST, weight_decay: float = WEIGHT_DECAY, lr_steps: str = LR_STEPS,
     lr_step_every: int = LR_STEP_EVERY, gamma: float = GAMMA, warmup: int = WARMUP, backbone_lr: float = BACKBONE_LR,
-    accumulate: int = ACCUMULATE, cache_budget: float = CACHE_BUDGET,
+    accumulate: int = ACCUMULATE, cache_budget: float = CACHE_BUDGET, limit: int = LIMIT,
     retrieval: bool = typer.Option(False, "--retrieval", help="Also score retrieval by embedding (mAP8, mAP2, NN, "
                                    "FT, ST, DCG, F1, ANMRR)."),
     retrieval_protocol: str = typer.Option("gallery", "--retrieval-protocol", help="gallery (test images query the "
@@ -306,7 +317,7 @@ def benchmark(
 
     specs = split_model_list(models)
     try:
-        ds = load_dataset(data)
+        ds = load_dataset(with_limit(data, limit))
         config = _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience, init, init_parts,
                          device, precision, channels_last,
                          _schedule(weight_decay, lr_steps, lr_step_every, gamma, warmup, backbone_lr, accumulate,

@@ -68,6 +68,7 @@ def load_dataset(spec: str) -> EmotionDataset:
     """Read the dataset named by ``KIND=ROOT[:option=value,...]``."""
     kind, root, options = parse_spec(spec)
     side_files = {key: options.pop(key) for key in SIDE_FEATURES if key in options}
+    limit = options.pop("limit", None)
     if kind not in READERS:
         raise ValueError(f"unknown dataset kind {kind!r}; known: {', '.join(sorted(READERS))}")
     if not root.is_dir():
@@ -78,11 +79,27 @@ def load_dataset(spec: str) -> EmotionDataset:
         if "unexpected keyword argument" in str(e):
             raise ValueError(f"dataset kind {kind!r} does not take option(s) {', '.join(options)}") from e
         raise
-    ds.spec = spec
     for key, file in side_files.items():
         path = Path(file) if Path(file).is_absolute() else root / file
         ds.extras[key] = read_side_features(path, ds)
+    if limit is not None:
+        if not limit.isdigit() or int(limit) < 1:
+            raise ValueError(f"dataset option limit={limit!r} in {spec!r} is not a positive number of images")
+        ds = ds.subset(interleaved_by_class(ds.labels)[:int(limit)])
+    ds.spec = spec
     return ds
+
+
+def interleaved_by_class(labels: np.ndarray) -> list[int]:
+    """Sample positions taking one image of each class in turn (in file order within a class), so that any
+    prefix covers the classes as evenly as it can: the images a ``limit`` keeps."""
+    queues = [list(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    order = []
+    while any(queues):
+        for queue in queues:
+            if queue:
+                order.append(int(queue.pop(0)))
+    return order
 
 
 # --- shared parsing helpers ---------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +71,14 @@ class EmotionDataset:
     def polarities(self) -> np.ndarray:
         """1 positive, 0 negative, -1 where the sample's emotion has no polarity."""
         return np.array([-1 if s.polarity is None else s.polarity for s in self.samples], dtype=np.int64)
+
+    def subset(self, rows: list[int]) -> "EmotionDataset":
+        """The samples at ``rows`` (in that order), with their side features and official split."""
+        position = {r: n for n, r in enumerate(rows)}
+        split = None if self.official_split is None else {
+            part: [position[i] for i in indices if i in position] for part, indices in self.official_split.items()}
+        return replace(self, samples=[self.samples[r] for r in rows], official_split=split,
+                       extras={k: v[rows] for k, v in self.extras.items()})
 
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.labels, minlength=self.taxonomy.num_classes)

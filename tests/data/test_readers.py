@@ -230,3 +230,37 @@ def test_real_emotion6(shared_data):
     ds = load_dataset(f"emotion6={shared_data / 'emotion6'}")
     assert len(ds) == 1980 and not ds.missing and ds.taxonomy.num_classes == 7
     np.testing.assert_allclose(ds.distributions.sum(1), 1.0, rtol=1e-5)
+
+
+def test_a_limit_keeps_the_first_images_of_each_class_in_turn(tmp_path):
+    from helpers import make_ldl_dataset
+
+    spec = make_ldl_dataset(tmp_path, per_class=5)  # 4 classes, 5 images each, class by class in the file
+    full = load_dataset(spec)
+    small = load_dataset(spec + ":limit=6")
+    assert len(small) == 6 and small.spec == spec + ":limit=6"
+    assert sorted(small.class_counts().values()) == [0, 0, 0, 0, 1, 1, 2, 2]
+    assert [s.path.name for s in small.samples] == [full.samples[i].path.name for i in (0, 5, 10, 15, 1, 6)]
+    np.testing.assert_allclose(small.distributions, full.distributions[[0, 5, 10, 15, 1, 6]])
+    with pytest.raises(ValueError, match="limit"):
+        load_dataset(spec + ":limit=zero")
+
+
+def test_train_with_limit_uses_that_many_images_and_evaluate_reads_the_same(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from helpers import TINY_BACKBONE, make_ldl_dataset
+    from emolens.cli import app
+
+    spec = make_ldl_dataset(tmp_path / "data", per_class=10)
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--model", "global", "--data", spec, "--out", str(tmp_path / "run"), "--limit",
+                                 "20", "--epochs", "1", "--backbone", TINY_BACKBONE, "--backbone-weights", "none",
+                                 "--workers", "0", "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    protocol = json.loads((tmp_path / "run" / "protocol.json").read_text())
+    fold = protocol["folds"][0]
+    assert len(fold["train"]) + len(fold["val"]) + len(fold["test"]) == 20
+    assert runner.invoke(app, ["evaluate", str(tmp_path / "run"), "--workers", "0"]).exit_code == 0
