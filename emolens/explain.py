@@ -124,12 +124,12 @@ class Explainer:
         size = self.preprocessing.size
         maps = {}
         for label, layer in self.model.cam_layers().items():
-            name = f"{self.title} ({label})" if label else self.title
+            title = f"{self.title} ({label})" if label else self.title
             with self.cam_class(model=_Logits(self.model), target_layers=[layer]) as cam:
-                maps[name] = _normalise(cam(input_tensor=batch, targets=[ClassifierOutputTarget(index)])[0])
-        for name, m in self.model.explanation_maps(outputs).items():
+                maps[title] = _normalise(cam(input_tensor=batch, targets=[ClassifierOutputTarget(index)])[0])
+        for title, m in self.model.explanation_maps(outputs).items():
             up = F.interpolate(m[:1, None].float(), size=(size, size), mode="bilinear", align_corners=False)[0, 0]
-            maps[name] = _normalise(up.detach().cpu().numpy())
+            maps[title] = _normalise(up.detach().cpu().numpy())
         boxes = None
         if "boxes" in outputs:
             scores = outputs.get("box_scores")

@@ -148,3 +148,9 @@ def test_concurrent_explanations_match_one_at_a_time():
         together = list(pool.map(lambda i: explainers[i % 6].explain(images[i]).maps["Grad-CAM"], range(12)))
     for a, b in zip(alone, together):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_the_explanation_keeps_the_images_name(tmp_path):
+    photo = write_image(tmp_path / "kept.png", seed=5, size=(40, 30))
+    result = Explainer(tiny_model("maiafa:width=16,groups=2").eval()).explain(photo)  # a model with its own maps
+    assert result.source == str(photo) and "region map D" in result.maps
