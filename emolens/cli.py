@@ -158,6 +158,8 @@ DEVICE = typer.Option("auto", help="auto (CUDA when present; under torchrun the 
 PRECISION = typer.Option("fp32", help="fp32, bf16 (autocast; CPUs and recent GPUs) or fp16 (autocast with a "
                          "gradient scaler; GPUs).")
 CHANNELS_LAST = typer.Option(False, "--channels-last", help="NHWC memory format for convolutional backbones.")
+INFER_DEVICE = typer.Option("cpu", help="cpu (the default: ONNX Runtime where the model exports), or auto, cuda, "
+                            "cuda:N, mps to run the PyTorch model there.")
 WEIGHT_DECAY = typer.Option(5e-4, "--weight-decay", help="Weight decay of the optimizer.")
 LR_STEPS = typer.Option(None, "--lr-steps", help="Epochs at which the learning rate is multiplied by --gamma, "
                         "e.g. 30,60 (default: every --lr-step-every epochs).")
@@ -182,8 +184,6 @@ def _schedule(weight_decay, lr_steps, lr_step_every, gamma, warmup, backbone_lr,
     steps = tuple(int(x) for x in lr_steps.split(",") if x.strip()) if lr_steps else None
     return {"weight_decay": weight_decay, "lr_steps": steps, "step_size": lr_step_every, "gamma": gamma,
             "warmup_epochs": warmup, "backbone_lr": backbone_lr, "accumulate": accumulate, "cache_budget": cache_budget}
-INFER_DEVICE = typer.Option("cpu", help="cpu (the default: ONNX Runtime where the model exports), or auto, cuda, "
-                            "cuda:N, mps to run the PyTorch model there.")
 
 
 @app.command()
@@ -405,8 +405,6 @@ def predict(
 ) -> None:
     """Which emotions each image evokes: top emotion, its probability, polarity and the full distribution.
     Interrupted (Ctrl-C), it still gives the results of the images it finished."""
-    import sys
-
     from .images import scan_images
     from .predict import Prediction, PredictionError
 

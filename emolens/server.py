@@ -16,6 +16,7 @@ import os
 import stat
 import threading
 from contextlib import asynccontextmanager
+from functools import lru_cache
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -208,7 +209,6 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
                 out.append((predictor.preprocessing.normalise(view), view))
             except ImageLoadError as e:
                 out.append(e)
-        release_memory()
         return out
 
     async def read_images(files: list[UploadFile]) -> list[tuple[np.ndarray, Image.Image]]:
@@ -235,6 +235,8 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
         pixels = await run_in_threadpool(sizes)
         async with budget.reserve(max(pixels)):
             decoded = await run_in_threadpool(decode, data)
+        if max(pixels) >= LARGE_IMAGE_PIXELS:
+            await run_in_threadpool(release_memory)
         for f, d in zip(files, decoded):
             if isinstance(d, ImageLoadError):
                 raise HTTPException(400, f"{f.filename}: {d.reason}")
@@ -352,12 +354,23 @@ class HeaderTimeoutH11(H11Protocol):
         super().connection_lost(exc)
 
 
+#: Decodes from this size on hand their freed heap back to the system afterwards.
+LARGE_IMAGE_PIXELS = 4_000_000
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
 def release_memory() -> None:
     """Give freed heap back to the system (glibc): after a large decode the process would keep it."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def read_indexed_file(row) -> bytes | None:

@@ -37,10 +37,21 @@ def make_ldl_dataset(root: Path, per_class: int = 8, classes=(0, 2, 5, 7), size=
     return f"flickr_ldl={root}"
 
 
+def png(seed: int = 0, size=(60, 40)) -> bytes:
+    """A random-noise PNG file's bytes (an upload)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def tiny_model(spec: str = "global", task: str = "emotion", taxonomy="mikels"):
     import emolens
 
     return emolens.create_model(spec, taxonomy=taxonomy, task=task, backbone=TINY_BACKBONE, backbone_weights=None)
 
 
-__all__ = ["TINY_BACKBONE", "make_ldl_dataset", "tiny_model", "write_image"]
+__all__ = ["TINY_BACKBONE", "make_ldl_dataset", "png", "tiny_model", "write_image"]

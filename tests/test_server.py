@@ -1,23 +1,15 @@
 import io
 from pathlib import Path
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from helpers import tiny_model
+from helpers import png, tiny_model
 from emolens.predict import Predictor
 from emolens.retrieval.index import AffectiveIndex, AffectiveIndexError
 from emolens.runtime import export_onnx
 from emolens.server import Limits, create_app
-
-
-def png(seed=0, size=(60, 40)) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -1,26 +1,17 @@
 """The server under load and abuse: bodies capped while they stream, decoding off the event loop, a pixel
 budget and a bounded model queue that answer 503 + Retry-After, silent connections closed."""
 
-import io
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
-from helpers import tiny_model
+from helpers import png, tiny_model
 from emolens.runtime import export_onnx
 from emolens.server import HeaderTimeoutH11, Limits, create_app
-
-
-def png(seed=0, size=(60, 40)) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

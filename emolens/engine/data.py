@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -16,6 +15,7 @@ from rich.progress import Progress
 from torch.utils.data import DataLoader, Dataset
 
 from ..storage import atomic_write_json
+from .placement import Placement
 from ..data.samples import EmotionDataset
 from ..data.transforms import eval_transform
 from ..identity import weights_digest
@@ -186,10 +186,11 @@ def open_cache(plan: CachePlan) -> FeatureCache | None:
 
 @torch.inference_mode()
 def build_cache(plan: CachePlan, backbone, paths: Sequence[Path], batch_size: int = 32, workers: int = 2,
-                progress: bool = True, placement=None) -> FeatureCache:
+                progress: bool = True, placement: Placement | None = None) -> FeatureCache:
     """Fill the cache shard by shard (``plan.shard_size`` images each): a shard's rows are written and
     flushed, then the shard is recorded as done in one atomic write, so a killed build resumes at the
     first shard not recorded. Unusable images are recorded, not fatal."""
+    placement = placement or Placement(torch.device("cpu"))
     plan.folder.mkdir(parents=True, exist_ok=True)
     state = _read_json(plan.folder / "shards.json")
     if _read_json(plan.folder / "meta.json") != _jsonable(plan.meta) or state is None:
@@ -206,20 +207,19 @@ def build_cache(plan: CachePlan, backbone, paths: Sequence[Path], batch_size: in
     was_training = backbone.training
     backbone.eval()
     todo = [k for k in range(plan.shards) if k not in state["done"]]
+    shard_rows = {k: range(k * plan.shard_size, min(len(paths), (k + 1) * plan.shard_size)) for k in todo}
     with Progress(transient=True, disable=not progress) as bar:
-        task = bar.add_task("caching backbone features", total=len(paths), completed=len(paths) - sum(
-            len(range(k * plan.shard_size, min(len(paths), (k + 1) * plan.shard_size))) for k in todo))
-        for shard in todo:
-            first = shard * plan.shard_size
-            rows = range(first, min(len(paths), first + plan.shard_size))
+        task = bar.add_task("caching backbone features", total=len(paths),
+                            completed=len(paths) - sum(map(len, shard_rows.values())))
+        for shard, rows in shard_rows.items():
+            first = rows.start
             loader = image_loader([paths[r] for r in rows], eval_transform(backbone.preprocessing), batch_size, workers,
-                                  pin_memory=placement is not None and placement.pin_memory)
+                                  pin_memory=placement.pin_memory)
             for batch in loader:
                 state["errors"].update({str(first + i): r for i, r in batch["errors"]})
                 if len(batch["index"]):
-                    images = batch["image"] if placement is None else placement.tensor(batch["image"])
-                    with placement.autocast() if placement is not None else nullcontext():
-                        out = backbone(images)
+                    with placement.autocast():
+                        out = backbone(placement.tensor(batch["image"]))
                     at = (first + batch["index"]).numpy()
                     for name in plan.shapes:
                         key, _, position = name.partition(".")

@@ -315,8 +315,7 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
     batches = _Batches(dataset, cache, config, model, placement, targets["label"] if balanced else None)
     scaler = placement.grad_scaler()
     lr = config.learning_rate()
-    backbone_ids = {id(p) for p in model.backbone.parameters()}
-    params = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in backbone_ids]}]
+    params = [{"params": [p for p in model.head_parameters() if p.requires_grad]}]
     trainable_backbone = [p for p in model.backbone.parameters() if p.requires_grad]
     if trainable_backbone:
         params.append({"params": trainable_backbone, "lr": config.backbone_lr or lr})

@@ -208,7 +208,8 @@ class AffectiveIndex:
         failures += [PredictionError(p, reason) for p, reason in
                      ((_from_db(p), r) for p, r in self.db.execute("SELECT path, reason FROM failures"))
                      if p in current and p not in todo]
-        self._vectors_index()  # brings the vectors file in line with the rows
+        if self._meta("vectors_for") != (self._meta("generation") or "0") or not self.faiss_path.is_file():
+            self.rebuild_vectors()  # searches check the file itself (hash) when they load it
         unchanged = len(current) - len(todo)
         return IndexReport(added, updated, len(gone), unchanged, failures, len(self))
 
