@@ -122,14 +122,14 @@ def datasets_info(
 
 
 def _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience, init=None,
-            init_parts=None, device="auto", precision="fp32", channels_last=False, schedule=None):
+            init_parts=None, device="auto", precision="fp32", channels_last=False, options=None):
     from .engine import TrainConfig
 
     parts = tuple(p.strip() for p in init_parts.split(",") if p.strip()) if init_parts else None
     config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, freeze_backbone=freeze_backbone,
                          workers=workers, seed=seed, select=select, patience=patience or None, init=init,
                          init_parts=parts, device=device, precision=precision, channels_last=channels_last,
-                         **(schedule or {}))
+                         **(options or {}))
     config.placement()  # an unknown or absent device is an error before any work
     return config
 
@@ -169,6 +169,9 @@ WARMUP = typer.Option(0, "--warmup", help="Epochs of linear learning-rate warm-u
 BACKBONE_LR = typer.Option(None, "--backbone-lr", help="Learning rate of the backbone when it trains (default: --lr).")
 ACCUMULATE = typer.Option(1, "--accumulate", help="Batches whose gradients make one optimizer step "
                           "(effective batch = --batch-size x this).")
+COMPILE = typer.Option(False, "--compile", help="torch.compile the training step (inductor; the first steps take "
+                       "minutes to compile).")
+SYNC_BN = typer.Option(False, "--sync-bn", help="Under torchrun on GPUs: BatchNorm statistics over every GPU's batch.")
 
 
 def with_limit(spec: str, limit: int | None) -> str:
@@ -180,10 +183,12 @@ def with_limit(spec: str, limit: int | None) -> str:
     return f"{spec}{',' if parse_spec(spec)[2] else ':'}limit={limit}"
 
 
-def _schedule(weight_decay, lr_steps, lr_step_every, gamma, warmup, backbone_lr, accumulate, cache_budget) -> dict:
+def _training_options(weight_decay, lr_steps, lr_step_every, gamma, warmup, backbone_lr, accumulate, cache_budget,
+                      compile_step, sync_bn) -> dict:
     steps = tuple(int(x) for x in lr_steps.split(",") if x.strip()) if lr_steps else None
     return {"weight_decay": weight_decay, "lr_steps": steps, "step_size": lr_step_every, "gamma": gamma,
-            "warmup_epochs": warmup, "backbone_lr": backbone_lr, "accumulate": accumulate, "cache_budget": cache_budget}
+            "warmup_epochs": warmup, "backbone_lr": backbone_lr, "accumulate": accumulate, "cache_budget": cache_budget,
+            "compile_backend": "inductor" if compile_step else None, "sync_batchnorm": sync_bn}
 
 
 @app.command()
@@ -203,6 +208,7 @@ def train(
     channels_last: bool = CHANNELS_LAST, weight_decay: float = WEIGHT_DECAY, lr_steps: str = LR_STEPS,
     lr_step_every: int = LR_STEP_EVERY, gamma: float = GAMMA, warmup: int = WARMUP, backbone_lr: float = BACKBONE_LR,
     accumulate: int = ACCUMULATE, cache_budget: float = CACHE_BUDGET, limit: int = LIMIT,
+    compile_step: bool = COMPILE, sync_bn: bool = SYNC_BN,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its last checkpoint."),
 ) -> None:
     """Train a model; the checkpoint is chosen on validation data, then scored once on the test part."""
@@ -231,8 +237,8 @@ def train(
         net = create_model(model, taxonomy=ds.taxonomy, task=task, backbone=backbone, backbone_weights=weights)
         config = _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience, init, init_parts,
                          device, precision, channels_last,
-                         _schedule(weight_decay, lr_steps, lr_step_every, gamma, warmup, backbone_lr, accumulate,
-                                   cache_budget))
+                         _training_options(weight_decay, lr_steps, lr_step_every, gamma, warmup, backbone_lr,
+                                           accumulate, cache_budget, compile_step, sync_bn))
         chosen = proto.folds[fold]
         result = fit(net, ds, chosen, out, config, resume=resume)
         if is_main():
@@ -305,6 +311,7 @@ def benchmark(
     channels_last: bool = CHANNELS_LAST, weight_decay: float = WEIGHT_DECAY, lr_steps: str = LR_STEPS,
     lr_step_every: int = LR_STEP_EVERY, gamma: float = GAMMA, warmup: int = WARMUP, backbone_lr: float = BACKBONE_LR,
     accumulate: int = ACCUMULATE, cache_budget: float = CACHE_BUDGET, limit: int = LIMIT,
+    compile_step: bool = COMPILE, sync_bn: bool = SYNC_BN,
     retrieval: bool = typer.Option(False, "--retrieval", help="Also score retrieval by embedding (mAP8, mAP2, NN, "
                                    "FT, ST, DCG, F1, ANMRR)."),
     retrieval_protocol: str = typer.Option("gallery", "--retrieval-protocol", help="gallery (test images query the "
@@ -320,8 +327,8 @@ def benchmark(
         ds = load_dataset(with_limit(data, limit))
         config = _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience, init, init_parts,
                          device, precision, channels_last,
-                         _schedule(weight_decay, lr_steps, lr_step_every, gamma, warmup, backbone_lr, accumulate,
-                                   cache_budget))
+                         _training_options(weight_decay, lr_steps, lr_step_every, gamma, warmup, backbone_lr,
+                                           accumulate, cache_budget, compile_step, sync_bn))
         weights = None if backbone_weights.lower() == "none" else backbone_weights
         results = run_benchmark(ds, specs, task, out, folds, seed, config, backbone, weights, progress=True,
                                 log=lambda m: err_console.print(m), retrieval=retrieval, protocol=protocol,

@@ -80,11 +80,50 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """Item ``key``, or ``(key, seed)``: the random transform then draws from ``seed`` alone, so an image's
+        augmentation depends on neither the worker that decodes it nor what that worker decoded before."""
+        i, seed = key if isinstance(key, tuple) else (key, None)
         try:
-            return {"index": i, "image": self.transform(load_image(self.paths[i], self.max_pixels))}
+            image = load_image(self.paths[i], self.max_pixels)
+            if seed is None:
+                return {"index": i, "image": self.transform(image)}
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return {"index": i, "image": self.transform(image)}
         except ImageLoadError as e:
             return {"index": i, "error": e.reason}
+
+
+class PlannedBatches:
+    """A batch sampler that yields the batches it was last given: one persistent loader serves every epoch
+    and every subset, each pass planned anew (:func:`epoch_batches`) before the loader is iterated."""
+
+    def __init__(self):
+        self.batches: list[list] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def epoch_batches(rows: Sequence[int], batch_size: int, train: bool, seed: int, rank: int = 0, world: int = 1,
+                  balanced_labels: np.ndarray | None = None) -> list[list[int]]:
+    """This rank's batches of sample ``rows`` for one pass, shuffled by ``seed`` when training (or P x M
+    class-balanced with ``balanced_labels``). In training every rank gets as many batches as the others (rows
+    repeat to fill the last, as in ``DistributedSampler``), so that DDP's gradient exchanges stay in step."""
+    if train and balanced_labels is not None:
+        batches = class_balanced_batches(rows, balanced_labels, batch_size, seed)
+        return [batches[i % len(batches)] for i in range(rank, math.ceil(len(batches) / world) * world, world)]
+    order = np.asarray(rows, dtype=np.int64)
+    if train:
+        order = order[torch.randperm(len(order), generator=torch.Generator().manual_seed(seed)).numpy()]
+        if world > 1:
+            order = np.resize(order, math.ceil(len(order) / world) * world)
+    order = order[rank::world]
+    return [order[start:start + batch_size].tolist() for start in range(0, len(order), batch_size)]
 
 
 def collate_images(items: list[dict]) -> dict[str, Any]:
@@ -97,11 +136,21 @@ def collate_images(items: list[dict]) -> dict[str, Any]:
     }
 
 
-def image_loader(paths, transform, batch_size: int, workers: int, shuffle: bool = False, generator=None,
-                 sampler=None, max_pixels: int = DEFAULT_MAX_PIXELS, pin_memory: bool = False) -> DataLoader:
-    return DataLoader(ImageFiles(paths, transform, max_pixels), batch_size=batch_size, shuffle=shuffle and sampler is None,
-                      num_workers=workers, collate_fn=collate_images, generator=generator, sampler=sampler,
-                      persistent_workers=False, prefetch_factor=4 if workers else None, pin_memory=pin_memory)
+def image_loader(paths, transform, batch_size: int, workers: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 pin_memory: bool = False) -> DataLoader:
+    """One pass over ``paths`` in order."""
+    return DataLoader(ImageFiles(paths, transform, max_pixels), batch_size=batch_size, num_workers=workers,
+                      collate_fn=collate_images, prefetch_factor=4 if workers else None, pin_memory=pin_memory)
+
+
+def planned_loader(paths, transform, workers: int, pin_memory: bool = False) -> tuple[DataLoader, PlannedBatches]:
+    """A loader whose workers live as long as it does (no start-up per epoch), fed the batches that the
+    returned :class:`PlannedBatches` holds when the loader is iterated."""
+    plan = PlannedBatches()
+    loader = DataLoader(ImageFiles(paths, transform), batch_sampler=plan, num_workers=workers,
+                        collate_fn=collate_images, persistent_workers=workers > 0,
+                        prefetch_factor=4 if workers else None, pin_memory=pin_memory)
+    return loader, plan
 
 
 @dataclass

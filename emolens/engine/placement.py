@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -51,15 +53,20 @@ class Placement:
     device: torch.device
     precision: str = "fp32"
     channels_last: bool = False
+    compile_backend: str | None = None  # torch.compile's backend for the training step ("inductor"); None: eager
+    sync_batchnorm: bool = False  # BatchNorm statistics over every rank's batch (DDP on GPUs)
 
     @classmethod
-    def resolve(cls, device: str = "auto", precision: str = "fp32", channels_last: bool = False) -> "Placement":
+    def resolve(cls, device: str = "auto", precision: str = "fp32", channels_last: bool = False,
+                compile_backend: str | None = None, sync_batchnorm: bool = False) -> "Placement":
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
         where = resolve_device(device)
         if precision == "fp16" and where.type == "cpu":
             raise ValueError("fp16 autocast needs a GPU; use bf16 on a CPU")
-        return cls(where, precision, channels_last)
+        if sync_batchnorm and where.type != "cuda":
+            raise ValueError("SyncBatchNorm synchronises GPUs (NCCL); on a CPU leave it off")
+        return cls(where, precision, channels_last, compile_backend, sync_batchnorm)
 
     @property
     def pin_memory(self) -> bool:
@@ -94,6 +101,18 @@ class Placement:
     def grad_scaler(self) -> torch.amp.GradScaler:
         """Loss scaling, which fp16 needs against underflowing gradients (disabled otherwise)."""
         return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    def training_step(self, module: nn.Module, world: int, find_unused_parameters: bool = False) -> nn.Module:
+        """``module`` as the training loop calls it: with synchronised BatchNorm (when asked) and wrapped in
+        DDP when several processes train, then compiled (when asked). Parameters and state stay ``module``'s."""
+        if world > 1:
+            if self.sync_batchnorm:
+                module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+            module = DistributedDataParallel(module, find_unused_parameters=find_unused_parameters,
+                                             device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.compile_backend:
+            module.compile(backend=self.compile_backend)
+        return module
 
     def distributed_backend(self) -> str:
         return "nccl" if self.device.type == "cuda" else "gloo"

@@ -21,8 +21,6 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data.distributed import DistributedSampler
 
 from .. import metrics as M
 from ..checkpoints import CheckpointError, load_checkpoint, load_into, save_checkpoint
@@ -34,8 +32,8 @@ from ..models import EmotionModel
 from ..regions import dataset_region_boxes
 from ..taxonomy import MIKELS_WHEEL_ORDER, Taxonomy, wheel_steps
 from ..weights import init_from, model_state, save_model
-from .data import (FeatureCache, Targets, batch_targets, build_cache, cache_key, class_balanced_batches, image_loader,
-                   open_cache, plan_cache, task_targets_arrays)
+from .data import (FeatureCache, Targets, batch_targets, build_cache, cache_key, epoch_batches, open_cache, plan_cache,
+                   planned_loader, task_targets_arrays)
 from .distributed import barrier, gather, init_distributed, is_main, sync_buffers
 from .placement import Placement
 
@@ -68,11 +66,14 @@ class TrainConfig:
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N, mps
     precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 with a gradient scaler)
     channels_last: bool = False  # NHWC memory format, faster for convolutions on GPUs and recent CPUs
+    compile_backend: str | None = None  # torch.compile the training step with this backend ("inductor")
+    sync_batchnorm: bool = False  # DDP on GPUs: BatchNorm statistics over all ranks' batches
 
     cache_budget: float | None = None  # GiB of frozen-backbone features kept on disk (default: 4 on a CPU, 0 on a GPU)
 
     def placement(self) -> Placement:
-        return Placement.resolve(self.device, self.precision, self.channels_last)
+        return Placement.resolve(self.device, self.precision, self.channels_last, self.compile_backend,
+                                 self.sync_batchnorm)
 
     def cache_budget_bytes(self, placement: Placement) -> float:
         """Above this, a frozen backbone runs on the fly instead of being cached (on a GPU that is faster
@@ -174,45 +175,29 @@ class _Batches:
         augment = model.random_crops and self.feed == "images"
         self.train_tf = train_transform(model.preprocessing) if augment else eval_transform(model.preprocessing)
         self.eval_tf = eval_transform(model.preprocessing)
+        self.loaders: dict[bool, tuple] = {}  # persistent loaders for training and evaluation passes
 
     def __call__(self, rows: list[int], train: bool, epoch_seed: int, rank: int, world: int):
-        bs = self.config.batch_size
-        balanced = train and self.balanced_labels is not None
+        batches = epoch_batches(self.cache.usable(rows) if self.cache is not None else rows, self.config.batch_size,
+                                train, epoch_seed, rank, world, self.balanced_labels)
         if self.cache is not None:
-            rows = self.cache.usable(rows)
-            if balanced:
-                chunks = [torch.as_tensor(b) for b in class_balanced_batches(rows, self.balanced_labels, bs, epoch_seed)]
-                chunks = chunks[rank::world]
-            else:
-                order = torch.as_tensor(rows, dtype=torch.long)
-                if train:
-                    order = order[torch.randperm(len(order), generator=torch.Generator().manual_seed(epoch_seed))]
-                order = order[rank::world]
-                chunks = [order[start:start + bs] for start in range(0, len(order), bs)]
-            for idx in chunks:
+            for batch in batches:
+                idx = torch.as_tensor(batch, dtype=torch.long)
                 yield self.placement.batch({**self.cache.batch(idx), **self._extras(idx)}), idx, []
             return
-        if balanced:
-            batches = class_balanced_batches(rows, self.balanced_labels, bs, epoch_seed)[rank::world]
-            rows = [r for b in batches for r in b]
-            bs, world = len(batches[0]), 1  # the order is fixed and already split across ranks; keep it
-        paths = [self.paths[r] for r in rows]
-        generator = torch.Generator().manual_seed(epoch_seed)
-        sampler = None
-        if world > 1:
-            sampler = DistributedSampler(range(len(paths)), num_replicas=world, rank=rank, shuffle=train, seed=epoch_seed)
-        loader = image_loader(paths, self.train_tf if train else self.eval_tf, bs, self.config.workers,
-                              shuffle=train and not balanced, generator=generator, sampler=sampler,
-                              pin_memory=self.placement.pin_memory)
-        lookup = torch.as_tensor(rows, dtype=torch.long)
+        if train not in self.loaders:
+            self.loaders[train] = planned_loader(self.paths, self.train_tf if train else self.eval_tf,
+                                                 self.config.workers, self.placement.pin_memory)
+        loader, plan = self.loaders[train]
+        # Each image's crop and flip come from the epoch's seed and its row: the same, run after run.
+        plan.batches = [[(r, epoch_seed * 1_000_003 + r) if train else r for r in batch] for batch in batches]
         for batch in loader:
-            errors = [(rows[i], reason) for i, reason in batch["errors"]]
+            errors = batch["errors"]
             if len(batch["index"]):
-                idx = lookup[batch["index"]]
+                idx = batch["index"]
                 yield self.placement.batch({"images": batch["image"], **self._extras(idx)}), idx, errors
             elif errors:
                 yield None, None, errors
-
 
     def _extras(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         return {k: v[idx] for k, v in self.extras.items()}
@@ -351,12 +336,9 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
         if is_main():
             console.print(f"resuming {out_dir} at epoch {start_epoch + 1}")
 
-    runner: nn.Module = _Forward(model, batches.feed)
-    if world > 1:
-        # A model that freezes parts of itself between epochs leaves parameters without gradients.
-        staged = type(model).start_epoch is not EmotionModel.start_epoch
-        runner = DistributedDataParallel(runner, find_unused_parameters=staged,
-                                         device_ids=[placement.device.index] if placement.device.type == "cuda" else None)
+    # A model that freezes parts of itself between epochs leaves parameters without gradients under DDP.
+    staged = type(model).start_epoch is not EmotionModel.start_epoch
+    runner = placement.training_step(_Forward(model, batches.feed), world, find_unused_parameters=staged)
     t0 = time.perf_counter()
     sign = SELECT[config.select]
     for epoch in range(start_epoch, config.epochs):

@@ -68,3 +68,24 @@ def test_every_batch_goes_through_the_placement_and_bf16_autocast_runs_on_cpu(ti
     assert result.val_metrics["n"] == len(fold.val)
     test = evaluate(model, ds, fold.test, config, cache_dir=tmp_path / "run" / "cache" if freeze else None)
     assert test["n"] == len(fold.test)
+
+
+def test_a_compiled_training_step_trains_as_the_eager_one(tiny, tmp_path):
+    from torch._dynamo.utils import counters
+
+    ds, fold = tiny
+    histories = []
+    for backend in (None, "eager"):  # dynamo's eager backend: the tracing path without minutes of C++ compiling
+        torch.manual_seed(0)
+        counters.clear()
+        config = TrainConfig(epochs=1, batch_size=4, workers=0, optimizer="adamw", lr=3e-3, patience=None,
+                             device="cpu", compile_backend=backend)
+        result = fit(tiny_model(), ds, fold, tmp_path / str(backend), config, progress=False)
+        histories.append(result.history[0]["train_loss"])
+        assert (sum(counters["frames"].values()) > 0) == (backend is not None)
+    assert histories[0] == pytest.approx(histories[1], rel=1e-5)
+
+
+def test_sync_batchnorm_is_refused_off_the_gpu():
+    with pytest.raises(ValueError, match="SyncBatchNorm"):
+        TrainConfig(device="cpu", sync_batchnorm=True).placement()
