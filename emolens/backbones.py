@@ -14,6 +14,7 @@ from typing import Sequence
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .checkpoints import CheckpointError, load_into, read_state_dict
@@ -66,8 +67,23 @@ def bundled_state_dict(name: str) -> dict[str, torch.Tensor]:
     return mapped
 
 
+#: HRNetV2 (Wang et al., TPAMI 2020): timm's HRNet without its classification head, so the levels are the
+#: four branch outputs themselves (C, 2C, 4C, 8C channels) and the pooled map their HRNetV2 concatenation,
+#: not the head's re-projected (128-1024 channel) features.
+HRNETV2_PREFIX = "hrnetv2_"
+
+
 def timm_name(name: str) -> str:
+    if name.startswith(HRNETV2_PREFIX):
+        return "hrnet_" + name.removeprefix(HRNETV2_PREFIX)
     return BUNDLED[name].timm_name if name in BUNDLED else name
+
+
+def hrnetv2_representation(branches: list[torch.Tensor]) -> torch.Tensor:
+    """HRNetV2's output: every branch upsampled (bilinear) to the finest one's size, then concatenated."""
+    size = branches[0].shape[-2:]
+    return torch.cat([branches[0], *(F.interpolate(b, size=size, mode="bilinear", align_corners=False)
+                                     for b in branches[1:])], 1)
 
 
 class Backbone(nn.Module):
@@ -87,20 +103,24 @@ class Backbone(nn.Module):
     ):
         super().__init__()
         self.name = name
-        self.net = timm.create_model(timm_name(name), pretrained=False, num_classes=0)
+        branches = name.startswith(HRNETV2_PREFIX)
+        self.net = timm.create_model(timm_name(name), pretrained=False, num_classes=0, **({"head": ""} if branches else {}))
         info = self.net.feature_info
         by_stride = {f["reduction"]: i for i, f in enumerate(info)}  # the last level of each stride wins
         if out_strides is None:
-            out_strides = sorted(by_stride)
+            out_strides = sorted(by_stride)[1:] if branches else sorted(by_stride)  # HRNet's stem is no branch
         missing = [s for s in out_strides if s not in by_stride]
         if missing:
             raise ValueError(f"backbone {name!r} has no feature level at stride {missing}; it has {sorted(by_stride)}")
         self.level_indices = [by_stride[s] for s in out_strides]
         self.channels = [info[i]["num_chs"] for i in self.level_indices]
         self.strides = list(out_strides)
-        self.num_features = self.net.num_features
+        self.branches = branches
+        # HRNetV2's pooled map concatenates all four branches, whichever levels a model reads
+        self.num_features = sum(f["num_chs"] for f in info[-self.net.num_branches:]) if branches else self.net.num_features
         self.weights = None if weights is None else str(weights)
-        # An identity on the pooled map gives explanations (Grad-CAM) one hook point on any timm network.
+        # Identities on the levels and on the pooled map give explanations (Grad-CAM) hook points on any timm network.
+        self.level_maps = nn.ModuleList(nn.Identity() for _ in self.level_indices)
         self.final_map = nn.Identity()
         self._load(weights)
         cfg = self.net.pretrained_cfg
@@ -131,11 +151,15 @@ class Backbone(nn.Module):
         load_into(self.net, state, source=f"weights {weights} for backbone {self.name!r}")
 
     def level_module(self, level: int) -> nn.Module:
-        """The timm module whose output is ``levels[level]`` (a hook point for explanations)."""
-        return self.net.get_submodule(self.net.feature_info[self.level_indices[level]]["module"])
+        """The module whose output is ``levels[level]`` (a hook point for explanations)."""
+        return self.level_maps[level]
 
     def forward(self, x: torch.Tensor) -> dict[str, object]:
         final, levels = self.net.forward_intermediates(x, indices=self.level_indices)
+        levels = [hook(level) for hook, level in zip(self.level_maps, levels)]
+        if self.branches:  # ``final`` holds every branch output
+            final = self.final_map(hrnetv2_representation(final))
+            return {"levels": levels, "final": final, "pooled": final.mean((2, 3))}
         final = self.final_map(final)
         return {"levels": levels, "final": final, "pooled": self.net.forward_head(final, pre_logits=True)}
 
@@ -161,8 +185,10 @@ def from_torchvision_layout(state: dict[str, torch.Tensor], own: dict[str, torch
 
 
 def _is_head_key(key: str) -> bool:
-    """Classifier tensors that a ``num_classes=0`` model drops on purpose."""
-    return key.split(".")[0] in {"classifier", "fc", "head", "last_linear"}
+    """Classifier tensors that a ``num_classes=0`` model drops on purpose (with HRNet's classification head,
+    which HRNetV2 does without)."""
+    return key.split(".")[0] in {"classifier", "fc", "head", "last_linear", "incre_modules", "downsamp_modules",
+                                 "final_layer"}
 
 
 def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = "imagenet", **kwargs) -> Backbone:

@@ -123,3 +123,30 @@ def test_torchvision_vgg_fully_connected_layers_become_timms_convolutions():
     torch.testing.assert_close(conv(maps).flatten(1), linear(maps.flatten(1)))
     with pytest.raises(CheckpointError, match="cannot become"):
         from_torchvision_layout({"classifier.0.weight": torch.zeros(5, 7)}, own)
+
+
+def test_hrnetv2_levels_are_the_four_branch_outputs_and_official_weights_load(tmp_path):
+    """The official HRNet ImageNet file holds the classification head too; HRNetV2 keeps only the trunk and
+    gives the branches themselves (not the head's re-projected 128-1024 channel features)."""
+    torch.manual_seed(0)
+    classifier = timm.create_model("hrnet_w18_small", pretrained=False).eval()
+    save_file(classifier.state_dict(), tmp_path / "hrnet_w18_small_imagenet.safetensors")
+    b = create_backbone("hrnetv2_w18_small", tmp_path / "hrnet_w18_small_imagenet.safetensors").eval()
+    x = torch.randn(1, 3, 96, 64)
+    with torch.inference_mode():
+        out = b(x)
+        stem = classifier.act2(classifier.bn2(classifier.conv2(classifier.act1(classifier.bn1(classifier.conv1(x))))))
+        branches = classifier.stages(stem)
+    assert b.channels == [16, 32, 64, 128] and b.strides == [4, 8, 16, 32]
+    for level, branch in zip(out["levels"], branches):
+        torch.testing.assert_close(level, branch)
+    assert out["final"].shape == (1, sum(b.channels), 24, 16)  # HRNetV2: all branches at stride 4
+    torch.testing.assert_close(out["final"][:, :16], branches[0])
+    torch.testing.assert_close(out["pooled"], out["final"].mean((2, 3)))
+
+
+def test_hrnetv2_pooled_feature_keeps_every_branch_when_a_model_reads_two_levels():
+    b = create_backbone("hrnetv2_w18_small", None, out_strides=(8, 32)).eval()
+    out = b(torch.randn(1, 3, 64, 64))
+    assert [t.shape[1] for t in out["levels"]] == [32, 128]
+    assert out["pooled"].shape == (1, 16 + 32 + 64 + 128) == (1, b.num_features)
