@@ -148,6 +148,8 @@ class Backbone(nn.Module):
         own = self.net.state_dict()
         state = from_torchvision_layout({k.removeprefix("module."): v for k, v in state.items()}, own)
         state = {k: v for k, v in state.items() if k in own or not _is_head_key(k)}
+        # Detection files freeze BatchNorm and keep no batch counts; a count only matters to momentum-free BN.
+        state.update({k: v for k, v in own.items() if k.endswith("num_batches_tracked") and k not in state})
         load_into(self.net, state, source=f"weights {weights} for backbone {self.name!r}")
 
     def level_module(self, level: int) -> nn.Module:
@@ -169,9 +171,16 @@ class Backbone(nn.Module):
 TORCHVISION_VGG_FC = {"pre_logits.fc1": "classifier.0", "pre_logits.fc2": "classifier.3"}
 
 
+#: Where a torchvision detector file (Faster R-CNN/FPN) keeps its classification network's tensors.
+DETECTOR_BODY = "backbone.body."
+
+
 def from_torchvision_layout(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` with torchvision's VGG fully connected layers as the convolutions timm's VGG has (the same
-    numbers, reshaped); other layouts (torchvision's ResNets match timm's key for key) pass unchanged."""
+    numbers, reshaped), and a detector file's body (``backbone.body.*``) as a plain network; other layouts
+    (torchvision's ResNets match timm's key for key) pass unchanged."""
+    if not any(k in own for k in state) and any(k.startswith(DETECTOR_BODY) for k in state):
+        state = {k.removeprefix(DETECTOR_BODY): v for k, v in state.items() if k.startswith(DETECTOR_BODY)}
     state = dict(state)
     for timm_name, tv_name in TORCHVISION_VGG_FC.items():
         for part in ("weight", "bias"):

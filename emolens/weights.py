@@ -16,6 +16,8 @@ import torch
 from .checkpoints import CheckpointError, load_checkpoint, load_into, save_checkpoint
 from .storage import DEFAULT_MODEL, resolve_weights
 from .models import EmotionModel, create_model
+from .models.base import WEIGHTS_IN_CHECKPOINT
+from .models.registry import get_entry
 from .taxonomy import Taxonomy
 
 FORMAT_VERSION = 1
@@ -55,8 +57,12 @@ def model_from_meta(meta: dict, backbone_weights: str | None = None) -> EmotionM
     if not isinstance(spec, dict) or "name" not in spec:
         raise CheckpointError("checkpoint metadata has no model spec")
     try:
+        args = dict(spec.get("args", {}))
+        for name in get_entry(spec["name"]).builder.weight_file_args:
+            if args.get(name):
+                args[name] = WEIGHTS_IN_CHECKPOINT
         model = create_model(spec["name"], taxonomy=Taxonomy.from_dict(spec["taxonomy"]), task=spec["task"],
-                             backbone=spec["backbone"], backbone_weights=backbone_weights, **spec.get("args", {}))
+                             backbone=spec["backbone"], backbone_weights=backbone_weights, **args)
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"checkpoint metadata does not describe a model emolens can build: {e}") from e
     model.spec = spec

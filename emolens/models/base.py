@@ -13,6 +13,10 @@ from ..taxonomy import POLARITY, Taxonomy, get_taxonomy
 TASKS = ("emotion", "polarity", "distribution")
 
 
+#: The value of a weight-file argument when a saved model is rebuilt: the tensors come from its checkpoint.
+WEIGHTS_IN_CHECKPOINT = "in-checkpoint"
+
+
 def output_taxonomy(taxonomy: Taxonomy, task: str) -> Taxonomy:
     """The classes a model predicts: the dataset's emotions, or polarity for the polarity task."""
     if task not in TASKS:
@@ -41,6 +45,9 @@ class EmotionModel(nn.Module):
     onnx_unsupported: str | None = None
     #: What a user of this model's weights must know (written into every saved checkpoint's card).
     limitations: str | None = None
+    #: Arguments naming a weights file read when the model is first built; a saved model holds those tensors,
+    #: so it is rebuilt with :data:`WEIGHTS_IN_CHECKPOINT` there instead of reading the file again.
+    weight_file_args: tuple[str, ...] = ()
 
     def __init__(
         self,

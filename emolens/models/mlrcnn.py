@@ -7,8 +7,11 @@ regions; a RoI head (RoIAlign over P2-P5, two FC layers) scores each proposal as
 the whole image's pooled feature concatenated with the K regions' RoI features in score order
 (Eq. 5), zeros where an image has fewer than K regions.
 
-``p_obj`` is the RPN's objectness of the proposal: paper 001 takes it from a COCO-trained detector,
-which does not exist offline here, so both scores come from networks trained on emotional regions.
+``p_obj``, as paper 001 has it, is the probability that a RoI holds an object by the fixed object classifier
+of a COCO-trained Faster R-CNN: with ``detector_weights=FILE`` (torchvision's ``fasterrcnn_resnet50_fpn``
+COCO state dict) the FPN, the RPN (its 1:1 anchors), the RoI head and that 91-way classifier start from the file,
+the classifier stays fixed and ``p_obj = 1 - P(background)``. Without a file, ``p_obj`` is the RPN's objectness
+of the proposal, learnt on emotional regions like ``p_emo``.
 
 Region supervision (``L_det* = L_emo + L_reg``, plus the RPN's own losses):
 - ``regions=ground_truth``: boxes from the dataset's stimuli maps (EmotionROI), side feature
@@ -25,6 +28,7 @@ RoI features and the FPN.
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 
 import torch
@@ -37,11 +41,45 @@ from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, clip_boxes_to_image, nms
 
+from ..checkpoints import CheckpointError, load_into, read_state_dict
 from ..regions import map_boxes
-from .base import EmotionModel
+from .base import WEIGHTS_IN_CHECKPOINT, EmotionModel
 from .registry import register_model
 
 FEATURES = ("global", "regions", "both")
+#: torchvision's COCO detectors: 90 category ids and background (0).
+COCO_CLASSES = 91
+#: Anchor sizes of torchvision's COCO Faster R-CNN on P2-P5; its 3 aspect ratios (0.5, 1, 2) per size are
+#: stored ratio by ratio, so the 1:1 anchor that paper 001 keeps is the middle one.
+COCO_ANCHORS, COCO_SQUARE_ANCHOR = (32, 64, 128, 256), 1
+
+
+def coco_detector_state(path: str) -> dict[str, dict[str, torch.Tensor]]:
+    """The parts of a torchvision COCO Faster R-CNN/FPN state dict that :class:`EmotionalRegionDetector`
+    takes, by part, in today's torchvision key names (files from before torchvision 0.13 name the FPN's and
+    the RPN's convolutions without the ``.0``/``.0.0`` of ``Conv2dNormActivation``)."""
+    state = {k.removeprefix("module."): v for k, v in read_state_dict(path).items()}
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        found = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not found:
+            raise CheckpointError(f"{path}: no {prefix}* tensors; detector_weights takes torchvision's "
+                                  "fasterrcnn_resnet50_fpn COCO weights")
+        return found
+
+    fpn = {re.sub(r"^(inner_blocks|layer_blocks)\.(\d+)\.(weight|bias)$", r"\1.\2.0.\3", k): v
+           for k, v in part("backbone.fpn.").items()}
+    rpn = {re.sub(r"^conv\.(weight|bias)$", r"conv.0.0.\1", k): v for k, v in part("rpn.head.").items()}
+    anchors = rpn["cls_logits.weight"].shape[0]
+    if anchors != 3:
+        raise CheckpointError(f"{path}: the RPN has {anchors} anchors per place, torchvision's COCO detector 3")
+    a = COCO_SQUARE_ANCHOR
+    rpn.update({"cls_logits.weight": rpn["cls_logits.weight"][a:a + 1], "cls_logits.bias": rpn["cls_logits.bias"][a:a + 1],
+                "bbox_pred.weight": rpn["bbox_pred.weight"][4 * a:4 * a + 4],
+                "bbox_pred.bias": rpn["bbox_pred.bias"][4 * a:4 * a + 4]})
+    predictor = part("roi_heads.box_predictor.")
+    return {"fpn": fpn, "rpn.head": rpn, "roi.box_head": part("roi_heads.box_head."),
+            "object_classifier": {"weight": predictor["cls_score.weight"], "bias": predictor["cls_score.bias"]}}
 
 
 def emotion_score(p_emo: torch.Tensor, p_obj: torch.Tensor) -> torch.Tensor:
@@ -78,7 +116,8 @@ class EmotionalRegionDetector(nn.Module):
     """FPN + RPN + RoI head; returns the top-K emotional regions of each image and their features."""
 
     def __init__(self, in_channels: list[int], channels: int = 256, anchor_sizes: tuple[int, ...] = (32, 64, 128, 256),
-                 representation: int = 1024, k: int = 10, proposals: int = 100, nms_iou: float = 0.5):
+                 representation: int = 1024, k: int = 10, proposals: int = 100, nms_iou: float = 0.5,
+                 object_classes: int = 0):
         super().__init__()
         if len(anchor_sizes) != len(in_channels):
             raise ValueError(f"one anchor size per level: {len(in_channels)} levels, {len(anchor_sizes)} sizes")
@@ -95,6 +134,13 @@ class EmotionalRegionDetector(nn.Module):
                             fg_iou_thresh=0.5, bg_iou_thresh=0.5, batch_size_per_image=128, positive_fraction=0.25,
                             bbox_reg_weights=None, score_thresh=0.0, nms_thresh=nms_iou, detections_per_img=k)
         self.representation = representation
+        # The object classifier is fixed (paper 001): buffers, so no optimiser ever sees it.
+        self.object_classifier = ObjectClassifier(representation, object_classes) if object_classes else None
+
+    def load_coco(self, path: str) -> None:
+        """Start the FPN, RPN, RoI head and the fixed object classifier from a COCO Faster R-CNN file."""
+        for name, state in coco_detector_state(path).items():
+            load_into(self.get_submodule(name), state, source=f"{path} ({name})")
 
     def forward(self, levels: list[torch.Tensor], image_size: tuple[int, int],
                 gt_boxes: list[torch.Tensor] | None = None) -> dict:
@@ -107,12 +153,14 @@ class EmotionalRegionDetector(nn.Module):
         proposals, p_obj, losses = self.rpn(images, features, targets)
         if targets is not None:
             sampled, _, labels, regression = self.roi.select_training_samples([p.detach() for p in proposals], targets)
-            logits, deltas = self._score(features, sampled, images.image_sizes)
+            logits, deltas, _ = self._score(features, sampled, images.image_sizes)
             loss_emo, loss_box = fastrcnn_loss(logits, deltas, labels, regression)
             losses.update(roi_emotion=loss_emo, roi_box=loss_box)
 
-        logits, deltas = self._score(features, proposals, images.image_sizes)
+        logits, deltas, represented = self._score(features, proposals, images.image_sizes)
         p_emo = logits.softmax(-1)[:, 1]
+        if self.object_classifier is not None:
+            p_obj = self.object_classifier.object_probability(represented).split([len(p) for p in proposals])
         refined = self.roi.box_coder.decode(deltas[:, 4:], proposals)[:, 0]  # the "emotional region" class
         boxes, scores, p_emos, p_objs = [], [], [], []
         for i, (b, emo, obj) in enumerate(zip(refined.split([len(p) for p in proposals]),
@@ -131,8 +179,23 @@ class EmotionalRegionDetector(nn.Module):
         return {"boxes": boxes, "box_scores": scores, "p_emo": p_emos, "p_obj": p_objs, "local": local,
                 "losses": losses}
 
-    def _score(self, features, boxes, image_sizes) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.roi.box_predictor(self.roi.box_head(self.roi.box_roi_pool(features, boxes, image_sizes)))
+    def _score(self, features, boxes, image_sizes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Emotional-region logits, box deltas and the RoI head's representation of ``boxes``."""
+        represented = self.roi.box_head(self.roi.box_roi_pool(features, boxes, image_sizes))
+        return (*self.roi.box_predictor(represented), represented)
+
+
+class ObjectClassifier(nn.Module):
+    """A detector's fixed RoI classifier over object classes, class 0 the background."""
+
+    def __init__(self, representation: int, classes: int):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(classes, representation))
+        self.register_buffer("bias", torch.zeros(classes))
+
+    def object_probability(self, represented: torch.Tensor) -> torch.Tensor:
+        """``p_obj``: the probability that the RoI holds any object, ``1 - P(background)``."""
+        return 1 - F.linear(represented, self.weight, self.bias).softmax(-1)[:, 0]
 
 
 def cam_pseudo_boxes(cams: torch.Tensor, labels: torch.Tensor, image_size: tuple[int, int], threshold: float = 0.5,
@@ -159,13 +222,15 @@ class MLRCNN(EmotionModel):
     ``anchors`` (one size per level, ``32+64+128+256``), ``cam_threshold``, ``cam_boxes``."""
 
     feature_keys = ("levels", "pooled", "final")
+    weight_file_args = ("detector_weights",)
     onnx_unsupported = "its region selection (nms, a per-image top K) depends on the data; it runs in PyTorch"
-    limitations = ("p_obj is the RPN's objectness, not a COCO detector's (no detector weights offline); "
+    limitations = ("without detector_weights, p_obj is the RPN's objectness, not a COCO detector's; "
                    "without region ground truth the detector learns from class-activation pseudo-boxes.")
 
     def __init__(self, *args, features: str = "both", k: int = 10, regions: str = "cam", training: str = "two_stage",
                  detector_epochs: int = 5, fpn: int = 256, representation: int = 1024, anchors: str = "32+64+128+256",
-                 proposals: int = 100, cam_threshold: float = 0.5, cam_boxes: int = 3, dropout: float = 0.5, **kwargs):
+                 proposals: int = 100, cam_threshold: float = 0.5, cam_boxes: int = 3, dropout: float = 0.5,
+                 detector_weights: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if features not in FEATURES:
             raise ValueError(f"features must be one of {', '.join(FEATURES)}, got {features!r}")
@@ -179,13 +244,22 @@ class MLRCNN(EmotionModel):
         self.detector_frozen = False
         sizes = tuple(int(s) for s in str(anchors).split("+"))
         self.detector = None
+        if detector_weights and features == "global":
+            raise ValueError("detector_weights needs a detector: features=regions or both")
+        if detector_weights and sizes != COCO_ANCHORS:
+            raise ValueError(f"a COCO detector's anchors are {'+'.join(map(str, COCO_ANCHORS))}, not {anchors}")
         if features != "global":
-            self.detector = EmotionalRegionDetector(self.backbone.channels, fpn, sizes, representation, k, proposals)
+            self.detector = EmotionalRegionDetector(self.backbone.channels, fpn, sizes, representation, k, proposals,
+                                                    object_classes=COCO_CLASSES if detector_weights else 0)
+            if detector_weights and detector_weights != WEIGHTS_IN_CHECKPOINT:
+                self.detector.load_coco(detector_weights)
         # The CAM head exists only to draw pseudo-boxes; it is trained by its own cross-entropy.
         self.cam_head = nn.Linear(self.backbone.num_features, self.num_classes) if self.detector and regions == "cam" else None
         width = (self.backbone.num_features if features != "regions" else 0) + (k * representation if self.detector else 0)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(width, self.num_classes)
+        if detector_weights:
+            self.limitations = "without region ground truth the detector learns from class-activation pseudo-boxes."
         if self.detector is None:
             self.onnx_unsupported = self.limitations = None  # the global row is a plain classifier
         elif regions == "ground_truth":

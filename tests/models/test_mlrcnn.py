@@ -194,3 +194,64 @@ def test_benchmark_takes_each_folds_own_source(tmp_path):
         theirs = load_file(source.format(fold=k) + "/best.safetensors")
         detector = [n for n in own if n.startswith("detector.")]
         assert detector and all(torch.equal(own[n], theirs[n]) for n in detector)  # frozen: unchanged
+
+
+@pytest.fixture(scope="module")
+def coco_file(tmp_path_factory):
+    """A torchvision COCO Faster R-CNN/FPN state dict (random numbers) with pre-0.13 key names, as in the
+    usual ``fasterrcnn_resnet50_fpn_coco-*.pth``, and the detector itself."""
+    import re
+
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+    torch.manual_seed(0)
+    detector = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).eval()
+    old = {re.sub(r"^(backbone\.fpn\.(?:inner|layer)_blocks\.\d+)\.0\.", r"\1.", k)
+           .replace("rpn.head.conv.0.0.", "rpn.head.conv."): v for k, v in detector.state_dict().items()
+           if not k.endswith("num_batches_tracked")}  # detection files freeze BatchNorm and keep no counts
+    path = tmp_path_factory.mktemp("coco") / "fasterrcnn_resnet50_fpn_coco.pth"
+    torch.save(old, path)
+    return path, detector
+
+
+def test_coco_detector_weights_give_p_obj_from_the_fixed_object_classifier(coco_file, tmp_path):
+    path, coco = coco_file
+    model = create_model(f"mlrcnn:k=3,proposals=20,detector_weights={path}", backbone="resnet50",
+                         backbone_weights=str(path)).eval()
+    detector = model.detector
+    torch.testing.assert_close(model.backbone.net.conv1.weight, coco.backbone.body.conv1.weight)
+    torch.testing.assert_close(detector.fpn.layer_blocks[2][0].weight, coco.backbone.fpn.layer_blocks[2][0].weight)
+    torch.testing.assert_close(detector.rpn.head.cls_logits.weight, coco.rpn.head.cls_logits.weight[1:2])  # 1:1 anchor
+    torch.testing.assert_close(detector.rpn.head.bbox_pred.bias, coco.rpn.head.bbox_pred.bias[4:8])
+    assert not any("object_classifier" in name for name, _ in model.named_parameters())  # fixed, as in the paper
+
+    x = torch.randn(1, 3, 128, 160)
+    with torch.no_grad():
+        out = model(x)
+        features = coco.backbone(x)
+        represented = coco.roi_heads.box_head(coco.roi_heads.box_roi_pool(features, out["boxes"], [(128, 160)]))
+        expected = 1 - coco.roi_heads.box_predictor(represented)[0].softmax(-1)[:, 0]
+    torch.testing.assert_close(out["p_obj"][0], expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["box_scores"][0], emotion_score(out["p_emo"][0], expected), rtol=1e-4, atol=1e-5)
+
+    from emolens.weights import load_model, save_model
+
+    save_model(model, tmp_path / "m.safetensors")
+    path.rename(path.with_suffix(".moved"))  # a saved model needs the detector file no more
+    try:
+        with torch.no_grad():
+            again = load_model(tmp_path / "m.safetensors")(x)
+    finally:
+        path.with_suffix(".moved").rename(path)
+    torch.testing.assert_close(again["p_obj"][0], out["p_obj"][0])
+
+
+def test_detector_weights_that_are_no_coco_detector_are_refused(tmp_path):
+    from emolens.checkpoints import CheckpointError
+
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "resnet.pth")
+    with pytest.raises(CheckpointError, match="fasterrcnn_resnet50_fpn"):
+        create_model(f"mlrcnn:detector_weights={tmp_path / 'resnet.pth'}", backbone="test_resnet", backbone_weights=None)
+    with pytest.raises(ValueError, match="anchors"):
+        create_model(f"mlrcnn:anchors=16+32+64+128,detector_weights={tmp_path / 'resnet.pth'}", backbone="test_resnet",
+                     backbone_weights=None)
