@@ -299,8 +299,14 @@ def evaluate(
 
 @app.command()
 def benchmark(
+    ctx: typer.Context,
     data: str = typer.Option(..., help="KIND=ROOT[:...]"),
-    models: str = typer.Option(..., help="Model specs separated by ; or spaces (a spec may hold commas: global:loss=multitask,lambda=0.4)."),
+    models: str = typer.Option(None, help="Model specs separated by ; or spaces (a spec may hold commas: "
+                               "global:loss=multitask,lambda=0.4)."),
+    recipe: Path = typer.Option(None, "--recipe", help="A paper's recipe (recipes/*.toml): its settings, each "
+                                "overridden by an option given here, and the figure the paper reports."),
+    model_arg: list[str] = typer.Option(None, "--model-arg", help="KEY=VALUE set in every model spec, e.g. "
+                                        "detector_weights=coco.pth (repeatable)."),
     out: Path = typer.Option(Path("results"), help="Folder for folds, runs, feature cache and results.json."),
     task: str = TASK, folds: int = typer.Option(5, help="k of the k-fold cross-validation."),
     backbone: str = typer.Option(None, help="timm backbone for every model (default: each model's default)."),
@@ -319,34 +325,85 @@ def benchmark(
     protocol: str = typer.Option("kfold", help="kfold (--folds) or split (the papers' 80/5/15, one split)."),
 ) -> None:
     """k-fold cross-validation of several models on identical folds; prints mean ± std per model."""
-    from .data import load_dataset
+    from .data import load_dataset, parse_spec
     from .engine.benchmark import HEADLINE, RETRIEVAL_HEADLINE, run_benchmark
+    from .recipes import load_recipe, with_model_args
 
-    specs = split_model_list(models)
+    o = dict(ctx.params)
+    paper = None
     try:
-        ds = load_dataset(with_limit(data, limit))
-        config = _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience, init, init_parts,
-                         device, precision, channels_last,
-                         _training_options(weight_decay, lr_steps, lr_step_every, gamma, warmup, backbone_lr,
-                                           accumulate, cache_budget, compile_step, sync_bn))
-        weights = None if backbone_weights.lower() == "none" else backbone_weights
-        results = run_benchmark(ds, specs, task, out, folds, seed, config, backbone, weights, progress=True,
-                                log=lambda m: err_console.print(m), retrieval=retrieval, protocol=protocol,
-                                retrieval_protocol=retrieval_protocol)
-    except CANNOT_RUN as e:
+        if recipe is not None:
+            paper = load_recipe(recipe)
+            o = recipe_options(ctx, paper, o)
+            if parse_spec(data)[0] != paper.dataset:
+                err_console.print(f"recipe {paper.name} was made for {paper.dataset}, not {parse_spec(data)[0]}: its "
+                                  "figures are not the paper's to compare with", highlight=False)
+        if not o["models"]:
+            fail("name the models to run (--models) or a recipe (--recipe)")
+        specs = split_model_list(o["models"])
+        if o["model_arg"]:
+            specs = with_model_args(specs, dict(pair.partition("=")[::2] for pair in o["model_arg"]))
+        ds = load_dataset(with_limit(data, o["limit"]))
+        config = _config(o["epochs"], o["batch_size"], o["optimizer"], o["lr"], o["freeze_backbone"], o["workers"],
+                         o["seed"], o["select"], o["patience"], o["init"], o["init_parts"], o["device"], o["precision"],
+                         o["channels_last"],
+                         _training_options(o["weight_decay"], o["lr_steps"], o["lr_step_every"], o["gamma"], o["warmup"],
+                                           o["backbone_lr"], o["accumulate"], o["cache_budget"], o["compile_step"],
+                                           o["sync_bn"]))
+        weights = None if o["backbone_weights"].lower() == "none" else o["backbone_weights"]
+        results = run_benchmark(ds, specs, o["task"], out, o["folds"], o["seed"], config, o["backbone"], weights,
+                                progress=True, log=lambda m: err_console.print(m), retrieval=o["retrieval"],
+                                protocol=o["protocol"], retrieval_protocol=o["retrieval_protocol"],
+                                recipe=paper.about() if paper else None)
+    except typer.Exit:
+        raise
+    except (*CANNOT_RUN, RuntimeError) as e:
         fail(str(e))
     first = next(iter(results["models"].values()))["mean"]
     columns = [m for m in (*HEADLINE, *RETRIEVAL_HEADLINE) if m in first] + ["train_seconds", "infer_ms_per_image"]
-    title = f"{results['folds']}-fold CV (mean ± std)" if protocol == "kfold" else "80/5/15 split"
-    table = Table(title=f"{data}: {task}, {title}, seed {seed}")
+    title = f"{results['folds']}-fold CV (mean ± std)" if o["protocol"] == "kfold" else "80/5/15 split"
+    table = Table(title=f"{data}: {o['task']}, {title}, seed {o['seed']}")
     wide = Console(width=max(console.width, 60 + 18 * len(columns)))
     table.add_column("model")
     for c in columns:
         table.add_column(c, justify="right")
     for spec, r in results["models"].items():
         table.add_row(spec, *[f"{r['mean'][c]:.3f} ± {r['std'][c]:.3f}" for c in columns])
+    if paper is not None:
+        table.add_row(f"paper {paper.paper}, reported", *[f"{paper.reported[c]:.3f}" if c in paper.reported else "-"
+                                                          for c in columns], style="italic")
     wide.print(table)
+    if paper is not None:
+        console.print(f"{paper.title}: {paper.reproduces}" + (f". Not reproduced here: {paper.cannot}" if paper.cannot else ""),
+                      highlight=False)
     console.print(f"results: {out / 'results.json'}")
+
+
+def recipe_options(ctx: typer.Context, recipe, options: dict) -> dict:
+    """``options`` with the recipe's settings where the command line left an option at its default, after
+    checking that the user gave what the recipe requires."""
+    from .recipes import MODEL_ARG
+
+    params = {p.name: p for p in ctx.command.params}
+    # by name: typer may carry its own copy of click, whose ParameterSource is another class
+    given = {name for name in params if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
+    out = dict(options)
+    for name, value in recipe.settings.items():
+        if name not in params or name in ("data", "recipe", "out"):
+            raise ValueError(f"{recipe.path}: unknown setting {name!r}")
+        if name not in given:
+            try:
+                out[name] = params[name].process_value(ctx, value)
+            except typer.BadParameter as e:
+                raise ValueError(f"{recipe.path}: setting {name!r}: {e.message}") from None
+    model_args = {pair.partition("=")[0] for pair in out.get("model_arg") or []}
+    for name, what in recipe.requires.items():
+        supplied = name.removeprefix(MODEL_ARG) in model_args if name.startswith(MODEL_ARG) else name in given
+        if not supplied:
+            flag = f"--model-arg {name.removeprefix(MODEL_ARG)}=..." if name.startswith(MODEL_ARG) else \
+                f"--{name.replace('_', '-')}"
+            fail(f"recipe {recipe.name} needs {flag}: {what}")
+    return out
 
 
 def prediction_table(predictions, classes: list[str], width: int) -> Table:

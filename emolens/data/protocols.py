@@ -102,6 +102,11 @@ def stratified_split(labels: Sequence[int], fractions: Sequence[float] = PAPER_S
         raise ValueError("fractions are (train, val, test), non-negative")
     y = np.asarray(labels)
     train, val, test = _stratified_take(y, np.arange(len(y)), fractions, np.random.default_rng(seed))
+    empty = [part for part, rows, share in zip(("train", "validation", "test"), (train, val, test), fractions)
+             if share > 0 and len(rows) == 0]
+    if empty:
+        raise ValueError(f"a {'/'.join(f'{100 * f:g}' for f in fractions)} split of {len(y)} images leaves no "
+                         f"{' and no '.join(empty)} images: use more images")
     return Fold(train.tolist(), val.tolist(), test.tolist())
 
 

@@ -1,0 +1,156 @@
+"""Paper recipes: every file in recipes/ runs through `emolens benchmark --recipe` on tiny synthetic data of its
+dataset's kind, flags override the recipe, and what a recipe requires is asked for."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import write_image
+from emolens.backbones import create_backbone
+from emolens.cli import EXIT_ERROR, app
+from emolens.recipes import load_recipe, with_model_args
+from emolens.taxonomy import EMOTIONROI, MIKELS
+
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.toml"))
+BACKBONE = "test_resnet"
+runner = CliRunner(env={"COLUMNS": "240"})
+
+
+def make_fi(root: Path, per_class: int = 5) -> str:
+    for k, emotion in enumerate(MIKELS.classes):
+        for i in range(per_class):
+            write_image(root / emotion / f"{i}.jpg", size=(48, 40), seed=10 * k + i)
+    return f"fi={root}"
+
+
+def make_emotionroi(root: Path, per_class: int = 7) -> str:
+    for k, emotion in enumerate(EMOTIONROI.classes):
+        for i in range(per_class):
+            write_image(root / "images" / emotion / f"{i}.jpg", size=(64, 48), seed=10 * k + i)
+            stimuli = np.zeros((48, 64), np.uint8)
+            stimuli[8:30, 16:50] = 255
+            (root / "ground_truth" / emotion).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(stimuli).save(root / "ground_truth" / emotion / f"{i}.jpg")
+    return f"emotionroi={root}"
+
+
+def make_twitter1(root: Path, n: int = 40) -> str:
+    lines = []
+    for i in range(n):
+        write_image(root / "images" / f"{i}.jpg", size=(48, 40), seed=i)
+        lines.append(f"{i}.jpg {i % 2}")
+    (root / "ground_truth").mkdir(parents=True)
+    (root / "ground_truth" / "twitter_three_agrees.txt").write_text("\n".join(lines) + "\n")
+    return f"twitter1={root}"
+
+
+MAKERS = {"fi": make_fi, "emotionroi": make_emotionroi, "twitter1": make_twitter1}
+
+
+def coco_layout_file(path: Path, in_channels: list[int]) -> Path:
+    """A detector file in torchvision's COCO Faster R-CNN/FPN layout for a backbone of ``in_channels``."""
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.rpn import RPNHead
+    from torchvision.ops import FeaturePyramidNetwork
+
+    parts = {"backbone.fpn.": FeaturePyramidNetwork(in_channels, 256), "rpn.head.": RPNHead(256, 3),
+             "roi_heads.box_head.": TwoMLPHead(256 * 49, 1024), "roi_heads.box_predictor.": FastRCNNPredictor(1024, 91)}
+    torch.save({prefix + k: v for prefix, module in parts.items() for k, v in module.state_dict().items()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Data of every kind a recipe names, and the files recipes require, for a tiny backbone."""
+    root = tmp_path_factory.mktemp("recipes")
+    backbone = create_backbone(BACKBONE, None)
+    torch.save(backbone.net.state_dict(), root / "stream.pth")
+    return {"data": {kind: make(root / kind) for kind, make in MAKERS.items()},
+            "detector": coco_layout_file(root / "coco.pth", backbone.channels), "stream": root / "stream.pth",
+            "root": root}
+
+
+def smoke_args(recipe, inputs, out: Path) -> list[str]:
+    args = ["benchmark", "--recipe", str(recipe.path), "--data", inputs["data"][recipe.dataset], "--out", str(out),
+            "--limit", "40", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--backbone", BACKBONE,
+            "--backbone-weights", "none"]
+    if "model_arg.detector_weights" in recipe.requires:
+        args += ["--model-arg", f"detector_weights={inputs['detector']}"]
+    if "model_arg.stream_weights" in recipe.requires:
+        args += ["--model-arg", f"streams={BACKBONE}", "--model-arg", f"stream_weights={inputs['stream']}"]
+    return args
+
+
+def test_there_is_a_recipe_per_main_table_of_each_paper():
+    papers = {load_recipe(p).paper for p in RECIPES}
+    assert papers == {"001", "002", "003", "004"}
+    assert all(load_recipe(p).dataset in MAKERS for p in RECIPES)
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if "init" not in load_recipe(p).requires], ids=lambda p: p.stem)
+def test_each_recipe_runs_a_quick_check_and_prints_the_papers_figure(path, inputs, tmp_path):
+    recipe = load_recipe(path)
+    result = runner.invoke(app, smoke_args(recipe, inputs, tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["recipe"]["file"] == path.name and results["recipe"]["reported"] == recipe.reported
+    config = results["train_config"]
+    assert config["epochs"] == 1 and config["batch_size"] == 8  # the command line wins over the recipe
+    for name in ("lr", "weight_decay", "optimizer"):  # the recipe wins over the defaults
+        if name in recipe.settings:
+            assert config[name] == recipe.settings[name]
+    if "lr_step_every" in recipe.settings:
+        assert config["step_size"] == recipe.settings["lr_step_every"]
+    assert results["task"] == recipe.settings["task"]
+    (fold,) = next(iter(results["models"].values()))["folds"][:1]
+    assert fold["train_seconds"] > 0
+    if recipe.reported:
+        assert f"paper {recipe.paper}, reported" in result.output
+    if "retrieval" in recipe.settings:
+        assert "map8" in fold and "map2" in fold
+
+
+def test_transfer_recipes_start_from_the_fi_run(inputs, tmp_path):
+    fi = load_recipe(next(p for p in RECIPES if p.stem == "003_maiafa_fi_polarity"))
+    assert runner.invoke(app, smoke_args(fi, inputs, tmp_path / "fi")).exit_code == 0
+    source = next((tmp_path / "fi").glob("*/fold0/best.safetensors"))
+    for path in [p for p in RECIPES if "init" in load_recipe(p).requires]:
+        recipe = load_recipe(path)
+        args = smoke_args(recipe, inputs, tmp_path / path.stem)
+        refused = runner.invoke(app, args)
+        assert refused.exit_code == EXIT_ERROR and "needs --init" in refused.output
+        result = runner.invoke(app, [*args, "--init", str(source)])
+        assert result.exit_code == 0, result.output
+        results = json.loads((tmp_path / path.stem / "results.json").read_text())
+        assert results["train_config"]["init"] == str(source) and results["train_config"]["lr"] == 1e-4
+
+
+def test_a_recipe_asks_for_the_weights_it_needs(inputs, tmp_path):
+    path = next(p for p in RECIPES if p.stem == "004_multigap_fi8")
+    args = ["benchmark", "--recipe", str(path), "--data", inputs["data"]["fi"], "--out", str(tmp_path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == EXIT_ERROR and "--backbone-weights" in result.output
+    result = runner.invoke(app, [*args, "--backbone-weights", "none"])
+    assert result.exit_code == EXIT_ERROR and "--model-arg stream_weights" in result.output
+
+
+def test_a_setting_that_no_option_has_is_refused(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[recipe]\npaper = "9"\ntitle = "t"\nreproduces = "r"\ndataset = "fi"\n[settings]\nwings = 2\n')
+    result = runner.invoke(app, ["benchmark", "--recipe", str(recipe), "--data", f"fi={tmp_path}"])
+    assert result.exit_code == EXIT_ERROR and "unknown setting 'wings'" in result.output
+    recipe.write_text('[recipe]\npaper = "9"\ntitle = "t"\nreproduces = "r"\ndataset = "fi"\n[reported]\naccuracy = 75.4\n')
+    with pytest.raises(ValueError, match="fractions"):
+        load_recipe(recipe)
+
+
+def test_model_args_replace_or_join_each_spec():
+    assert with_model_args(["mlrcnn:k=10,fpn=256", "global"], {"k": "3", "detector_weights": "c.pth"}) == [
+        "mlrcnn:fpn=256,k=3,detector_weights=c.pth", "global:k=3,detector_weights=c.pth"]
