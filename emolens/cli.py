@@ -221,15 +221,6 @@ def train(
 
     try:
         ds = load_dataset(with_limit(data, limit))
-        proto_path = out / "protocol.json"
-        if resume and proto_path.is_file():
-            proto = Protocol.load(proto_path, ds)
-        else:
-            proto = make_protocol(ds, protocol, seed=seed, k=folds, task=task)
-            if is_main():
-                proto.save(proto_path)
-        if not 0 <= fold < len(proto.folds):
-            fail(f"fold {fold} does not exist: the protocol has {len(proto.folds)}")
         weights = None if backbone_weights.lower() == "none" else backbone_weights
         import torch
 
@@ -239,6 +230,15 @@ def train(
                          device, precision, channels_last,
                          _training_options(weight_decay, lr_steps, lr_step_every, gamma, warmup, backbone_lr,
                                            accumulate, cache_budget, compile_step, sync_bn))
+        proto_path = out / "protocol.json"  # written once the model and options are known to be sound
+        if resume and proto_path.is_file():
+            proto = Protocol.load(proto_path, ds)
+        else:
+            proto = make_protocol(ds, protocol, seed=seed, k=folds, task=task)
+            if is_main():
+                proto.save(proto_path)
+        if not 0 <= fold < len(proto.folds):
+            fail(f"fold {fold} does not exist: the protocol has {len(proto.folds)}")
         chosen = proto.folds[fold]
         result = fit(net, ds, chosen, out, config, resume=resume)
         if is_main():

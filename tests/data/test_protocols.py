@@ -71,3 +71,11 @@ def test_polarity_task_drops_ambiguous_samples(tmp_path):
     assert all(ds.samples[i].path.parent.name != "surprise" for i in used) and len(used) == 8
     with pytest.raises(ValueError, match="no emotion distributions"):
         make_protocol(ds, task="distribution")
+
+
+def test_a_split_that_leaves_a_part_empty_is_refused_with_the_counts():
+    with pytest.raises(ValueError, match="split of 6 images leaves no validation"):
+        stratified_split([0, 0, 0, 1, 1, 1])
+    fold = stratified_split([0] * 20 + [1] * 20)
+    assert fold.val and fold.test and fold.train
+    assert stratified_split([0, 1] * 5, fractions=(0.8, 0.0, 0.2)).val == []  # no part asked for: none refused
