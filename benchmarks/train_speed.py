@@ -6,7 +6,7 @@ Each measurement runs in its own process (a clean peak memory): one epoch of ful
 images; emolens's figure includes what `fit` does around the steps (a validation pass over a few images,
 the checkpoints it writes).
 
-    python benchmarks/train_speed.py [--n 128] [--models global,apse,maiafa,mlrcnn,multigap] [--device auto]
+    python benchmarks/train_speed.py [--n 128] [--models global,apse,maiafa,mlrcnn,multigap] [--device auto] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parents[1] / "tests"))  # the synthetic dataset maker lives with the tests
@@ -126,6 +128,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each, interleaved; medians are shown")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--precision", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
@@ -147,20 +150,32 @@ def main() -> None:
         print(f"{'model':10} {'precision':16} {'images/s':>9} {'vs plain':>9} {'peak MiB':>9}")
         for precision in args.precisions.split(","):
             shown = precision + (" + channels_last" if precision != "fp32" else "")
-            plain = measure(args, "plain", precision, data)
+            # Interleaved repeats and medians: a shared machine's load drifts between runs.
+            runs: dict[str, list[dict]] = {}
+            for _ in range(args.repeats):
+                for name in ["plain", *args.models.split(",")]:
+                    runs.setdefault(name, []).append(measure(args, name, precision, data))
+            plain = median_run(runs.pop("plain"))
             if "error" in plain:
                 print(f"{'plain loop':10} {shown:16} {plain['error']}")
                 continue
-            print(f"{'plain loop':10} {shown:16} {plain['images_per_s']:9.1f} {'1.00x':>9} {plain['peak_mib']:9.0f}",
-                  flush=True)
-            for spec in args.models.split(","):
-                r = measure(args, spec, precision, data)
+            print(f"{'plain loop':10} {shown:16} {plain['images_per_s']:9.1f} {'1.00x':>9} {plain['peak_mib']:9.0f}")
+            for spec, measured in runs.items():
+                r = median_run(measured)
                 if "error" in r:
                     print(f"{spec:10} {shown:16} {r['error']}")
                     continue
                 print(f"{spec:10} {shown:16} {r['images_per_s']:9.1f} "
                       f"{r['images_per_s'] / plain['images_per_s']:8.2f}x {r['peak_mib']:9.0f}", flush=True)
 
+
+def median_run(runs: list[dict]) -> dict:
+    """The median throughput and the largest peak memory of repeated runs (the first error, if any failed)."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    return {"images_per_s": float(np.median([r["images_per_s"] for r in runs])),
+            "peak_mib": max(r["peak_mib"] for r in runs)}
 
 if __name__ == "__main__":
     main()

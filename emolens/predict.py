@@ -90,17 +90,24 @@ class TorchRunner:
 
 def make_runner(model, backend: str = "auto", threads: int | None = None, device: str = "cpu"):
     """``(backend_used, runner)`` for a live model, a saved model (run folder, ``.safetensors``,
-    ``"default"``) or an exported ``.onnx`` file. A ``device`` other than the CPU runs PyTorch."""
+    ``"default"``) or an exported ``.onnx`` file. On a GPU, ONNX Runtime runs where it has the CUDA
+    provider (onnxruntime-gpu), PyTorch otherwise."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    from .runtime import ExportError, OnnxModel, onnx_model_for, onnx_providers
+
+    providers = None
     if device != "cpu":
         from .engine.placement import resolve_device
 
-        if resolve_device(device).type != "cpu":
-            if backend == "onnx" or str(model).endswith(".onnx"):
-                raise ValueError(f"ONNX Runtime runs on the CPU here; use the torch backend on {device}")
-            backend = "torch"
-    from .runtime import ExportError, OnnxModel, onnx_model_for
+        where = resolve_device(device)
+        if where.type != "cpu":
+            providers = onnx_providers(str(where)) if backend != "torch" else None
+            if providers is None:
+                if backend == "onnx" or str(model).endswith(".onnx"):
+                    raise ValueError(f"this ONNX Runtime has no provider for {where}; install onnxruntime-gpu "
+                                     "or use the torch backend")
+                backend = "torch"
 
     live = model is not None and not isinstance(model, (str, os.PathLike))
     if live:
@@ -109,15 +116,15 @@ def make_runner(model, backend: str = "auto", threads: int | None = None, device
         from .runtime import export_onnx
 
         data, meta = export_onnx(model)
-        return "onnx", OnnxModel(data, meta, threads=threads)
+        return "onnx", OnnxModel(data, meta, threads=threads, providers=providers)
     source = model or DEFAULT_MODEL
     if str(source).endswith(".onnx"):
         if backend == "torch":
             raise ValueError(f"{source} is an ONNX model; it runs only with the onnx backend")
-        return "onnx", OnnxModel(source, threads=threads)
+        return "onnx", OnnxModel(source, threads=threads, providers=providers)
     if backend != "torch":
         try:
-            return "onnx", onnx_model_for(source, threads=threads)
+            return "onnx", onnx_model_for(source, threads=threads, providers=providers)
         except (ImportError, ExportError) as e:
             if backend == "onnx":
                 raise

@@ -114,7 +114,8 @@ class OnnxModel:
     """An exported model under ONNX Runtime: ``model(images)`` maps a (B, 3, H, W) float32 array to
     a dict of named output arrays, as the PyTorch model does with tensors."""
 
-    def __init__(self, source: str | os.PathLike | bytes, meta: dict | None = None, threads: int | None = None):
+    def __init__(self, source: str | os.PathLike | bytes, meta: dict | None = None, threads: int | None = None,
+                 providers: list | None = None):
         import onnxruntime as ort
 
         if meta is None:
@@ -135,7 +136,7 @@ class OnnxModel:
         options.log_severity_level = 3  # warnings about unused initialisers are noise to a user
         try:
             self.session = ort.InferenceSession(source if isinstance(source, bytes) else str(source), options,
-                                                providers=["CPUExecutionProvider"])
+                                                providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own untyped errors for unreadable models
             raise CheckpointError(f"{source if not isinstance(source, bytes) else 'ONNX model'}: "
                                   f"ONNX Runtime cannot load it: {e}") from e
@@ -184,11 +185,26 @@ def export_pending(source: str | os.PathLike | None) -> bool:
     return not (cached.is_file() and cached.with_suffix(".json").is_file())
 
 
-def onnx_model_for(source: str | os.PathLike, threads: int | None = None) -> OnnxModel:
+def onnx_providers(device: str = "cpu") -> list | None:
+    """ONNX Runtime's execution providers for ``device`` (``cpu``, ``cuda:N``): the CUDA provider on GPU N
+    where this ONNX Runtime has one (onnxruntime-gpu), then the CPU's; ``None`` where it cannot run there."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        return ["CPUExecutionProvider"]
+    if kind == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return [("CUDAExecutionProvider", {"device_id": int(index or 0)}), "CPUExecutionProvider"]
+    return None
+
+
+def onnx_model_for(source: str | os.PathLike, threads: int | None = None, providers: list | None = None) -> OnnxModel:
     """The saved model ``source`` (``"default"``, a run folder, ``.safetensors`` or ``.onnx``) under ONNX
     Runtime; a saved PyTorch model is exported on first use and the export cached."""
     if str(source).endswith(".onnx"):
-        return OnnxModel(source, threads=threads)
+        return OnnxModel(source, threads=threads, providers=providers)
     weights = resolve_weights(source)
     try:
         cached = cached_onnx_path(weights)
@@ -196,10 +212,10 @@ def onnx_model_for(source: str | os.PathLike, threads: int | None = None) -> Onn
             from .weights import load_model
 
             export_onnx(load_model(weights), cached)
-        return OnnxModel(cached, threads=threads)
+        return OnnxModel(cached, threads=threads, providers=providers)
     except (OSError, RuntimeError) as e:  # no home, a read-only or full cache: the export still serves this run
         from .weights import load_model
 
         warnings.warn(f"cannot use the ONNX cache ({e}); exporting in memory for this run", stacklevel=2)
         data, meta = export_onnx(load_model(weights))
-        return OnnxModel(data, meta, threads=threads)
+        return OnnxModel(data, meta, threads=threads, providers=providers)

@@ -125,3 +125,32 @@ def test_threaded_decoding_keeps_input_order_and_reports_bad_files(tmp_path):
     assert seen == [str(p) for p in paths]
     good, bad = predictor.predict(paths)
     assert len(good) == 5 and sorted(e.source for e in bad) == [str(paths[2]), str(paths[5])]
+
+
+def test_on_a_gpu_onnx_runtime_takes_its_cuda_provider_where_it_has_one(tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    from emolens import predict as predict_module
+    from emolens.engine import placement
+    from emolens.runtime import onnx_providers
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert onnx_providers("cpu") == ["CPUExecutionProvider"] and onnx_providers("cuda:1") is None
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert onnx_providers("cuda:1") == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+
+    asked, real_session = [], ort.InferenceSession
+
+    def session(model, options, providers):  # this machine has no GPU: record the request, run on the CPU
+        asked.append(providers)
+        return real_session(model, options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    monkeypatch.setattr(placement, "resolve_device", lambda name: torch.device("cuda", 0))
+    save_model(tiny_model(), tmp_path / "m.safetensors")
+    backend, _ = predict_module.make_runner(str(tmp_path / "m.safetensors"), device="cuda")
+    assert backend == "onnx" and asked[-1][0] == ("CUDAExecutionProvider", {"device_id": 0})
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr(predict_module, "TorchRunner", lambda model, device: device)
+    backend, runner = predict_module.make_runner(str(tmp_path / "m.safetensors"), device="cuda", backend="auto")
+    assert (backend, runner) == ("torch", "cuda")  # no CUDA provider: PyTorch runs it on the GPU
