@@ -329,3 +329,59 @@ def split_loss_arguments(args: dict) -> tuple[str | None, dict, dict]:
     name = args.pop("loss", None)
     loss_kwargs = {LOSS_ARGUMENTS[k]: args.pop(k) for k in list(args) if k in LOSS_ARGUMENTS}
     return name, loss_kwargs, args
+
+
+def _rated(outputs: Batch, targets: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted and rated valence/arousal where a rating exists (unrated images carry NaN)."""
+    predicted, rated = outputs["affect"].float(), targets["affect"].float()
+    known = ~torch.isnan(rated)
+    return predicted[known], rated[known]
+
+
+class AffectLoss(nn.Module):
+    """A loss on the predicted valence and arousal (``outputs["affect"]``) against ``targets["affect"]``."""
+
+    def __init__(self, taxonomy: Taxonomy | None = None):
+        super().__init__()
+
+
+@register_loss("mse")
+class AffectMSE(AffectLoss):
+    """Mean squared error of valence and arousal (common scale); images without ratings add nothing."""
+
+    def forward(self, outputs: Batch, targets: Batch) -> torch.Tensor:
+        predicted, rated = _rated(outputs, targets)
+        return F.mse_loss(predicted, rated) if len(rated) else outputs["affect"].sum() * 0
+
+
+@register_loss("l1")
+class AffectL1(AffectLoss):
+    """Mean absolute error of valence and arousal (common scale); images without ratings add nothing."""
+
+    def forward(self, outputs: Batch, targets: Batch) -> torch.Tensor:
+        predicted, rated = _rated(outputs, targets)
+        return F.l1_loss(predicted, rated) if len(rated) else outputs["affect"].sum() * 0
+
+
+@register_loss("ccc")
+class ConcordanceLoss(AffectLoss):
+    """``1 - CCC`` per dimension over the batch, averaged over valence and arousal: it rewards matching the
+    ratings' spread and mean, not only their order (a per-image loss can shrink to the mean). A dimension
+    with fewer than two ratings in the batch adds nothing."""
+
+    def __init__(self, taxonomy: Taxonomy | None = None, eps: float = 1e-8):
+        super().__init__(taxonomy)
+        self.eps = eps
+
+    def forward(self, outputs: Batch, targets: Batch) -> torch.Tensor:
+        predicted, rated = outputs["affect"].float(), targets["affect"].float()
+        losses = []
+        for d in range(predicted.shape[1]):
+            known = ~torch.isnan(rated[:, d])
+            if known.sum() < 2:
+                continue
+            p, t = predicted[known, d], rated[known, d]
+            covariance = ((p - p.mean()) * (t - t.mean())).mean()
+            ccc = 2 * covariance / (p.var(unbiased=False) + t.var(unbiased=False) + (p.mean() - t.mean()) ** 2 + self.eps)
+            losses.append(1 - ccc)
+        return torch.stack(losses).mean() if losses else predicted.sum() * 0

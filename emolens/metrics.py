@@ -146,3 +146,40 @@ def wheel_errors(y_true, y_pred, steps: np.ndarray) -> dict[str, float]:
         "wheel_score": float(1.0 - d.mean()),
         "misclassification_distance": float(d[wrong].mean()) if wrong.any() else float("nan"),
     }
+
+
+def concordance_correlation(target, predicted) -> float:
+    """Lin's concordance correlation coefficient: agreement in correlation, mean and scale (population moments)."""
+    t, p = np.asarray(target, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
+    covariance = np.mean((t - t.mean()) * (p - p.mean()))
+    return float(2 * covariance / (t.var() + p.var() + (t.mean() - p.mean()) ** 2 + EPS))
+
+
+def regression_report(target, predicted) -> dict[str, float]:
+    """MAE, RMSE, Pearson r, Spearman rho and CCC of one rated dimension (NaN targets left out)."""
+    from scipy.stats import pearsonr, spearmanr
+
+    t, p = np.asarray(target, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
+    rated = ~np.isnan(t)
+    t, p = t[rated], p[rated]
+    if len(t) < 2:
+        return {}
+    error = p - t
+    constant = np.ptp(t) == 0 or np.ptp(p) == 0  # correlations are undefined there
+    return {"mae": float(np.abs(error).mean()), "rmse": float(np.sqrt((error ** 2).mean())),
+            "pearson": float("nan") if constant else float(pearsonr(t, p)[0]),
+            "spearman": float("nan") if constant else float(spearmanr(t, p)[0]),
+            "ccc": concordance_correlation(t, p)}
+
+
+def affect_report(target, predicted, scale=None) -> dict[str, float]:
+    """:func:`regression_report` of valence and arousal ((N, 2), common scale [-1, 1]) as ``valence_mae``,
+    ``arousal_ccc``, ...; with a dataset's :class:`~emolens.taxonomy.AffectScale`, errors are on its own
+    scale (correlations do not change with a linear scale)."""
+    from .taxonomy import AFFECT_DIMENSIONS
+
+    t, p = np.asarray(target, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
+    if scale is not None:
+        t, p = scale.from_common(t), scale.from_common(p)
+    return {f"{dimension}_{name}": value for d, dimension in enumerate(AFFECT_DIMENSIONS)
+            for name, value in regression_report(t[:, d], p[:, d]).items()}

@@ -124,6 +124,35 @@ WEBEMO = Taxonomy(
 )
 POLARITY = Taxonomy("polarity", ("negative", "positive"), (0, 1), "Binary sentiment polarity: 0 negative, 1 positive.")
 
+
+#: The dimensions of dimensional affect, in the order emolens keeps them.
+AFFECT_DIMENSIONS = ("valence", "arousal")
+
+
+@dataclass(frozen=True)
+class AffectScale:
+    """A dataset's rating scale of valence and arousal (OASIS 1-7; Emotion6 and IAPS's SAM 1-9).
+
+    emolens's common scale is [-1, 1], linear in the ratings: the scale's low end is -1, its high end 1 and
+    its midpoint (neutral valence, middling arousal) 0, so sets rated on different scales train together
+    and a figure can be reported back on a dataset's own scale."""
+
+    low: float
+    high: float
+
+    def to_common(self, ratings) -> np.ndarray:
+        return 2 * (np.asarray(ratings, dtype=np.float64) - self.low) / (self.high - self.low) - 1
+
+    def from_common(self, values) -> np.ndarray:
+        return self.low + (np.asarray(values, dtype=np.float64) + 1) * (self.high - self.low) / 2
+
+    def to_dict(self) -> dict[str, float]:
+        return {"low": self.low, "high": self.high}
+
+
+OASIS_SCALE = AffectScale(1.0, 7.0)
+SAM9_SCALE = AffectScale(1.0, 9.0)
+
 TAXONOMIES: dict[str, Taxonomy] = {t.name: t for t in (MIKELS, EMOTION6, EMOTIONROI, WEBEMO, POLARITY)}
 
 

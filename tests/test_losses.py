@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from emolens.losses import LOSSES, MetricLoss, build_loss, split_loss_arguments
+from emolens.losses import LOSSES, AffectLoss, MetricLoss, build_loss, split_loss_arguments
 from emolens.taxonomy import EMOTION6, MIKELS, POLARITY, wheel_distribution
 
 
@@ -71,8 +71,16 @@ def test_distribution_kl_is_zero_at_the_target_and_positive_elsewhere():
         loss({"logits": torch.zeros(1, 8)}, {"label": torch.tensor([0])})
 
 
-CLASSIFICATION = sorted(n for n, cls in LOSSES.items() if not issubclass(cls, MetricLoss))
+CLASSIFICATION = sorted(n for n, cls in LOSSES.items() if not issubclass(cls, (MetricLoss, AffectLoss)))
 METRIC = sorted(n for n, cls in LOSSES.items() if issubclass(cls, MetricLoss))
+AFFECT = sorted(n for n, cls in LOSSES.items() if issubclass(cls, AffectLoss))
+
+
+@pytest.mark.parametrize("name", AFFECT)
+def test_every_affect_loss_gives_gradients_to_valence_and_arousal(name):
+    predicted = torch.randn(6, 2, requires_grad=True)
+    build_loss(name, MIKELS)({"affect": predicted}, {"affect": torch.randn(6, 2)}).backward()
+    assert predicted.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("name", METRIC)
@@ -109,3 +117,28 @@ def test_balanced_cross_entropy_asks_for_class_balanced_batches():
     assert model.spec["loss"] == {"name": "ce", "args": {"balanced": True}}
     assert build_loss("ce", MIKELS, balanced=True).needs_class_balanced_batches
     assert not build_loss("ce", MIKELS).needs_class_balanced_batches
+
+
+def test_affect_losses_leave_unrated_images_out():
+    predicted = torch.tensor([[0.5, 0.0], [0.0, 0.2], [9.0, 9.0]], requires_grad=True)
+    rated = torch.tensor([[0.0, 0.0], [0.0, 0.0], [float("nan"), float("nan")]])
+    mse = build_loss("mse", MIKELS)({"affect": predicted}, {"affect": rated})
+    l1 = build_loss("l1", MIKELS)({"affect": predicted}, {"affect": rated})
+    assert float(mse) == pytest.approx((0.25 + 0.04) / 4) and float(l1) == pytest.approx(0.7 / 4)
+    mse.backward()
+    assert predicted.grad[2].abs().sum() == 0  # the unrated image gets no gradient
+
+
+def test_ccc_loss_is_one_minus_the_concordance_per_dimension():
+    from emolens.metrics import concordance_correlation
+
+    rng = np.random.default_rng(1)
+    t = rng.normal(size=(16, 2))
+    p = t * 0.5 + rng.normal(scale=0.2, size=(16, 2))
+    loss = build_loss("ccc", MIKELS)({"affect": torch.tensor(p)}, {"affect": torch.tensor(t)})
+    expected = np.mean([1 - concordance_correlation(t[:, d], p[:, d]) for d in range(2)])
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    only_valence = torch.tensor(t).clone()
+    only_valence[:, 1] = float("nan")
+    loss = build_loss("ccc", MIKELS)({"affect": torch.tensor(p)}, {"affect": only_valence})
+    assert float(loss) == pytest.approx(1 - concordance_correlation(t[:, 0], p[:, 0]), rel=1e-5)

@@ -82,3 +82,32 @@ def test_wheel_errors_weigh_mistakes_by_distance():
     assert both["wheel_score"] == pytest.approx(1 - (1.25 / 3))
     assert both["misclassification_distance"] == pytest.approx(1.25 / 2)
     assert np.isnan(M.wheel_errors([0], [0], steps)["misclassification_distance"])
+
+
+def test_regression_figures_match_scipy_and_hand_values():
+    from scipy.stats import pearsonr, spearmanr
+
+    rng = np.random.default_rng(0)
+    t = rng.normal(size=50)
+    p = 0.5 * t + rng.normal(scale=0.3, size=50) + 0.2
+    r = M.regression_report(t, p)
+    assert r["pearson"] == pytest.approx(pearsonr(t, p)[0]) and r["spearman"] == pytest.approx(spearmanr(t, p)[0])
+    assert r["mae"] == pytest.approx(np.abs(p - t).mean()) and r["rmse"] == pytest.approx(np.sqrt(((p - t) ** 2).mean()))
+    # CCC by hand: 2 cov / (var t + var p + (mean t - mean p)^2), population moments
+    assert M.concordance_correlation([1, 2, 3], [2, 3, 4]) == pytest.approx(2 * (2 / 3) / (2 / 3 + 2 / 3 + 1))
+    assert M.concordance_correlation(t, t) == pytest.approx(1.0)
+    assert M.concordance_correlation(t, 2 * t)  < 0.9 < M.regression_report(t, 2 * t)["pearson"]  # scale is punished
+    with_gap = M.regression_report(np.r_[t, np.nan], np.r_[p, 100.0])  # unrated targets are left out
+    assert with_gap["mae"] == pytest.approx(r["mae"])
+
+
+def test_affect_report_names_dimensions_and_reports_on_the_datasets_scale():
+    from emolens.taxonomy import OASIS_SCALE
+
+    t = np.array([[-1.0, 0.0], [0.0, 0.5], [1.0, 1.0]])
+    p = t + np.array([[0.5, 0.0], [0.0, 0.0], [-0.5, 0.0]])
+    common = M.affect_report(t, p)
+    on_scale = M.affect_report(t, p, OASIS_SCALE)
+    assert common["valence_mae"] == pytest.approx(1 / 3) and on_scale["valence_mae"] == pytest.approx(1.0)  # x3
+    assert on_scale["valence_pearson"] == pytest.approx(common["valence_pearson"])
+    assert common["arousal_ccc"] == pytest.approx(1.0)

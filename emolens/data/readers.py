@@ -17,7 +17,8 @@ from typing import Callable
 import numpy as np
 
 from ..images import IMAGE_EXTENSIONS
-from ..taxonomy import EMOTION6, EMOTIONROI, MIKELS, POLARITY, TAXONOMIES, Taxonomy, dominant_label, get_taxonomy
+from ..taxonomy import (AFFECT_DIMENSIONS, EMOTION6, EMOTIONROI, MIKELS, NEGATIVE, OASIS_SCALE, POLARITY, POSITIVE, SAM9_SCALE,
+                        TAXONOMIES, AffectScale, Taxonomy, dominant_label, get_taxonomy)
 from .samples import EmotionDataset, LabelFileError, Sample
 from .side import SIDE_FEATURES, read_side_features
 
@@ -140,6 +141,17 @@ def _numbers(fields: list[str], file: Path, line: int) -> np.ndarray:
     return v
 
 
+def _ratings(fields: list[str], scale: AffectScale, file: Path, line: int) -> np.ndarray:
+    """Valence and arousal ratings as given, checked against their scale."""
+    try:
+        v = np.array([float(x) for x in fields], dtype=np.float64)
+    except ValueError:
+        raise LabelFileError(file, line, f"non-numeric rating in {fields}") from None
+    if not np.all(np.isfinite(v)) or np.any(v < scale.low) or np.any(v > scale.high):
+        raise LabelFileError(file, line, f"ratings must lie in {scale.low:g}-{scale.high:g}, got {fields}")
+    return v
+
+
 def _header_order(names: list[str], taxonomy: Taxonomy, file: Path) -> np.ndarray:
     """Column position of each taxonomy class, from a header that names the classes."""
     canon = [canonical_class(n) for n in names]
@@ -158,10 +170,13 @@ def _distribution_dataset(
     rows: list[tuple[int, str, np.ndarray]],
     file: Path,
     locate: Callable[[str, int], Path],
+    ratings: dict[str, np.ndarray] | None = None,
+    affect_scale: AffectScale | None = None,
 ) -> EmotionDataset:
-    """Samples from (line, image name, class weights in taxonomy order) rows; ``locate`` finds an image."""
+    """Samples from (line, image name, class weights in taxonomy order) rows; ``locate`` finds an image;
+    ``ratings`` (valence, arousal on ``affect_scale``) by image name, where the dataset has them."""
     samples, missing, skipped, seen = [], [], Counter(), {}
-    weights = []
+    weights, names = [], []
     for line, name, w in rows:
         if name in seen:
             raise LabelFileError(file, line, f"image {name!r} is listed twice (first on line {seen[name]})")
@@ -174,14 +189,17 @@ def _distribution_dataset(
             missing.append(name)
             continue
         samples.append(path)
+        names.append(name)
         weights.append(w / w.sum())
     dist = np.array(weights).reshape(-1, taxonomy.num_classes)
     dom = dominant_label(dist) if len(dist) else None
     out = [
-        Sample(path, int(lbl), d.astype(np.float32), taxonomy.polarity[int(lbl)])
-        for path, lbl, d in zip(samples, dom.labels if dom else [], dist)
+        Sample(path, int(lbl), d.astype(np.float32), taxonomy.polarity[int(lbl)],
+               affect=None if ratings is None else affect_scale.to_common(ratings[name]).astype(np.float32))
+        for path, name, lbl, d in zip(samples, names, dom.labels if dom else [], dist)
     ]
-    return EmotionDataset(kind, root, taxonomy, out, missing, skipped, dom.ties if dom else 0)
+    return EmotionDataset(kind, root, taxonomy, out, missing, skipped, dom.ties if dom else 0,
+                          affect_scale=affect_scale if ratings is not None else None)
 
 
 # --- readers ------------------------------------------------------------------------------
@@ -228,13 +246,55 @@ def read_emotion6(root: Path, labels: str = "ground_truth.txt") -> EmotionDatase
     header = lines[0][1].split("\t")
     prob_cols = [i for i, h in enumerate(header) if h.strip().lower().startswith("[prob.")]
     order = _header_order([header[i] for i in prob_cols], EMOTION6, file)
-    rows = []
+    named = {h.strip().strip("[]").lower(): i for i, h in enumerate(header)}
+    affect_cols = [named[d] for d in AFFECT_DIMENSIONS if d in named]
+    rows, ratings = [], {} if len(affect_cols) == 2 else None
     for line, text in lines[1:]:
         fields = text.split("\t")
         if len(fields) != len(header):
             raise LabelFileError(file, line, f"expected {len(header)} tab-separated fields, got {len(fields)}")
-        rows.append((line, fields[0].strip(), _numbers([fields[i] for i in prob_cols], file, line)[order]))
-    return _distribution_dataset("emotion6", root, EMOTION6, rows, file, _under(root / "images", file))
+        name = fields[0].strip()
+        rows.append((line, name, _numbers([fields[i] for i in prob_cols], file, line)[order]))
+        if ratings is not None:
+            ratings[name] = _ratings([fields[i] for i in affect_cols], SAM9_SCALE, file, line)
+    return _distribution_dataset("emotion6", root, EMOTION6, rows, file, _under(root / "images", file), ratings,
+                                 SAM9_SCALE)
+
+
+@register_reader("oasis")
+def read_oasis(root: Path, labels: str = "OASIS.csv") -> EmotionDataset:
+    """OASIS: ``OASIS.csv`` (old-Mac CR line endings, as released) with mean valence and arousal on a 1-7 scale
+    per theme; images at ``images/<Theme>.jpg`` (themes stripped: two carry a trailing space in the file).
+
+    OASIS has no emotion classes: its label is the valence side of the scale's midpoint (above 4 positive,
+    else negative), a convention for stratified splits and polarity figures."""
+    file = root / labels
+    lines = _text_lines(file)  # splitlines() ends lines at CR, LF or CRLF alike
+    if not lines:
+        raise LabelFileError(file, None, "label file is empty")
+    records = list(csv.reader(text for _, text in lines))
+    header = [h.strip() for h in records[0]]
+    wanted = ("Theme", "Valence_mean", "Arousal_mean")
+    absent = [h for h in wanted if h not in header]
+    if absent:
+        raise LabelFileError(file, lines[0][0], f"no column(s) {', '.join(absent)} in the header {header}")
+    theme, valence, arousal = (header.index(h) for h in wanted)
+    samples, missing, seen = [], [], {}
+    for (line, _), fields in zip(lines[1:], records[1:]):
+        if len(fields) != len(header):
+            raise LabelFileError(file, line, f"expected {len(header)} comma-separated fields, got {len(fields)}")
+        name = fields[theme].strip()
+        if name in seen:
+            raise LabelFileError(file, line, f"theme {name!r} is listed twice (first on line {seen[name]})")
+        seen[name] = line
+        path = _inside(root / "images", f"{name}.jpg", file, line)
+        if not path.is_file():
+            missing.append(name)
+            continue
+        rating = _ratings([fields[valence], fields[arousal]], OASIS_SCALE, file, line)
+        label = POSITIVE if rating[0] > (OASIS_SCALE.low + OASIS_SCALE.high) / 2 else NEGATIVE
+        samples.append(Sample(path, label, None, label, affect=OASIS_SCALE.to_common(rating).astype(np.float32)))
+    return EmotionDataset("oasis", root, POLARITY, samples, missing, affect_scale=OASIS_SCALE)
 
 
 @register_reader("twitter1")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..taxonomy import Taxonomy
+from ..taxonomy import AffectScale, Taxonomy
 
 
 class LabelFileError(ValueError):
@@ -29,6 +29,7 @@ class Sample:
     distribution: np.ndarray | None = None
     polarity: int | None = None  # 1 positive, 0 negative, None ambiguous
     region_map: Path | None = None
+    affect: np.ndarray | None = None  # (valence, arousal) on the common scale [-1, 1] (see AffectScale)
 
 
 @dataclass
@@ -46,6 +47,8 @@ class EmotionDataset:
     spec: str = ""
     #: Per-image side features aligned with ``samples`` (e.g. ``"anp"``: ANP detector scores), (N, D) each.
     extras: dict[str, np.ndarray] = field(default_factory=dict)
+    #: The scale the dataset's valence and arousal ratings were given on (``None``: it has none).
+    affect_scale: AffectScale | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -66,6 +69,19 @@ class EmotionDataset:
         if not self.has_distribution:
             raise ValueError(f"dataset {self.kind} has no emotion distributions")
         return np.stack([s.distribution for s in self.samples]).astype(np.float32)
+
+    @property
+    def has_affect(self) -> bool:
+        return self.affect_scale is not None and any(s.affect is not None for s in self.samples)
+
+    @property
+    def affect(self) -> np.ndarray:
+        """(N, 2) valence and arousal on the common scale [-1, 1]; NaN for a sample without ratings."""
+        if self.affect_scale is None:
+            raise ValueError(f"dataset {self.kind} has no valence and arousal ratings")
+        missing = np.full(2, np.nan, dtype=np.float32)
+        return np.stack([missing if s.affect is None else s.affect for s in self.samples]).astype(np.float32) \
+            if self.samples else np.zeros((0, 2), np.float32)
 
     @property
     def polarities(self) -> np.ndarray:

@@ -264,3 +264,53 @@ def test_train_with_limit_uses_that_many_images_and_evaluate_reads_the_same(tmp_
     fold = protocol["folds"][0]
     assert len(fold["train"]) + len(fold["val"]) + len(fold["test"]) == 20
     assert runner.invoke(app, ["evaluate", str(tmp_path / "run"), "--workers", "0"]).exit_code == 0
+
+
+def test_emotion6_valence_and_arousal_on_the_common_scale(tmp_path):
+    header = "[image_filename]\t[arousal]\t[valence]\t" + "\t".join(f"[prob. {c}]" for c in EMOTION6.classes)
+    rows = ["a/1.jpg\t1\t9\t0\t0\t0\t1\t0\t0\t0", "a/2.jpg\t5\t3\t1\t0\t0\t0\t0\t0\t0"]  # arousal before valence
+    (tmp_path / "ground_truth.txt").write_text("\n".join([header] + rows) + "\n")
+    for r in rows:
+        write_image(tmp_path / "images" / r.split("\t")[0])
+    ds = load_dataset(f"emotion6={tmp_path}")
+    np.testing.assert_allclose(ds.affect, [[1.0, -1.0], [-0.5, 0.0]])  # (valence, arousal): 9 -> 1, 1 -> -1, 5 -> 0
+    np.testing.assert_allclose(ds.affect_scale.from_common(ds.affect), [[9, 1], [3, 5]])
+    (tmp_path / "ground_truth.txt").write_text("\n".join([header, rows[0].replace("\t9\t", "\t9.5\t", 1)]) + "\n")
+    with pytest.raises(LabelFileError, match="1-9"):
+        load_dataset(f"emotion6={tmp_path}")
+
+
+def write_oasis(root, themes, ratings):
+    """OASIS.csv as released: CR line endings, no final line break, an empty first header."""
+    lines = [",Theme,Category,Source,Valence_mean,Valence_SD,Valence_N,Arousal_mean,Arousal_SD,Arousal_N"]
+    lines += [f"I{i + 1},{theme},Object,Pixabay,{v},1.0,100,{a},1.0,100" for i, (theme, (v, a)) in enumerate(zip(themes, ratings))]
+    (root / "OASIS.csv").write_bytes("\r".join(lines).encode())
+
+
+def test_oasis_reader_reads_cr_lines_strips_themes_and_counts_missing_images(tmp_path):
+    write_oasis(tmp_path, ["Acorns 1", "Crosswalk 1 ", "Lake 2", "Dog 3"], [(4.5, 2.0), (1.0, 7.0), (7.0, 4.0), (4.0, 3.0)])
+    for name in ("Acorns 1", "Crosswalk 1", "Dog 3"):  # Lake 2 is listed but absent
+        write_image(tmp_path / "images" / f"{name}.jpg")
+    ds = load_dataset(f"oasis={tmp_path}")
+    assert [s.path.name for s in ds.samples] == ["Acorns 1.jpg", "Crosswalk 1.jpg", "Dog 3.jpg"]
+    assert ds.missing == ["Lake 2"]
+    assert ds.taxonomy is POLARITY and ds.labels.tolist() == [1, 0, 0]  # valence above the midpoint 4: positive
+    np.testing.assert_allclose(ds.affect_scale.from_common(ds.affect), [[4.5, 2.0], [1.0, 7.0], [4.0, 3.0]], atol=1e-6)
+    np.testing.assert_allclose(ds.affect[1], [-1.0, 1.0])
+
+
+def test_oasis_reader_refuses_ratings_off_the_scale_naming_the_line(tmp_path):
+    write_oasis(tmp_path, ["A", "B"], [(4.0, 3.0), (7.5, 3.0)])
+    for name in "AB":
+        write_image(tmp_path / "images" / f"{name}.jpg")
+    with pytest.raises(LabelFileError, match=r"OASIS.csv:3: ratings must lie in 1-7"):
+        load_dataset(f"oasis={tmp_path}")
+
+
+@pytest.mark.shared_data
+def test_real_oasis(shared_data):
+    ds = load_dataset(f"oasis={shared_data / 'oasis'}")
+    assert len(ds) == 900 and not ds.missing
+    ratings = ds.affect_scale.from_common(ds.affect)
+    assert ratings[:, 0].mean() == pytest.approx(4.33, abs=0.01) and ratings[:, 1].mean() == pytest.approx(3.67, abs=0.01)
+    assert ratings[:, 0].min() == pytest.approx(1.11, abs=0.01) and ratings[:, 1].max() == pytest.approx(5.72, abs=0.01)
