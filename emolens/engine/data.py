@@ -70,18 +70,21 @@ def batch_targets(targets: Targets, index: torch.Tensor) -> dict[str, torch.Tens
 
 
 class ImageFiles(Dataset):
-    """Images by path; a file that cannot be used yields its error instead of stopping the loader."""
+    """Images by path; a file that cannot be used yields its error instead of stopping the loader.
+    ``seeded_transform`` (a random one, for training) serves the items asked for with a seed."""
 
-    def __init__(self, paths: Sequence[Path | str], transform: Callable, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, paths: Sequence[Path | str], transform: Callable, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 seeded_transform: Callable | None = None):
         self.paths = list(paths)
         self.transform = transform
+        self.seeded_transform = seeded_transform or transform
         self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
-        """Item ``key``, or ``(key, seed)``: the random transform then draws from ``seed`` alone, so an image's
+        """Item ``key``, or ``(key, seed)``: the seeded transform then draws from ``seed`` alone, so an image's
         augmentation depends on neither the worker that decodes it nor what that worker decoded before."""
         i, seed = key if isinstance(key, tuple) else (key, None)
         try:
@@ -90,7 +93,7 @@ class ImageFiles(Dataset):
                 return {"index": i, "image": self.transform(image)}
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                return {"index": i, "image": self.transform(image)}
+                return {"index": i, "image": self.seeded_transform(image)}
         except ImageLoadError as e:
             return {"index": i, "error": e.reason}
 
@@ -143,11 +146,14 @@ def image_loader(paths, transform, batch_size: int, workers: int, max_pixels: in
                       collate_fn=collate_images, prefetch_factor=4 if workers else None, pin_memory=pin_memory)
 
 
-def planned_loader(paths, transform, workers: int, pin_memory: bool = False) -> tuple[DataLoader, PlannedBatches]:
-    """A loader whose workers live as long as it does (no start-up per epoch), fed the batches that the
-    returned :class:`PlannedBatches` holds when the loader is iterated."""
+def planned_loader(paths, transform, workers: int, pin_memory: bool = False,
+                   seeded_transform: Callable | None = None) -> tuple[DataLoader, PlannedBatches]:
+    """A loader whose workers live as long as it does (no start-up per epoch or per pass), fed the batches
+    that the returned :class:`PlannedBatches` holds when the loader is iterated; items given with a seed
+    get ``seeded_transform``, so one loader serves training and evaluation passes."""
     plan = PlannedBatches()
-    loader = DataLoader(ImageFiles(paths, transform), batch_sampler=plan, num_workers=workers,
+    loader = DataLoader(ImageFiles(paths, transform, seeded_transform=seeded_transform), batch_sampler=plan,
+                        num_workers=workers,
                         collate_fn=collate_images, persistent_workers=workers > 0,
                         prefetch_factor=4 if workers else None, pin_memory=pin_memory)
     return loader, plan

@@ -175,7 +175,7 @@ class _Batches:
         augment = model.random_crops and self.feed == "images"
         self.train_tf = train_transform(model.preprocessing) if augment else eval_transform(model.preprocessing)
         self.eval_tf = eval_transform(model.preprocessing)
-        self.loaders: dict[bool, tuple] = {}  # persistent loaders for training and evaluation passes
+        self.loader: tuple | None = None  # the persistent loader and its plan, made on first use
 
     def __call__(self, rows: list[int], train: bool, epoch_seed: int, rank: int, world: int):
         batches = epoch_batches(self.cache.usable(rows) if self.cache is not None else rows, self.config.batch_size,
@@ -185,10 +185,10 @@ class _Batches:
                 idx = torch.as_tensor(batch, dtype=torch.long)
                 yield self.placement.batch({**self.cache.batch(idx), **self._extras(idx)}), idx, []
             return
-        if train not in self.loaders:
-            self.loaders[train] = planned_loader(self.paths, self.train_tf if train else self.eval_tf,
-                                                 self.config.workers, self.placement.pin_memory)
-        loader, plan = self.loaders[train]
+        if self.loader is None:  # one pool of workers for training and evaluation passes alike
+            self.loader = planned_loader(self.paths, self.eval_tf, self.config.workers, self.placement.pin_memory,
+                                         seeded_transform=self.train_tf)
+        loader, plan = self.loader
         # Each image's crop and flip come from the epoch's seed and its row: the same, run after run.
         plan.batches = [[(r, epoch_seed * 1_000_003 + r) if train else r for r in batch] for batch in batches]
         for batch in loader:

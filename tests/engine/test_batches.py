@@ -71,3 +71,13 @@ def test_the_main_process_random_stream_is_left_alone(tmp_path):
     torch.manual_seed(0)
     files[(0, 3)]
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_one_loader_serves_training_items_with_a_seed_and_evaluation_items_without(tmp_path):
+    from emolens.data.transforms import eval_transform
+
+    paths = [write_image(tmp_path / "a.png", size=(64, 48), seed=2)]
+    pre = Preprocessing(size=32)
+    files = ImageFiles(paths, eval_transform(pre), seeded_transform=train_transform(pre))
+    assert torch.equal(files[0]["image"], files[0]["image"])  # evaluation: the fixed view
+    assert not torch.equal(files[(0, 5)]["image"], files[0]["image"])  # training: a random crop of its seed
