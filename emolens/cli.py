@@ -146,13 +146,15 @@ CACHE_BUDGET = typer.Option(None, "--cache-budget", help="GiB of frozen-backbone
                             "CPU, 0 on a GPU); above it the frozen backbone runs on the fly.")
 WORKERS = typer.Option(2, help="Image-decoding worker processes.")
 SEED = typer.Option(0, help="Seed for splits, initialisation and batches.")
-SELECT = typer.Option("loss", help="Validation figure that picks the checkpoint: loss, accuracy, macro_f1, balanced_accuracy, kl.")
+SELECT = typer.Option("loss", help="Validation figure that picks the checkpoint: loss, accuracy, macro_f1, "
+                     "balanced_accuracy, kl, or ccc (va: valence's and arousal's mean).")
 PATIENCE = typer.Option(10, help="Stop after this many epochs without a better validation figure (0: no early stopping).")
 INIT = typer.Option(None, "--init", help="Start from this run's weights (transfer learning; same model and classes). "
                     "In a benchmark, {fold} in the path is replaced by the fold number.")
 INIT_PARTS = typer.Option(None, "--init-parts", help="Take only these parts (submodules, comma-separated, e.g. "
                           "detector,cam_head) from --init; the rest of the model may differ.")
-TASK = typer.Option("emotion", help="emotion (the dataset's classes), polarity, or distribution.")
+TASK = typer.Option("emotion", help="emotion (the dataset's classes), polarity, distribution, or va (valence and "
+                   "arousal: oasis, emotion6).")
 DEVICE = typer.Option("auto", help="auto (CUDA when present; under torchrun the GPU of LOCAL_RANK), cpu, cuda, "
                       "cuda:N or mps.")
 PRECISION = typer.Option("fp32", help="fp32, bf16 (autocast; CPUs and recent GPUs) or fp16 (autocast with a "

@@ -290,7 +290,7 @@ class SemiHardTripletLoss(MetricLoss):
         return F.relu(d_ap - chosen + self.margin)[valid].mean() if valid.any() else emb.sum() * 0
 
 
-DEFAULT_LOSS = {"emotion": "ce", "polarity": "ce", "distribution": "kl"}
+DEFAULT_LOSS = {"emotion": "ce", "polarity": "ce", "distribution": "kl", "va": "mse"}
 
 #: Spec keys that configure the loss rather than the model (``lambda`` is a Python keyword).
 LOSS_ARGUMENTS = {"lambda": "lambda_", "label_smoothing": "label_smoothing", "default_label_prob": "default_label_prob",

@@ -21,7 +21,7 @@ from .identity import ModelIdentity, model_identity
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from .preprocessing import Preprocessing
 from .storage import DEFAULT_MODEL
-from .taxonomy import Taxonomy
+from .taxonomy import AFFECT, Taxonomy
 
 if TYPE_CHECKING:
     from .models import EmotionModel
@@ -145,6 +145,9 @@ class Predictor:
             raise ValueError("batch_size must be at least 1")
         self.backend, self.runner = make_runner(model, backend, threads, device)
         self.taxonomy: Taxonomy = self.runner.taxonomy
+        if self.taxonomy.name == AFFECT.name:
+            raise ValueError("this model predicts valence and arousal alone, not emotions; score it with "
+                             "`emolens evaluate`")
         self.preprocessing: Preprocessing = self.runner.preprocessing
         self.identity: ModelIdentity = self.runner.identity
         self.batch_size = batch_size

@@ -150,6 +150,13 @@ class AffectScale:
         return {"low": self.low, "high": self.high}
 
 
+#: What a ``va`` model predicts: valence and arousal on the common scale, not classes.
+AFFECT = Taxonomy("affect", AFFECT_DIMENSIONS, (None, None), "Valence and arousal on the common scale [-1, 1].")
+
+#: What a model can be trained to predict: the dataset's emotion classes, polarity, the emotion
+#: distribution, or valence and arousal (``va``).
+TASKS = ("emotion", "polarity", "distribution", "va")
+
 OASIS_SCALE = AffectScale(1.0, 7.0)
 SAM9_SCALE = AffectScale(1.0, 9.0)
 

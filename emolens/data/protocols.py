@@ -17,6 +17,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold
 
 from ..checkpoints import atomic_write_json
+from ..taxonomy import TASKS
 from .samples import EmotionDataset
 
 PAPER_SPLIT = (0.80, 0.05, 0.15)  # train / val / test of papers 001-003
@@ -130,9 +131,6 @@ def stratified_kfold(labels: Sequence[int], k: int = 5, seed: int = 0, val_fract
     return folds
 
 
-TASKS = ("emotion", "polarity", "distribution")
-
-
 def task_targets(dataset: EmotionDataset, task: str) -> tuple[np.ndarray, np.ndarray]:
     """(sample indices usable for ``task``, their class labels) - polarity drops ambiguous emotions."""
     if task == "emotion":
@@ -147,6 +145,12 @@ def task_targets(dataset: EmotionDataset, task: str) -> tuple[np.ndarray, np.nda
         if not dataset.has_distribution:
             raise ValueError(f"dataset {dataset.kind} has no emotion distributions; use task emotion")
         return np.arange(len(dataset)), dataset.labels
+    if task == "va":  # the images with ratings, stratified on the dataset's own labels
+        if not dataset.has_affect:
+            raise ValueError(f"dataset {dataset.kind} has no valence and arousal ratings; they come with oasis "
+                             "and emotion6")
+        keep = np.flatnonzero(~np.isnan(dataset.affect).any(1))
+        return keep, dataset.labels[keep]
     raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
 
 

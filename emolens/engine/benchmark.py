@@ -20,7 +20,8 @@ from .data import image_loader, task_targets_arrays
 from .trainer import TrainConfig, embed, evaluate, fit
 
 #: Columns of the printed table (those a task has).
-HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "positive_recall", "kl", "cosine", "wheel_distance")
+HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "positive_recall", "kl", "cosine", "wheel_distance",
+            "valence_pearson", "valence_ccc", "valence_mae", "arousal_pearson", "arousal_ccc", "arousal_mae")
 RETRIEVAL_HEADLINE = ("map8", "map2", "nn", "ft", "st", "dcg", "f1", "anmrr")
 
 

@@ -30,7 +30,7 @@ from ..data.transforms import eval_transform, train_transform
 from ..losses import build_loss
 from ..models import EmotionModel
 from ..regions import dataset_region_boxes
-from ..taxonomy import MIKELS_WHEEL_ORDER, Taxonomy, wheel_steps
+from ..taxonomy import AFFECT_DIMENSIONS, MIKELS_WHEEL_ORDER, AffectScale, Taxonomy, wheel_steps
 from ..weights import init_from, model_state, save_model
 from .data import (FeatureCache, Targets, batch_targets, build_cache, cache_key, epoch_batches, open_cache, plan_cache,
                    planned_loader, task_targets_arrays)
@@ -40,7 +40,7 @@ from .placement import Placement
 console = Console(stderr=True)
 
 #: Validation figure each ``select`` option maximises (losses and divergences are negated).
-SELECT = {"loss": -1, "accuracy": 1, "macro_f1": 1, "balanced_accuracy": 1, "kl": -1}
+SELECT = {"loss": -1, "accuracy": 1, "macro_f1": 1, "balanced_accuracy": 1, "kl": -1, "ccc": 1}
 
 
 @dataclass
@@ -110,8 +110,16 @@ class FitResult:
 # --- metrics for a task -------------------------------------------------------------------------
 
 
-def task_metrics(task: str, taxonomy: Taxonomy, targets: Targets, rows: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """Figures for predicted class probabilities ``probs`` of the samples ``rows``."""
+def task_metrics(task: str, taxonomy: Taxonomy, targets: Targets, rows: np.ndarray, probs: np.ndarray,
+                 affect_scale: AffectScale | None = None) -> dict[str, float]:
+    """Figures for the predictions of the samples ``rows``: class probabilities ``probs``, or for ``va`` the
+    predicted valence and arousal (errors on ``affect_scale``, the dataset's own, when given; ``ccc`` and
+    ``pearson``: the two dimensions' mean)."""
+    if task == "va":
+        out = M.affect_report(targets["affect"][rows], probs, affect_scale)
+        for name in ("ccc", "pearson"):
+            out[name] = float(np.mean([out[f"{d}_{name}"] for d in AFFECT_DIMENSIONS]))
+        return out
     y = targets["label"][rows]
     pred = probs.argmax(1)
     out = M.classification_report(y, pred, taxonomy.num_classes)
@@ -147,12 +155,12 @@ def run_model(model: EmotionModel, inputs: dict, feed: str) -> dict:
     """Outputs for one batch fed as ``feed`` (one of :data:`FEEDS`); side features (``dataset.extras``)
     ride along in every case."""
     if feed == "cached":
-        return model.head(inputs)
+        return model.head_outputs(inputs)
     extras = {k: v for k, v in inputs.items() if k != "images"}
     if feed == "frozen":
         with torch.no_grad():
             features = model.backbone(inputs["images"])
-        return model.head({**features, **extras})
+        return model.head_outputs({**features, **extras})
     return model(inputs["images"], extras=extras)
 
 
@@ -170,6 +178,7 @@ class _Batches:
                              f"dataset option, e.g. {dataset.kind}=ROOT:{missing[0]}=FILE")
         self.extras = {k: torch.from_numpy(dataset.extras[k]) for k in model.extra_keys}
         self.cache, self.config = cache, config
+        self.affect_scale = dataset.affect_scale  # figures of valence and arousal on the dataset's own scale
         self.feed = "cached" if cache is not None else "frozen" if config.freeze_backbone else "images"
         # A frozen backbone sees what a cache would hold: the evaluation view, never a random crop.
         augment = model.random_crops and self.feed == "images"
@@ -428,14 +437,15 @@ def evaluate_rows(model: EmotionModel, batches: _Batches, rows: list[int], targe
             if loss_fn is not None:
                 losses.append(float(loss_fn(outputs, batches.placement.batch(batch_targets(targets, idx)))) * len(idx))
         seen.append(idx.numpy())
-        probs.append(outputs["logits"].float().softmax(-1).cpu().numpy())
+        predicted = outputs["affect"] if model.task == "va" else outputs["logits"].float().softmax(-1)
+        probs.append(predicted.float().cpu().numpy())
     parts = gather((seen, probs, losses, errors))
     seen = np.concatenate([a for p in parts for a in p[0]] or [np.zeros(0, dtype=np.int64)])
     probs = np.concatenate([a for p in parts for a in p[1]] or [np.zeros((0, model.num_classes))])
     errors = {k: v for p in parts for k, v in p[3].items()}
     if len(seen) == 0:
         raise RuntimeError("no usable image to evaluate on")
-    out = task_metrics(model.task, model.taxonomy, targets, seen, probs)
+    out = task_metrics(model.task, model.taxonomy, targets, seen, probs, batches.affect_scale)
     if loss_fn is not None:
         out["loss"] = sum(x for p in parts for x in p[2]) / len(seen)
     out["n"] = float(len(seen))
@@ -444,6 +454,11 @@ def evaluate_rows(model: EmotionModel, batches: _Batches, rows: list[int], targe
 
 def check_labels_fit(model: EmotionModel, dataset: EmotionDataset) -> None:
     """Refuse, before any work, to score a model on labels it does not predict (class sets and order)."""
+    if model.task == "va":
+        if not dataset.has_affect:
+            raise ValueError(f"the model predicts valence and arousal, but {dataset.spec or dataset.kind} has no "
+                             "ratings of them")
+        return
     if model.task == "polarity":
         if not dataset.taxonomy.has_polarity:
             raise ValueError(f"the model predicts polarity, but the classes of {dataset.spec or dataset.kind} "

@@ -8,9 +8,7 @@ import torch
 from torch import nn
 
 from ..backbones import DEFAULT_BACKBONE, Backbone, Preprocessing, create_backbone
-from ..taxonomy import POLARITY, Taxonomy, get_taxonomy
-
-TASKS = ("emotion", "polarity", "distribution")
+from ..taxonomy import AFFECT, POLARITY, TASKS, Taxonomy, get_taxonomy
 
 
 #: The value of a weight-file argument when a saved model is rebuilt: the tensors come from its checkpoint.
@@ -18,10 +16,10 @@ WEIGHTS_IN_CHECKPOINT = "in-checkpoint"
 
 
 def output_taxonomy(taxonomy: Taxonomy, task: str) -> Taxonomy:
-    """The classes a model predicts: the dataset's emotions, or polarity for the polarity task."""
+    """What a model predicts: the dataset's emotions, polarity for the polarity task, valence and arousal for va."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
-    return POLARITY if task == "polarity" else taxonomy
+    return {"polarity": POLARITY, "va": AFFECT}.get(task, taxonomy)
 
 
 class EmotionModel(nn.Module):
@@ -83,7 +81,16 @@ class EmotionModel(nn.Module):
         missing = [k for k in self.extra_keys if k not in (extras or {})]
         if missing:
             raise ValueError(f"this model needs per-image side features ({', '.join(missing)}) beside the image")
-        return self.head({**features, **(extras or {})})
+        return self.head_outputs({**features, **(extras or {})})
+
+    def head_outputs(self, features: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``head``'s outputs in the task's terms: for ``va`` the head's two outputs are ``affect`` (valence,
+        arousal on the common scale), with no class distribution."""
+        outputs = self.head(features)
+        if self.task == "va":
+            outputs = {k: v for k, v in outputs.items() if k != "distribution"}
+            outputs["affect"] = outputs["logits"]
+        return outputs
 
     def start_epoch(self, epoch: int) -> None:
         """Called by the trainer before each epoch (0-based), also on resume; for staged training."""
