@@ -162,14 +162,14 @@ def regression_report(target, predicted) -> dict[str, float]:
     t, p = np.asarray(target, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
     rated = ~np.isnan(t)
     t, p = t[rated], p[rated]
-    if len(t) < 2:
+    if len(t) == 0:
         return {}
     error = p - t
-    constant = np.ptp(t) == 0 or np.ptp(p) == 0  # correlations are undefined there
+    constant = len(t) < 2 or np.ptp(t) == 0 or np.ptp(p) == 0  # correlations are undefined there
     return {"mae": float(np.abs(error).mean()), "rmse": float(np.sqrt((error ** 2).mean())),
             "pearson": float("nan") if constant else float(pearsonr(t, p)[0]),
             "spearman": float("nan") if constant else float(spearmanr(t, p)[0]),
-            "ccc": concordance_correlation(t, p)}
+            "ccc": float("nan") if len(t) < 2 else concordance_correlation(t, p)}
 
 
 def affect_report(target, predicted, scale=None) -> dict[str, float]:

@@ -118,7 +118,7 @@ def task_metrics(task: str, taxonomy: Taxonomy, targets: Targets, rows: np.ndarr
     if task == "va":
         out = M.affect_report(targets["affect"][rows], probs, affect_scale)
         for name in ("ccc", "pearson"):
-            out[name] = float(np.mean([out[f"{d}_{name}"] for d in AFFECT_DIMENSIONS]))
+            out[name] = float(np.mean([out.get(f"{d}_{name}", np.nan) for d in AFFECT_DIMENSIONS]))
         return out
     y = targets["label"][rows]
     pred = probs.argmax(1)
@@ -391,7 +391,7 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
         score = sign * (val_metrics["loss"] if config.select == "loss" else val_metrics[config.select])
         history.append({"epoch": epoch + 1, "lr": epoch_lrs, "train_loss": train_loss,
                         **{f"val_{k}": v for k, v in val_metrics.items()}})
-        improved = score > best_score
+        improved = best_epoch < 0 or score > best_score  # a NaN figure (one validation image) still keeps epoch 1
         if improved:
             best_score, best_epoch, best_val, stale = score, epoch, val_metrics, 0
         else:
