@@ -124,7 +124,7 @@ def test_affect_losses_leave_unrated_images_out():
     rated = torch.tensor([[0.0, 0.0], [0.0, 0.0], [float("nan"), float("nan")]])
     mse = build_loss("mse", MIKELS)({"affect": predicted}, {"affect": rated})
     l1 = build_loss("l1", MIKELS)({"affect": predicted}, {"affect": rated})
-    assert float(mse) == pytest.approx((0.25 + 0.04) / 4) and float(l1) == pytest.approx(0.7 / 4)
+    assert mse.item() == pytest.approx((0.25 + 0.04) / 4) and l1.item() == pytest.approx(0.7 / 4)
     mse.backward()
     assert predicted.grad[2].abs().sum() == 0  # the unrated image gets no gradient
 
