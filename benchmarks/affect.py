@@ -2,7 +2,8 @@
 feature, on the same k folds, in the same run; figures on the dataset's own rating scale.
 
     python benchmarks/affect.py --data oasis=../shared/data/oasis --out results/va_oasis \
-        --models "global:loss=mse global:loss=ccc" --epochs 30
+        --models "global:loss=mse global:loss=ccc" --epochs 30 \
+        --ridge efficientnet_lite0,efficientnet_lite2,efficientnet_lite0+efficientnet_lite2,efficientnet_lite0@levels
 """
 
 from __future__ import annotations
@@ -26,10 +27,21 @@ SHOWN = ("valence_pearson", "valence_ccc", "valence_mae", "arousal_pearson", "ar
 
 
 @torch.inference_mode()
-def pooled_features(dataset, backbone_name: str) -> np.ndarray:
+def pooled_features(dataset, backbone_name: str, levels: bool = False) -> np.ndarray:
+    """The backbone's pooled feature per image; with ``levels``, each level's spatial mean joins it."""
     backbone = create_backbone(backbone_name).eval()
     loader = image_loader([s.path for s in dataset.samples], eval_transform(backbone.preprocessing), 32, 2)
-    return np.concatenate([backbone(batch["image"])["pooled"].numpy() for batch in loader])
+    parts = []
+    for batch in loader:
+        out = backbone(batch["image"])
+        parts.append(torch.cat([out["pooled"], *(level.mean((2, 3)) for level in out["levels"])] if levels
+                               else [out["pooled"]], 1).numpy())
+    return np.concatenate(parts)
+
+
+def standardised(features: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance per column, so concatenated features of different scales share one penalty."""
+    return (features - features.mean(0)) / (features.std(0) + 1e-6)
 
 
 def ridge_folds(dataset, protocol: Protocol, features: np.ndarray) -> list[dict[str, float]]:
@@ -52,6 +64,9 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--ridge", default="efficientnet_lite0",
+                    help="ridge baselines, comma-separated: a backbone, backbones joined by + (features "
+                         "concatenated), a suffix @levels adds every level's mean")
     args = ap.parse_args()
     ds = load_dataset(args.data)
     config = TrainConfig(epochs=args.epochs, optimizer="adamw", lr=args.lr, freeze_backbone=True, patience=8,
@@ -59,8 +74,15 @@ def main() -> None:
     results = run_benchmark(ds, args.models.split(), "va", args.out, args.folds, 0, config, args.backbone,
                             progress=False, log=lambda m: None)
     protocol = Protocol.load(args.out / "protocol.json", ds)
-    baseline = summarise(ridge_folds(ds, protocol, pooled_features(ds, args.backbone)))
-    rows = [(f"ridge on the frozen {args.backbone} pooled feature", baseline)]
+    cached: dict[tuple[str, bool], np.ndarray] = {}
+    rows = []
+    for choice in args.ridge.split(","):
+        names, _, levels = choice.partition("@")
+        for name in names.split("+"):
+            if (name, bool(levels)) not in cached:
+                cached[name, bool(levels)] = standardised(pooled_features(ds, name, bool(levels)))
+        features = np.concatenate([cached[name, bool(levels)] for name in names.split("+")], 1)
+        rows.append((f"ridge, frozen {choice} ({features.shape[1]}-d)", summarise(ridge_folds(ds, protocol, features))))
     rows += [(spec, (r["mean"], r["std"])) for spec, r in results["models"].items()]
     print(f"{args.data}: {len(protocol.folds)}-fold, seed 0, on the dataset's scale "
           f"({ds.affect_scale.low:g}-{ds.affect_scale.high:g})")

@@ -290,11 +290,11 @@ class SemiHardTripletLoss(MetricLoss):
         return F.relu(d_ap - chosen + self.margin)[valid].mean() if valid.any() else emb.sum() * 0
 
 
-DEFAULT_LOSS = {"emotion": "ce", "polarity": "ce", "distribution": "kl", "va": "mse"}
+DEFAULT_LOSS = {"emotion": "ce", "polarity": "ce", "distribution": "kl", "va": "mse", "joint": "joint"}
 
 #: Spec keys that configure the loss rather than the model (``lambda`` is a Python keyword).
 LOSS_ARGUMENTS = {"lambda": "lambda_", "label_smoothing": "label_smoothing", "default_label_prob": "default_label_prob",
-                  "margin": "margin", "scale": "scale", "balanced": "balanced"}
+                  "margin": "margin", "scale": "scale", "balanced": "balanced", "affect_loss": "affect"}
 
 
 class PerMember(nn.Module):
@@ -385,3 +385,36 @@ class ConcordanceLoss(AffectLoss):
             ccc = 2 * covariance / (p.var(unbiased=False) + t.var(unbiased=False) + (p.mean() - t.mean()) ** 2 + self.eps)
             losses.append(1 - ccc)
         return torch.stack(losses).mean() if losses else predicted.sum() * 0
+
+
+@register_loss("joint")
+class JointLoss(nn.Module):
+    """The sum, over the label spaces a batch carries, of each space's loss on the images labelled in it:
+    KL divergence on a space's vote distributions, cross-entropy on its labels where an image has no
+    distribution, and ``affect`` (mse, l1 or ccc) on valence and arousal. A space no image of the batch is
+    labelled in adds nothing."""
+
+    def __init__(self, taxonomy: Taxonomy | None = None, affect: str = "mse"):
+        super().__init__()
+        if affect not in ("mse", "l1", "ccc"):
+            raise ValueError(f"affect loss must be mse, l1 or ccc, got {affect!r}")
+        self.affect = LOSSES[affect](taxonomy)
+
+    def forward(self, outputs: Batch, targets: Batch) -> torch.Tensor:
+        total = outputs["logits"].sum() * 0
+        for key, target in targets.items():
+            space, _, kind = key.rpartition(".")
+            if kind == "distribution":
+                rows = ~torch.isnan(target).any(1)
+                if rows.any():
+                    log_p = F.log_softmax(outputs[f"{space}.logits"][rows].float(), -1)
+                    total = total + F.kl_div(log_p, target[rows].float(), reduction="batchmean")
+            elif kind == "label":
+                rows = target >= 0
+                if f"{space}.distribution" in targets:
+                    rows &= torch.isnan(targets[f"{space}.distribution"]).any(1)
+                if rows.any():
+                    total = total + F.cross_entropy(outputs[f"{space}.logits"][rows].float(), target[rows])
+            elif key == "affect" and (~torch.isnan(target)).any():
+                total = total + self.affect(outputs, targets)
+        return total

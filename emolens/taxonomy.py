@@ -154,8 +154,8 @@ class AffectScale:
 AFFECT = Taxonomy("affect", AFFECT_DIMENSIONS, (None, None), "Valence and arousal on the common scale [-1, 1].")
 
 #: What a model can be trained to predict: the dataset's emotion classes, polarity, the emotion
-#: distribution, or valence and arousal (``va``).
-TASKS = ("emotion", "polarity", "distribution", "va")
+#: distribution, valence and arousal (``va``), or every label space of several datasets (``joint``).
+TASKS = ("emotion", "polarity", "distribution", "va", "joint")
 
 OASIS_SCALE = AffectScale(1.0, 7.0)
 SAM9_SCALE = AffectScale(1.0, 9.0)

@@ -145,6 +145,8 @@ def task_targets(dataset: EmotionDataset, task: str) -> tuple[np.ndarray, np.nda
         if not dataset.has_distribution:
             raise ValueError(f"dataset {dataset.kind} has no emotion distributions; use task emotion")
         return np.arange(len(dataset)), dataset.labels
+    if task == "joint":  # one dataset scored by a joint model: all of it, as a single-dataset run splits it
+        return np.arange(len(dataset)), dataset.labels
     if task == "va":  # the images with ratings, stratified on the dataset's own labels
         if not dataset.has_affect:
             raise ValueError(f"dataset {dataset.kind} has no valence and arousal ratings; they come with oasis "

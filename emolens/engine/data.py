@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..storage import atomic_write_json
 from .placement import Placement
+from ..data.joint import JointDataset, space_targets
 from ..data.samples import EmotionDataset
 from ..data.transforms import eval_transform
 from ..identity import weights_digest
@@ -29,6 +30,8 @@ def task_targets_arrays(dataset: EmotionDataset, task: str) -> Targets:
     """Per-sample targets for a task: ``label``, and ``distribution``/``label_prob`` where votes exist."""
     out: Targets = {}
     dist = dataset.distributions if dataset.has_distribution else None
+    if task == "joint":
+        return dataset.targets() if isinstance(dataset, JointDataset) else space_targets(dataset)
     if task == "va":
         if not dataset.has_affect:
             raise ValueError(f"dataset {dataset.kind} has no valence and arousal ratings")

@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import metrics as M
 from ..checkpoints import CheckpointError, load_checkpoint, load_into, save_checkpoint
+from ..data.joint import JointDataset, label_spaces
 from ..data.protocols import Fold
 from ..data.samples import EmotionDataset
 from ..data.transforms import eval_transform, train_transform
@@ -115,6 +116,8 @@ def task_metrics(task: str, taxonomy: Taxonomy, targets: Targets, rows: np.ndarr
     """Figures for the predictions of the samples ``rows``: class probabilities ``probs``, or for ``va`` the
     predicted valence and arousal (errors on ``affect_scale``, the dataset's own, when given; ``ccc`` and
     ``pearson``: the two dimensions' mean)."""
+    if task == "joint":
+        return joint_metrics(targets, rows, probs, affect_scale)
     if task == "va":
         out = M.affect_report(targets["affect"][rows], probs, affect_scale)
         for name in ("ccc", "pearson"):
@@ -129,6 +132,32 @@ def task_metrics(task: str, taxonomy: Taxonomy, targets: Targets, rows: np.ndarr
         out.update(M.wheel_errors(y, pred, wheel_steps(taxonomy)))
     if "distribution" in targets:
         out.update(M.distribution_report(targets["distribution"][rows], probs))
+    return out
+
+
+def joint_metrics(targets: Targets, rows: np.ndarray, predicted: dict[str, np.ndarray],
+                  affect_scale: AffectScale | None = None) -> dict[str, float]:
+    """Figures of every label space the samples ``rows`` carry, each over the images labelled in it and named
+    by it (``mikels_accuracy``, ``emotion6_kl``, ``valence_pearson``)."""
+    out: dict[str, float] = {}
+    for key, target in targets.items():
+        space, _, kind = key.rpartition(".")
+        if kind == "label":
+            labelled = target[rows] >= 0
+            if labelled.any():
+                probs = predicted[f"{space}.logits"][labelled]
+                y = target[rows][labelled]
+                figures = M.classification_report(y, probs.argmax(1), probs.shape[1])
+                if f"{space}.distribution" in targets:
+                    dist = targets[f"{space}.distribution"][rows][labelled]
+                    voted = ~np.isnan(dist).any(1)
+                    if voted.any():
+                        figures.update(M.distribution_report(dist[voted], probs[voted]))
+                out.update({f"{space}_{name}": value for name, value in figures.items()})
+        elif key == "affect":
+            rated = ~np.isnan(target[rows]).all(1)
+            if rated.any():
+                out.update(M.affect_report(target[rows][rated], predicted["affect"][rated], affect_scale))
     return out
 
 
@@ -437,11 +466,12 @@ def evaluate_rows(model: EmotionModel, batches: _Batches, rows: list[int], targe
             if loss_fn is not None:
                 losses.append(float(loss_fn(outputs, batches.placement.batch(batch_targets(targets, idx)))) * len(idx))
         seen.append(idx.numpy())
-        predicted = outputs["affect"] if model.task == "va" else outputs["logits"].float().softmax(-1)
-        probs.append(predicted.float().cpu().numpy())
+        probs.append({k: v.float().cpu().numpy() for k, v in prediction_tensors(model.task, outputs).items()})
     parts = gather((seen, probs, losses, errors))
     seen = np.concatenate([a for p in parts for a in p[0]] or [np.zeros(0, dtype=np.int64)])
-    probs = np.concatenate([a for p in parts for a in p[1]] or [np.zeros((0, model.num_classes))])
+    batches_out = [a for p in parts for a in p[1]]
+    predicted = {k: np.concatenate([b[k] for b in batches_out]) for k in (batches_out[0] if batches_out else {})}
+    probs = predicted if model.task == "joint" else predicted.get("values", np.zeros((0, model.num_classes)))
     errors = {k: v for p in parts for k, v in p[3].items()}
     if len(seen) == 0:
         raise RuntimeError("no usable image to evaluate on")
@@ -452,8 +482,26 @@ def evaluate_rows(model: EmotionModel, batches: _Batches, rows: list[int], targe
     return out, errors
 
 
+def prediction_tensors(task: str, outputs: dict) -> dict[str, torch.Tensor]:
+    """What a task's figures are computed from: class probabilities (``values``), valence and arousal for
+    ``va``, and for ``joint`` every space's probabilities (``<space>.logits``, softmaxed) and ``affect``."""
+    if task == "va":
+        return {"values": outputs["affect"]}
+    if task == "joint":
+        return {k: (v.float().softmax(-1) if k.endswith(".logits") else v) for k, v in outputs.items()
+                if k.endswith(".logits") or k == "affect"}
+    return {"values": outputs["logits"].float().softmax(-1)}
+
+
 def check_labels_fit(model: EmotionModel, dataset: EmotionDataset) -> None:
     """Refuse, before any work, to score a model on labels it does not predict (class sets and order)."""
+    if model.task == "joint":
+        members = dataset.members if isinstance(dataset, JointDataset) else [dataset]
+        unknown = {s for m in members for s in label_spaces(m)} - set(model.spaces)
+        if unknown:
+            raise ValueError(f"the model has no head for {', '.join(sorted(unknown))} (its spaces: "
+                             f"{', '.join(model.spaces)})")
+        return
     if model.task == "va":
         if not dataset.has_affect:
             raise ValueError(f"the model predicts valence and arousal, but {dataset.spec or dataset.kind} has no "

@@ -8,7 +8,7 @@ from typing import Any
 from ..backbones import DEFAULT_BACKBONE
 from ..losses import DEFAULT_LOSS, split_loss_arguments
 from ..taxonomy import Taxonomy
-from . import apse, global_model, maiafa, mlrcnn, multigap  # noqa: F401  (registers the models)
+from . import apse, global_model, joint, maiafa, mlrcnn, multigap  # noqa: F401  (registers the models)
 from .base import TASKS, EmotionModel
 from .registry import get_entry, list_models, model_entries, parse_model_spec, register_model
 
@@ -51,9 +51,9 @@ def create_model(
     if unknown:
         raise ValueError(f"model {name!r} has no argument(s) {', '.join(sorted(unknown))}")
     model = entry.builder(taxonomy=taxonomy, task=task, backbone=backbone, backbone_weights=backbone_weights, **args)
-    model.spec = {"name": name, "args": args, "task": task, "taxonomy": model.source_taxonomy.to_dict(),
+    model.spec = {"name": name, "args": args, "task": model.task, "taxonomy": model.source_taxonomy.to_dict(),
                   "backbone": backbone, "backbone_weights": backbone_weights,
-                  "loss": {"name": loss_name or model.default_loss or DEFAULT_LOSS[task], "args": loss_args}}
+                  "loss": {"name": loss_name or model.default_loss or DEFAULT_LOSS[model.task], "args": loss_args}}
     return model
 
 

@@ -1,0 +1,102 @@
+"""Several datasets as one training set, each image keeping the label spaces its own dataset has.
+
+A label space is a dataset's emotion classes, named by its taxonomy (``mikels``, ``emotion6``,
+``polarity``), or ``affect`` (valence and arousal on the common scale). Targets are namespaced by space
+(``mikels.label``, ``mikels.distribution``, ``affect``); an image outside a space carries -1 or NaN
+there, so a loss or a figure of that space leaves it out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..taxonomy import POLARITY, get_taxonomy
+from .protocols import Fold, Protocol, fingerprint, make_protocol
+from .samples import EmotionDataset
+
+AFFECT_SPACE = "affect"
+
+
+def label_spaces(dataset: EmotionDataset) -> tuple[str, ...]:
+    """The spaces ``dataset`` labels: its classes (not OASIS's polarity, which is read off its valence), and
+    ``affect`` where its images are rated."""
+    spaces = []
+    if not (dataset.taxonomy is POLARITY and dataset.has_affect):
+        spaces.append(dataset.taxonomy.name)
+    if dataset.has_affect:
+        spaces.append(AFFECT_SPACE)
+    return tuple(spaces)
+
+
+def space_targets(dataset: EmotionDataset) -> dict[str, np.ndarray]:
+    """The namespaced targets of one dataset's own spaces."""
+    out: dict[str, np.ndarray] = {}
+    for space in label_spaces(dataset):
+        if space == AFFECT_SPACE:
+            out[AFFECT_SPACE] = dataset.affect
+            continue
+        out[f"{space}.label"] = dataset.labels
+        if dataset.has_distribution:
+            out[f"{space}.distribution"] = dataset.distributions
+    return out
+
+
+def space_sizes(spaces) -> dict[str, int]:
+    """Outputs per space: a taxonomy's classes, or valence and arousal."""
+    return {s: 2 if s == AFFECT_SPACE else get_taxonomy(s).num_classes for s in spaces}
+
+
+@dataclass
+class JointDataset(EmotionDataset):
+    """The members' samples one after the other; :meth:`targets` fills what a member does not label."""
+
+    members: list[EmotionDataset] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, members: list[EmotionDataset]) -> "JointDataset":
+        if len(members) < 2:
+            raise ValueError("joint training takes two datasets or more")
+        first = members[0]
+        return cls("joint", Path("."), first.taxonomy, [s for m in members for s in m.samples],
+                   missing=[f"{m.kind}:{name}" for m in members for name in m.missing],
+                   spec=";".join(m.spec for m in members), members=list(members))
+
+    @property
+    def offsets(self) -> list[int]:
+        return [int(o) for o in np.cumsum([0] + [len(m) for m in self.members[:-1]])]
+
+    def member_rows(self, i: int) -> list[int]:
+        start = self.offsets[i]
+        return list(range(start, start + len(self.members[i])))
+
+    @property
+    def spaces(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(s for m in self.members for s in label_spaces(m)))
+
+    @property
+    def has_affect(self) -> bool:
+        return any(m.has_affect for m in self.members)
+
+    def targets(self) -> dict[str, np.ndarray]:
+        """Every member's space targets over all samples; -1 labels and NaN elsewhere."""
+        parts = [space_targets(m) for m in self.members]
+        keys = list(dict.fromkeys(k for p in parts for k in p))
+        out = {}
+        for key in keys:
+            like = next(p[key] for p in parts if key in p)
+            fill = -1 if like.dtype.kind == "i" else np.nan
+            out[key] = np.concatenate([p[key] if key in p else np.full((len(m),) + like.shape[1:], fill, like.dtype)
+                                       for p, m in zip(parts, self.members)])
+        return out
+
+    def protocol(self, kind: str, seed: int = 0, k: int = 5) -> Protocol:
+        """Each member's protocol as a single-dataset run of it makes it (same seed, same folds), joined."""
+        member_folds = [make_protocol(m, kind, seed=seed, k=k, task="emotion").folds for m in self.members]
+        folds = []
+        for parts in zip(*member_folds):
+            shifted = [(f, o) for f, o in zip(parts, self.offsets)]
+            folds.append(Fold(*([r + o for f, o in shifted for r in getattr(f, part)] for part in ("train", "val", "test"))))
+        return Protocol(kind, seed, folds, self.spec, fingerprint(self), {"task": "joint", "k": k})

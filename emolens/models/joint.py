@@ -1,0 +1,78 @@
+"""``joint``: one trunk (any registered model), one head per label space, trained on several datasets.
+
+The trunk's ``embedding`` feeds a linear head per space: ``<space>.logits`` for a taxonomy's classes
+(``mikels``, ``emotion6``, ``polarity``) and ``affect`` (valence and arousal, common scale). The first class
+space is the model's own: its outputs are also ``logits`` and ``distribution``, so predict, index and the
+server read a joint model as any other.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..data.joint import AFFECT_SPACE, space_sizes
+from ..taxonomy import get_taxonomy
+from .base import EmotionModel
+from .registry import get_entry, parse_model_spec, register_model
+
+
+@register_model("joint", "A trunk (any registered model) with one head per label space, for several datasets.")
+class JointModel(EmotionModel):
+    """Arguments: ``trunk`` (a registered model's name; its arguments after ``/``, e.g. ``maiafa/width=32``)
+    and ``spaces`` (``+``-separated, e.g. ``mikels+emotion6+affect``; the first class space is the model's own)."""
+
+    default_loss = "joint"
+
+    def __init__(self, *args, trunk: str = "global", spaces: str = "mikels+affect", **kwargs):
+        kwargs.pop("taxonomy", None)  # the spaces name the model's classes
+        kwargs.pop("task", None)  # always every space's task
+        names = [s for s in str(spaces).split("+") if s]
+        classes = [s for s in names if s != AFFECT_SPACE]
+        if not classes:
+            raise ValueError("a joint model needs a class space (e.g. mikels) beside affect")
+        trunk_name, trunk_args = parse_model_spec(str(trunk).replace("/", ":", 1).replace("/", ","))
+        if trunk_name == "joint":
+            raise ValueError("a joint model's trunk is another model")
+        built = get_entry(trunk_name).builder(taxonomy=classes[0], task="emotion", **kwargs, **trunk_args)
+        super().__init__(get_taxonomy(classes[0]), "joint", backbone=built.backbone)
+        # The trunk uses the shared backbone without owning it, so its tensors are saved once (as backbone.*).
+        built._modules.pop("backbone")
+        object.__setattr__(built, "backbone", self.backbone)
+        self.trunk = built
+        self.feature_keys, self.extra_keys = built.feature_keys, built.extra_keys
+        self.random_crops, self.onnx_unsupported = built.random_crops, built.onnx_unsupported
+        width = self._embedding_width()
+        self.spaces = names
+        self.heads = nn.ModuleDict({s: nn.Linear(width, n) for s, n in space_sizes(names).items()})
+
+    def _embedding_width(self) -> int:
+        was_training = self.trunk.training
+        self.trunk.eval()
+        size = self.backbone.preprocessing.size
+        with torch.no_grad():
+            features = self.backbone(torch.zeros(1, 3, size, size))
+            width = self.trunk.head(features)["embedding"].shape[1]
+        self.trunk.train(was_training)
+        return width
+
+    def head(self, features: dict) -> dict[str, torch.Tensor]:
+        trunk = self.trunk.head(features)
+        embedding = trunk["embedding"]
+        out = {k: v for k, v in trunk.items() if k not in ("logits", "distribution")}
+        for space, layer in self.heads.items():
+            out[AFFECT_SPACE if space == AFFECT_SPACE else f"{space}.logits"] = layer(embedding)
+        first = next(s for s in self.spaces if s != AFFECT_SPACE)
+        out["logits"] = out[f"{first}.logits"]
+        out["distribution"] = out["logits"].softmax(-1)
+        out["embedding"] = embedding
+        return out
+
+    def start_epoch(self, epoch: int) -> None:
+        self.trunk.start_epoch(epoch)
+
+    def cam_layers(self) -> dict[str, nn.Module]:
+        return self.trunk.cam_layers()
+
+    def explanation_maps(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.trunk.explanation_maps(outputs)

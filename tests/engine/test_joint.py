@@ -1,0 +1,105 @@
+"""Joint training: several datasets, one trunk, one head per label space; a batch adds only the losses of
+the spaces its images are labelled in."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import TINY_BACKBONE, make_ldl_dataset
+from emolens import create_model
+from emolens.data import load_dataset, make_protocol
+from emolens.data.joint import JointDataset, label_spaces
+from emolens.engine import TrainConfig, evaluate, fit
+from emolens.engine.data import task_targets_arrays
+from emolens.losses import build_loss
+from emolens.weights import load_model
+from test_affect_training import make_oasis
+
+
+@pytest.fixture
+def members(tmp_path):
+    ldl = load_dataset(make_ldl_dataset(tmp_path / "ldl", per_class=6))
+    oasis = load_dataset(make_oasis(tmp_path / "oasis", n=24))
+    return ldl, oasis
+
+
+def joint_model(spaces="mikels+affect", trunk="global"):
+    return create_model(f"joint:trunk={trunk},spaces={spaces}", backbone=TINY_BACKBONE, backbone_weights=None)
+
+
+def test_each_image_keeps_only_its_own_datasets_labels(members):
+    ldl, oasis = members
+    joint = JointDataset.of([ldl, oasis])
+    assert label_spaces(ldl) == ("mikels",) and label_spaces(oasis) == ("affect",)
+    targets = task_targets_arrays(joint, "joint")
+    n = len(ldl)
+    assert set(targets) == {"mikels.label", "mikels.distribution", "affect"}
+    assert (targets["mikels.label"][n:] == -1).all() and np.isnan(targets["mikels.distribution"][n:]).all()
+    assert np.isnan(targets["affect"][:n]).all() and not np.isnan(targets["affect"][n:]).any()
+    np.testing.assert_array_equal(targets["mikels.label"][:n], ldl.labels)
+
+
+def test_joint_folds_are_each_datasets_own_folds(members):
+    ldl, oasis = members
+    joint = JointDataset.of([ldl, oasis])
+    protocol = joint.protocol("kfold", seed=0, k=3)
+    for k, fold in enumerate(protocol.folds):
+        own = make_protocol(oasis, "kfold", seed=0, k=3).folds[k]
+        assert [r - len(ldl) for r in fold.test if r >= len(ldl)] == own.test
+        assert [r for r in fold.train if r < len(ldl)] == make_protocol(ldl, "kfold", seed=0, k=3).folds[k].train
+
+
+def test_a_batch_without_a_space_adds_no_loss_for_it():
+    loss = build_loss("joint", None)
+    logits = torch.randn(4, 8, requires_grad=True)
+    affect = torch.randn(4, 2, requires_grad=True)
+    outputs = {"logits": logits, "mikels.logits": logits, "affect": affect}
+    unrated = {"mikels.label": torch.tensor([0, 3, 5, 7]), "mikels.distribution": torch.softmax(torch.randn(4, 8), -1),
+               "affect": torch.full((4, 2), float("nan"))}
+    loss(outputs, unrated).backward()
+    assert affect.grad is None or affect.grad.abs().sum() == 0
+    logits.grad = None
+    only_rated = {"mikels.label": torch.full((4,), -1), "mikels.distribution": torch.full((4, 8), float("nan")),
+                  "affect": torch.zeros(4, 2)}
+    value = loss(outputs, only_rated)
+    value.backward()
+    assert value.item() == pytest.approx(affect.detach().square().mean().item())
+    assert logits.grad is None or logits.grad.abs().sum() == 0
+
+
+def test_a_joint_model_trains_on_two_datasets_and_is_scored_on_each(members, tmp_path):
+    ldl, oasis = members
+    joint = JointDataset.of([ldl, oasis])
+    fold = joint.protocol("split", seed=0).folds[0]
+    torch.manual_seed(0)
+    model = joint_model()
+    assert set(model.heads) == {"mikels", "affect"} and model.taxonomy.name == "mikels"
+    config = TrainConfig(epochs=2, batch_size=8, workers=0, optimizer="adamw", lr=3e-3, patience=None)
+    result = fit(model, joint, fold, tmp_path / "run", config, progress=False)
+    assert {"mikels_accuracy", "mikels_kl", "valence_pearson", "arousal_ccc", "loss"} <= set(result.val_metrics)
+    best = load_model(tmp_path / "run")
+    test_ldl = evaluate(best, ldl, [r for r in fold.test if r < len(ldl)], config, progress=False)
+    test_oasis = evaluate(best, oasis, [r - len(ldl) for r in fold.test if r >= len(ldl)], config, progress=False)
+    assert "mikels_accuracy" in test_ldl and "valence_mae" not in test_ldl
+    assert "valence_mae" in test_oasis and "mikels_accuracy" not in test_oasis
+    with torch.no_grad():
+        out = best(torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(out["distribution"], out["mikels.logits"].softmax(-1))
+    assert out["affect"].shape == (2, 2)
+
+
+@pytest.mark.parametrize("trunk", ["apse", "maiafa/width=16"])
+def test_any_registered_model_is_a_trunk(trunk):
+    model = joint_model("mikels+emotion6+affect", trunk).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    assert out["mikels.logits"].shape == (2, 8) and out["emotion6.logits"].shape == (2, 7) and out["affect"].shape == (2, 2)
+    assert not any(k.startswith("trunk.backbone.") for k in model.state_dict())  # the backbone is saved once
+
+
+def test_a_dataset_the_model_has_no_head_for_is_refused(members):
+    ldl, oasis = members
+    with pytest.raises(ValueError, match="no head for affect"):
+        evaluate(joint_model("mikels"), oasis, [0, 1], TrainConfig(workers=0), progress=False)
