@@ -196,7 +196,8 @@ def _training_options(weight_decay, lr_steps, lr_step_every, gamma, warmup, back
 @app.command()
 def train(
     model: str = typer.Option(..., help="NAME[:key=value,...], e.g. global:loss=multitask,lambda=0.4"),
-    data: str = typer.Option(..., help="KIND=ROOT[:option=value,...]"),
+    data: list[str] = typer.Option(..., help="KIND=ROOT[:option=value,...]; given twice or more, one model learns "
+                                   "every dataset's labels (a joint model: one head per label space)."),
     out: Path = typer.Option(..., help="Run folder (checkpoints, protocol, metrics)."),
     task: str = TASK,
     protocol: str = typer.Option("split", help="split (80/5/15), kfold, or official (the dataset's own split)."),
@@ -214,7 +215,8 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its last checkpoint."),
 ) -> None:
     """Train a model; the checkpoint is chosen on validation data, then scored once on the test part."""
-    from .data import Protocol, load_dataset, make_protocol
+    from .data import Protocol
+    from .data.joint import JointDataset, joint_spec, member_rows, open_datasets, protocol_for
     from .engine import evaluate, fit
     from .engine.distributed import is_main
     from .models import create_model
@@ -222,7 +224,9 @@ def train(
     from .checkpoints import atomic_write_json
 
     try:
-        ds = load_dataset(with_limit(data, limit))
+        ds = open_datasets([with_limit(d, limit) for d in data])
+        if isinstance(ds, JointDataset):
+            model, task = joint_spec(model, ds), "joint"
         weights = None if backbone_weights.lower() == "none" else backbone_weights
         import torch
 
@@ -236,7 +240,7 @@ def train(
         if resume and proto_path.is_file():
             proto = Protocol.load(proto_path, ds)
         else:
-            proto = make_protocol(ds, protocol, seed=seed, k=folds, task=task)
+            proto = protocol_for(ds, protocol, seed=seed, k=folds, task=task)
             if is_main():
                 proto.save(proto_path)
         if not 0 <= fold < len(proto.folds):
@@ -247,9 +251,14 @@ def train(
             test, test_errors = evaluate(load_model(out), ds, chosen.test, config, cache_dir=out / "cache",
                                          with_errors=True)
             bad = {ds.samples[i].path.as_posix(): r for i, r in sorted({**result.bad_images, **test_errors}.items())}
+            by_dataset = {}
+            if isinstance(ds, JointDataset):  # each dataset's figures on its own scale
+                best = load_model(out)
+                by_dataset = {m.spec: evaluate(best, m, rows, config) for m, rows in
+                              zip(ds.members, member_rows(ds, chosen.test)) if rows}
             atomic_write_json(out / "metrics.json", {"best_epoch": result.best_epoch, "val": result.val_metrics,
-                                                     "test": test, "train_seconds": result.train_seconds,
-                                                     "bad_images": bad})
+                                                     "test": test, "test_by_dataset": by_dataset,
+                                                     "train_seconds": result.train_seconds, "bad_images": bad})
             console.print(f"best epoch {result.best_epoch} (on validation); test: " +
                           ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k != "n"))
     except typer.Exit:  # click's Exit is a RuntimeError: let a reported failure through as it is
@@ -270,7 +279,7 @@ def evaluate(
     channels_last: bool = CHANNELS_LAST,
 ) -> None:
     """Score a trained model on a part of its split, or on all of another dataset."""
-    from .data import load_dataset
+    from .data.joint import open_datasets
     from .engine import TrainConfig, evaluate as evaluate_model
     from .weights import load_model
 
@@ -279,7 +288,7 @@ def evaluate(
         spec = data or model.meta.get("dataset")
         if not spec:
             fail("the checkpoint names no dataset: pass --data")
-        ds = load_dataset(spec)
+        ds = open_datasets(spec)
         if split == "all":
             rows = list(range(len(ds)))
         elif spec == model.meta.get("dataset") and split in model.meta.get("split", {}):
@@ -302,7 +311,8 @@ def evaluate(
 @app.command()
 def benchmark(
     ctx: typer.Context,
-    data: str = typer.Option(..., help="KIND=ROOT[:...]"),
+    data: list[str] = typer.Option(..., help="KIND=ROOT[:...]; given twice or more, each model is the trunk of a "
+                                   "joint model over every dataset's label spaces, scored on each dataset."),
     models: str = typer.Option(None, help="Model specs separated by ; or spaces (a spec may hold commas: "
                                "global:loss=multitask,lambda=0.4)."),
     recipe: Path = typer.Option(None, "--recipe", help="A paper's recipe (recipes/*.toml): its settings, each "
@@ -327,8 +337,9 @@ def benchmark(
     protocol: str = typer.Option("kfold", help="kfold (--folds) or split (the papers' 80/5/15, one split)."),
 ) -> None:
     """k-fold cross-validation of several models on identical folds; prints mean ± std per model."""
-    from .data import load_dataset, parse_spec
-    from .engine.benchmark import HEADLINE, RETRIEVAL_HEADLINE, run_benchmark
+    from .data import parse_spec
+    from .data.joint import JointDataset, joint_spec, open_datasets
+    from .engine.benchmark import headline_columns, run_benchmark
     from .recipes import load_recipe, with_model_args
 
     o = dict(ctx.params)
@@ -337,15 +348,20 @@ def benchmark(
         if recipe is not None:
             paper = load_recipe(recipe)
             o = recipe_options(ctx, paper, o)
-            if parse_spec(data)[0] != paper.dataset:
-                err_console.print(f"recipe {paper.name} was made for {paper.dataset}, not {parse_spec(data)[0]}: its "
+            kinds = "+".join(parse_spec(d)[0] for d in data)
+            if kinds != paper.dataset:
+                err_console.print(f"recipe {paper.name} was made for {paper.dataset}, not {kinds}: its "
                                   "figures are not the paper's to compare with", highlight=False)
         if not o["models"]:
             fail("name the models to run (--models) or a recipe (--recipe)")
         specs = split_model_list(o["models"])
         if o["model_arg"]:
             specs = with_model_args(specs, dict(pair.partition("=")[::2] for pair in o["model_arg"]))
-        ds = load_dataset(with_limit(data, o["limit"]))
+        ds = open_datasets([with_limit(d, o["limit"]) for d in data])
+        if isinstance(ds, JointDataset):
+            if o["retrieval"]:
+                fail("retrieval figures are for one dataset's classes: leave out --retrieval in a joint run")
+            specs, o["task"] = [joint_spec(s, ds) for s in specs], "joint"
         config = _config(o["epochs"], o["batch_size"], o["optimizer"], o["lr"], o["freeze_backbone"], o["workers"],
                          o["seed"], o["select"], o["patience"], o["init"], o["init_parts"], o["device"], o["precision"],
                          o["channels_last"],
@@ -362,9 +378,9 @@ def benchmark(
     except (*CANNOT_RUN, RuntimeError) as e:
         fail(str(e))
     first = next(iter(results["models"].values()))["mean"]
-    columns = [m for m in (*HEADLINE, *RETRIEVAL_HEADLINE) if m in first] + ["train_seconds", "infer_ms_per_image"]
+    columns = headline_columns(first) + ["train_seconds", "infer_ms_per_image"]
     title = f"{results['folds']}-fold CV (mean ± std)" if o["protocol"] == "kfold" else "80/5/15 split"
-    table = Table(title=f"{data}: {o['task']}, {title}, seed {o['seed']}")
+    table = Table(title=f"{' + '.join(data)}: {o['task']}, {title}, seed {o['seed']}")
     wide = Console(width=max(console.width, 60 + 18 * len(columns)))
     table.add_column("model")
     for c in columns:

@@ -100,3 +100,46 @@ class JointDataset(EmotionDataset):
             shifted = [(f, o) for f, o in zip(parts, self.offsets)]
             folds.append(Fold(*([r + o for f, o in shifted for r in getattr(f, part)] for part in ("train", "val", "test"))))
         return Protocol(kind, seed, folds, self.spec, fingerprint(self), {"task": "joint", "k": k})
+
+
+def open_datasets(specs: list[str] | str) -> EmotionDataset:
+    """One dataset, or several (a list, or specs joined by ``;`` as a joint run records them) as a
+    :class:`JointDataset`."""
+    from .readers import load_dataset
+
+    specs = [s for s in (specs.split(";") if isinstance(specs, str) else specs) if s]
+    members = [load_dataset(s) for s in specs]
+    return members[0] if len(members) == 1 else JointDataset.of(members)
+
+
+def protocol_for(dataset: EmotionDataset, kind: str, seed: int = 0, k: int = 5, task: str = "emotion") -> Protocol:
+    """The protocol of a single-dataset run, or for a joint dataset each member's own, joined."""
+    if isinstance(dataset, JointDataset):
+        return dataset.protocol(kind, seed, k)
+    return make_protocol(dataset, kind, seed=seed, k=k, task=task)
+
+
+def joint_spec(model_spec: str, dataset: JointDataset) -> str:
+    """``model_spec`` as the trunk of a joint model with a head for each of ``dataset``'s label spaces (a
+    ``joint`` spec passes unchanged); a trunk's own arguments ride after ``/``."""
+    from ..models.registry import parse_model_spec
+
+    name, args = parse_model_spec(model_spec)
+    if name == "joint":
+        return model_spec
+    loss = args.pop("loss", None)
+    if loss not in (None, "joint"):
+        raise ValueError(f"a joint model trains each label space with its own loss, not {loss!r}; "
+                         "affect_loss=mse|l1|ccc picks valence and arousal's")
+    outer = {k: args.pop(k) for k in ("affect_loss",) if k in args}
+    trunk = "/".join([name, *(f"{k}={v}" for k, v in args.items())])
+    return ",".join([f"joint:trunk={trunk}", f"spaces={'+'.join(dataset.spaces)}", *(f"{k}={v}" for k, v in outer.items())])
+
+
+def member_rows(dataset: JointDataset, rows: list[int]) -> list[list[int]]:
+    """``rows`` of the joint dataset split by member, as each member's own row numbers."""
+    out = []
+    for i, member in enumerate(dataset.members):
+        start = dataset.offsets[i]
+        out.append([r - start for r in rows if start <= r < start + len(member)])
+    return out

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from ..checkpoints import atomic_write_json
-from ..data import EmotionDataset, Protocol, make_protocol
+from ..data import EmotionDataset, Protocol
+from ..data.joint import JointDataset, member_rows, protocol_for
 from ..data.transforms import eval_transform
 from ..models import create_model
 from ..weights import library_versions, load_model
@@ -23,6 +24,15 @@ from .trainer import TrainConfig, embed, evaluate, fit
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "positive_recall", "kl", "cosine", "wheel_distance",
             "valence_pearson", "valence_ccc", "valence_mae", "arousal_pearson", "arousal_ccc", "arousal_mae")
 RETRIEVAL_HEADLINE = ("map8", "map2", "nn", "ft", "st", "dcg", "f1", "anmrr")
+#: Per-dataset figures of a joint model, each as ``<dataset kind>.<space>_<figure>`` or ``<kind>.<figure>``.
+JOINT_HEADLINE = ("accuracy", "macro_f1", "kl", "valence_pearson", "valence_ccc", "arousal_pearson", "arousal_ccc")
+
+
+def headline_columns(figures: dict) -> list[str]:
+    """The columns a results table shows for these figures, in a fixed order."""
+    plain = [m for m in (*HEADLINE, *RETRIEVAL_HEADLINE) if m in figures]
+    joint = [k for k in figures if "." in k and k.rpartition(".")[2].endswith(JOINT_HEADLINE)]
+    return plain + joint
 
 
 def slug(spec: str) -> str:
@@ -92,7 +102,7 @@ def run_benchmark(dataset: EmotionDataset, specs: list[str], task: str, out_dir:
         if protocol.params.get("task") != task or protocol.kind != kind or (kind == "kfold" and len(protocol.folds) != folds):
             raise ValueError(f"{proto_path} was made for another task, protocol or fold count; use another --out folder")
     else:
-        protocol = make_protocol(dataset, kind, seed=seed, k=folds, task=task)
+        protocol = protocol_for(dataset, kind, seed=seed, k=folds, task=task)
         protocol.save(proto_path)
     cache_dir = out_dir / "cache"
     results = {"dataset": dataset.spec, "task": task, "folds": len(protocol.folds), "seed": seed,
@@ -112,6 +122,10 @@ def run_benchmark(dataset: EmotionDataset, specs: list[str], task: str, out_dir:
                          progress=progress)
             best = load_model(run_dir)
             test = evaluate(best, dataset, fold.test, config, cache_dir=cache_dir, progress=progress)
+            if isinstance(dataset, JointDataset):  # each dataset's figures, on its own scale
+                for member, rows in zip(dataset.members, member_rows(dataset, fold.test)):
+                    test.update({f"{member.kind}.{k}": v for k, v in evaluate(best, member, rows, config,
+                                                                              progress=progress).items()})
             test_paths = [dataset.samples[i].path for i in fold.test[:timing_images]]
             if retrieval:
                 test.update(retrieval_figures(best, dataset, fold, config, cache_dir, progress, retrieval_protocol))
@@ -119,8 +133,7 @@ def run_benchmark(dataset: EmotionDataset, specs: list[str], task: str, out_dir:
             test["train_seconds"] = result.train_seconds
             test["best_epoch"] = float(result.best_epoch)
             per_fold.append(test)
-            log(f"{spec} fold {k}: " + ", ".join(f"{m} {test[m]:.4f}" for m in (*HEADLINE, *RETRIEVAL_HEADLINE)
-                                                  if m in test))
+            log(f"{spec} fold {k}: " + ", ".join(f"{m} {test[m]:.4f}" for m in headline_columns(test)))
         mean, std = summarise(per_fold)
         results["models"][spec] = {"folds": per_fold, "mean": mean, "std": std}
         atomic_write_json(out_dir / "results.json", results)

@@ -103,3 +103,35 @@ def test_a_dataset_the_model_has_no_head_for_is_refused(members):
     ldl, oasis = members
     with pytest.raises(ValueError, match="no head for affect"):
         evaluate(joint_model("mikels"), oasis, [0, 1], TrainConfig(workers=0), progress=False)
+
+
+def test_data_given_twice_trains_and_benchmarks_a_joint_model(members, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from emolens.cli import app
+
+    ldl, oasis = members
+    runner = CliRunner(env={"COLUMNS": "240"})
+    tiny = ["--backbone", TINY_BACKBONE, "--backbone-weights", "none", "--workers", "0", "--batch-size", "8",
+            "--epochs", "1"]
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--model", "global:dropout=0.1", "--data", ldl.spec, "--data", oasis.spec,
+                                 "--out", str(out), *tiny])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["test_by_dataset"]) == {ldl.spec, oasis.spec}
+    assert "valence_mae" in metrics["test_by_dataset"][oasis.spec]
+    spec = json.loads((out / "best.json").read_text())["spec"]
+    assert spec["name"] == "joint" and spec["args"]["trunk"] == "global/dropout=0.1"
+    assert spec["args"]["spaces"] == "mikels+affect"
+    result = runner.invoke(app, ["evaluate", str(out), "--split", "val", "--workers", "0"])
+    assert result.exit_code == 0 and "mikels_accuracy" in result.output, result.output
+
+    result = runner.invoke(app, ["benchmark", "--models", "global", "--data", ldl.spec, "--data", oasis.spec,
+                                 "--folds", "2", "--out", str(tmp_path / "bench"), *tiny])
+    assert result.exit_code == 0, result.output
+    fold = json.loads((tmp_path / "bench" / "results.json").read_text())["models"]["joint:trunk=global,spaces=mikels+affect"]["folds"][0]
+    assert {"flickr_ldl.mikels_accuracy", "oasis.valence_pearson"} <= set(fold)
+    assert "oasis.mikels_accuracy" not in fold  # a dataset is scored in its own spaces only
