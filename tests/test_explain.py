@@ -17,7 +17,8 @@ runner = CliRunner()
 # The smallest configuration that still shows every map a model has.
 EXPLAIN_SPECS = {"apse": "apse", "global": "global", "maiafa": "maiafa:width=16,groups=2",
                  "mlrcnn": "mlrcnn:fpn=16,representation=32,k=4,proposals=20",
-                 "multigap": "multigap:streams=test_resnet,gru=4"}
+                 "multigap": "multigap:streams=test_resnet,gru=4",
+                 "joint": "joint:trunk=maiafa/width=16/groups=2,spaces=mikels+affect"}
 
 
 def test_every_registered_model_is_covered():
