@@ -111,11 +111,11 @@ class FitResult:
 # --- metrics for a task -------------------------------------------------------------------------
 
 
-def task_metrics(task: str, taxonomy: Taxonomy, targets: Targets, rows: np.ndarray, probs: np.ndarray,
-                 affect_scale: AffectScale | None = None) -> dict[str, float]:
-    """Figures for the predictions of the samples ``rows``: class probabilities ``probs``, or for ``va`` the
+def task_metrics(task: str, taxonomy: Taxonomy, targets: Targets, rows: np.ndarray,
+                 probs: np.ndarray | dict[str, np.ndarray], affect_scale: AffectScale | None = None) -> dict[str, float]:
+    """Figures for the predictions of the samples ``rows``: class probabilities ``probs``; for ``va`` the
     predicted valence and arousal (errors on ``affect_scale``, the dataset's own, when given; ``ccc`` and
-    ``pearson``: the two dimensions' mean)."""
+    ``pearson``: the two dimensions' mean); for ``joint`` every space's predictions by name (:func:`joint_metrics`)."""
     if task == "joint":
         return joint_metrics(targets, rows, probs, affect_scale)
     if task == "va":
