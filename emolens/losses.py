@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data.joint import is_affect
 from .taxonomy import MIKELS_WHEEL_ORDER, Taxonomy, emotion_distance
 
 Batch = dict[str, torch.Tensor]
@@ -391,8 +392,8 @@ class ConcordanceLoss(AffectLoss):
 class JointLoss(nn.Module):
     """The sum, over the label spaces a batch carries, of each space's loss on the images labelled in it:
     KL divergence on a space's vote distributions, cross-entropy on its labels where an image has no
-    distribution, and ``affect`` (mse, l1 or ccc) on valence and arousal. A space no image of the batch is
-    labelled in adds nothing."""
+    distribution, and ``affect`` (mse, l1 or ccc) on each rating set's valence and arousal, through its own
+    head where the model has one. A space no image of the batch is labelled in adds nothing."""
 
     def __init__(self, taxonomy: Taxonomy | None = None, affect: str = "mse"):
         super().__init__()
@@ -415,6 +416,6 @@ class JointLoss(nn.Module):
                     rows &= torch.isnan(targets[f"{space}.distribution"]).any(1)
                 if rows.any():
                     total = total + F.cross_entropy(outputs[f"{space}.logits"][rows].float(), target[rows])
-            elif key == "affect" and (~torch.isnan(target)).any():
-                total = total + self.affect(outputs, targets)
+            elif is_affect(key) and (~torch.isnan(target)).any():  # the set's own head, else the shared one
+                total = total + self.affect({"affect": outputs.get(key, outputs["affect"])}, {"affect": target})
         return total

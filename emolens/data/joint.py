@@ -1,9 +1,10 @@
 """Several datasets as one training set, each image keeping the label spaces its own dataset has.
 
 A label space is a dataset's emotion classes, named by its taxonomy (``mikels``, ``emotion6``,
-``polarity``), or ``affect`` (valence and arousal on the common scale). Targets are namespaced by space
-(``mikels.label``, ``mikels.distribution``, ``affect``); an image outside a space carries -1 or NaN
-there, so a loss or a figure of that space leaves it out.
+``polarity``), or one dataset's valence and arousal ratings, ``affect@<kind>`` (common scale). Targets are
+namespaced by space (``mikels.label``, ``mikels.distribution``, ``affect@oasis``); an image outside a space
+carries -1 or NaN there, so a loss or a figure of that space leaves it out. A model meets every rating set
+with one shared ``affect`` head, or with a head per set (rating studies anchor their scales differently).
 """
 
 from __future__ import annotations
@@ -18,16 +19,22 @@ from .protocols import Fold, Protocol, fingerprint, make_protocol
 from .samples import EmotionDataset
 
 AFFECT_SPACE = "affect"
+AFFECT_HEADS = ("shared", "per_dataset")
+
+
+def is_affect(space: str) -> bool:
+    """Whether ``space`` holds valence and arousal: the shared ``affect`` or one dataset's ``affect@kind``."""
+    return space == AFFECT_SPACE or space.startswith(AFFECT_SPACE + "@")
 
 
 def label_spaces(dataset: EmotionDataset) -> tuple[str, ...]:
     """The spaces ``dataset`` labels: its classes (not OASIS's polarity, which is read off its valence), and
-    ``affect`` where its images are rated."""
+    ``affect@<kind>`` where its images are rated."""
     spaces = []
     if not (dataset.taxonomy is POLARITY and dataset.has_affect):
         spaces.append(dataset.taxonomy.name)
     if dataset.has_affect:
-        spaces.append(AFFECT_SPACE)
+        spaces.append(f"{AFFECT_SPACE}@{dataset.kind}")
     return tuple(spaces)
 
 
@@ -35,8 +42,8 @@ def space_targets(dataset: EmotionDataset) -> dict[str, np.ndarray]:
     """The namespaced targets of one dataset's own spaces."""
     out: dict[str, np.ndarray] = {}
     for space in label_spaces(dataset):
-        if space == AFFECT_SPACE:
-            out[AFFECT_SPACE] = dataset.affect
+        if is_affect(space):
+            out[space] = dataset.affect
             continue
         out[f"{space}.label"] = dataset.labels
         if dataset.has_distribution:
@@ -46,7 +53,7 @@ def space_targets(dataset: EmotionDataset) -> dict[str, np.ndarray]:
 
 def space_sizes(spaces) -> dict[str, int]:
     """Outputs per space: a taxonomy's classes, or valence and arousal."""
-    return {s: 2 if s == AFFECT_SPACE else get_taxonomy(s).num_classes for s in spaces}
+    return {s: 2 if is_affect(s) else get_taxonomy(s).num_classes for s in spaces}
 
 
 @dataclass
@@ -121,7 +128,8 @@ def protocol_for(dataset: EmotionDataset, kind: str, seed: int = 0, k: int = 5, 
 
 def joint_spec(model_spec: str, dataset: JointDataset) -> str:
     """``model_spec`` as the trunk of a joint model with a head for each of ``dataset``'s label spaces (a
-    ``joint`` spec passes unchanged); a trunk's own arguments ride after ``/``."""
+    ``joint`` spec passes unchanged); a trunk's own arguments ride after ``/``. ``affect_heads=per_dataset``
+    in the spec gives each rated dataset its own valence/arousal head instead of one shared ``affect``."""
     from ..models.registry import parse_model_spec
 
     name, args = parse_model_spec(model_spec)
@@ -131,9 +139,15 @@ def joint_spec(model_spec: str, dataset: JointDataset) -> str:
     if loss not in (None, "joint"):
         raise ValueError(f"a joint model trains each label space with its own loss, not {loss!r}; "
                          "affect_loss=mse|l1|ccc picks valence and arousal's")
+    heads = args.pop("affect_heads", "shared")
+    if heads not in AFFECT_HEADS:
+        raise ValueError(f"affect_heads must be {' or '.join(AFFECT_HEADS)}, got {heads!r}")
     outer = {k: args.pop(k) for k in ("affect_loss",) if k in args}
     trunk = "/".join([name, *(f"{k}={v}" for k, v in args.items())])
-    return ",".join([f"joint:trunk={trunk}", f"spaces={'+'.join(dataset.spaces)}", *(f"{k}={v}" for k, v in outer.items())])
+    spaces = [s for s in dataset.spaces if not is_affect(s)]
+    rated = [s for s in dataset.spaces if is_affect(s)]
+    spaces += rated if heads == "per_dataset" else [AFFECT_SPACE] if rated else []
+    return ",".join([f"joint:trunk={trunk}", f"spaces={'+'.join(spaces)}", *(f"{k}={v}" for k, v in outer.items())])
 
 
 def member_rows(dataset: JointDataset, rows: list[int]) -> list[list[int]]:

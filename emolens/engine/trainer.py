@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import metrics as M
 from ..checkpoints import CheckpointError, load_checkpoint, load_into, save_checkpoint
-from ..data.joint import JointDataset, label_spaces
+from ..data.joint import AFFECT_SPACE, JointDataset, is_affect, label_spaces
 from ..data.protocols import Fold
 from ..data.samples import EmotionDataset
 from ..data.transforms import eval_transform, train_transform
@@ -154,10 +154,11 @@ def joint_metrics(targets: Targets, rows: np.ndarray, predicted: dict[str, np.nd
                     if voted.any():
                         figures.update(M.distribution_report(dist[voted], probs[voted]))
                 out.update({f"{space}_{name}": value for name, value in figures.items()})
-        elif key == "affect":
+        elif is_affect(key):
             rated = ~np.isnan(target[rows]).all(1)
             if rated.any():
-                out.update(M.affect_report(target[rows][rated], predicted["affect"][rated], affect_scale))
+                values = predicted.get(key, predicted["affect"])
+                out.update(M.affect_report(target[rows][rated], values[rated], affect_scale))
     return out
 
 
@@ -489,7 +490,7 @@ def prediction_tensors(task: str, outputs: dict) -> dict[str, torch.Tensor]:
         return {"values": outputs["affect"]}
     if task == "joint":
         return {k: (v.float().softmax(-1) if k.endswith(".logits") else v) for k, v in outputs.items()
-                if k.endswith(".logits") or k == "affect"}
+                if k.endswith(".logits") or is_affect(k)}
     return {"values": outputs["logits"].float().softmax(-1)}
 
 
@@ -497,7 +498,9 @@ def check_labels_fit(model: EmotionModel, dataset: EmotionDataset) -> None:
     """Refuse, before any work, to score a model on labels it does not predict (class sets and order)."""
     if model.task == "joint":
         members = dataset.members if isinstance(dataset, JointDataset) else [dataset]
-        unknown = {s for m in members for s in label_spaces(m)} - set(model.spaces)
+        served = set(model.spaces) | ({s for m in members for s in label_spaces(m) if is_affect(s)}
+                                      if AFFECT_SPACE in model.spaces else set())
+        unknown = {s for m in members for s in label_spaces(m)} - served
         if unknown:
             raise ValueError(f"the model has no head for {', '.join(sorted(unknown))} (its spaces: "
                              f"{', '.join(model.spaces)})")

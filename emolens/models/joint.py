@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..data.joint import AFFECT_SPACE, space_sizes
+from ..data.joint import AFFECT_SPACE, is_affect, space_sizes
 from ..taxonomy import get_taxonomy
 from .base import EmotionModel
 from .registry import get_entry, parse_model_spec, register_model
@@ -20,7 +20,9 @@ from .registry import get_entry, parse_model_spec, register_model
 @register_model("joint", "A trunk (any registered model) with one head per label space, for several datasets.")
 class JointModel(EmotionModel):
     """Arguments: ``trunk`` (a registered model's name; its arguments after ``/``, e.g. ``maiafa/width=32``)
-    and ``spaces`` (``+``-separated, e.g. ``mikels+emotion6+affect``; the first class space is the model's own)."""
+    and ``spaces`` (``+``-separated, e.g. ``mikels+emotion6+affect``, or ``affect@oasis+affect@emotion6`` for a
+    valence/arousal head per rating set, the first of them giving ``affect``; the first class space is the
+    model's own)."""
 
     default_loss = "joint"
 
@@ -28,7 +30,7 @@ class JointModel(EmotionModel):
         kwargs.pop("taxonomy", None)  # the spaces name the model's classes
         kwargs.pop("task", None)  # always every space's task
         names = [s for s in str(spaces).split("+") if s]
-        classes = [s for s in names if s != AFFECT_SPACE]
+        classes = [s for s in names if not is_affect(s)]
         if not classes:
             raise ValueError("a joint model needs a class space (e.g. mikels) beside affect")
         trunk_name, trunk_args = parse_model_spec(str(trunk).replace("/", ":", 1).replace("/", ","))
@@ -61,8 +63,11 @@ class JointModel(EmotionModel):
         embedding = trunk["embedding"]
         out = {k: v for k, v in trunk.items() if k not in ("logits", "distribution")}
         for space, layer in self.heads.items():
-            out[AFFECT_SPACE if space == AFFECT_SPACE else f"{space}.logits"] = layer(embedding)
-        first = next(s for s in self.spaces if s != AFFECT_SPACE)
+            out[space if is_affect(space) else f"{space}.logits"] = layer(embedding)
+        rated = [s for s in self.spaces if is_affect(s)]
+        if rated and AFFECT_SPACE not in out:
+            out[AFFECT_SPACE] = out[rated[0]]
+        first = next(s for s in self.spaces if not is_affect(s))
         out["logits"] = out[f"{first}.logits"]
         out["distribution"] = out["logits"].softmax(-1)
         out["embedding"] = embedding

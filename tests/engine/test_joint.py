@@ -32,12 +32,12 @@ def joint_model(spaces="mikels+affect", trunk="global"):
 def test_each_image_keeps_only_its_own_datasets_labels(members):
     ldl, oasis = members
     joint = JointDataset.of([ldl, oasis])
-    assert label_spaces(ldl) == ("mikels",) and label_spaces(oasis) == ("affect",)
+    assert label_spaces(ldl) == ("mikels",) and label_spaces(oasis) == ("affect@oasis",)
     targets = task_targets_arrays(joint, "joint")
     n = len(ldl)
-    assert set(targets) == {"mikels.label", "mikels.distribution", "affect"}
+    assert set(targets) == {"mikels.label", "mikels.distribution", "affect@oasis"}
     assert (targets["mikels.label"][n:] == -1).all() and np.isnan(targets["mikels.distribution"][n:]).all()
-    assert np.isnan(targets["affect"][:n]).all() and not np.isnan(targets["affect"][n:]).any()
+    assert np.isnan(targets["affect@oasis"][:n]).all() and not np.isnan(targets["affect@oasis"][n:]).any()
     np.testing.assert_array_equal(targets["mikels.label"][:n], ldl.labels)
 
 
@@ -57,12 +57,12 @@ def test_a_batch_without_a_space_adds_no_loss_for_it():
     affect = torch.randn(4, 2, requires_grad=True)
     outputs = {"logits": logits, "mikels.logits": logits, "affect": affect}
     unrated = {"mikels.label": torch.tensor([0, 3, 5, 7]), "mikels.distribution": torch.softmax(torch.randn(4, 8), -1),
-               "affect": torch.full((4, 2), float("nan"))}
+               "affect@oasis": torch.full((4, 2), float("nan"))}
     loss(outputs, unrated).backward()
     assert affect.grad is None or affect.grad.abs().sum() == 0
     logits.grad = None
     only_rated = {"mikels.label": torch.full((4,), -1), "mikels.distribution": torch.full((4, 8), float("nan")),
-                  "affect": torch.zeros(4, 2)}
+                  "affect@oasis": torch.zeros(4, 2)}
     value = loss(outputs, only_rated)
     value.backward()
     assert value.item() == pytest.approx(affect.detach().square().mean().item())
@@ -135,3 +135,26 @@ def test_data_given_twice_trains_and_benchmarks_a_joint_model(members, tmp_path)
     fold = json.loads((tmp_path / "bench" / "results.json").read_text())["models"]["joint:trunk=global,spaces=mikels+affect"]["folds"][0]
     assert {"flickr_ldl.mikels_accuracy", "oasis.valence_pearson"} <= set(fold)
     assert "oasis.mikels_accuracy" not in fold  # a dataset is scored in its own spaces only
+
+
+def test_each_rating_set_can_have_its_own_head(members, tmp_path):
+    from emolens.data.joint import joint_spec
+
+    ldl, oasis = members
+    other = load_dataset(make_oasis(tmp_path / "oasis2", n=24))
+    other.kind = "oasis_b"  # a second rating set, as Emotion6's would be
+    joint = JointDataset.of([ldl, oasis, other])
+    assert joint_spec("global", joint).endswith("spaces=mikels+affect")
+    spec = joint_spec("global:affect_heads=per_dataset", joint)
+    assert spec.endswith("spaces=mikels+affect@oasis+affect@oasis_b")
+    model = create_model(spec, backbone=TINY_BACKBONE, backbone_weights=None).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    assert not torch.equal(out["affect@oasis"], out["affect@oasis_b"])
+    torch.testing.assert_close(out["affect"], out["affect@oasis"])  # the first rating set's head speaks for the model
+    loss = build_loss("joint", None)
+    only_b = {"affect@oasis_b": torch.zeros(2, 2)}
+    out = model(torch.randn(2, 3, 32, 32))
+    loss(out, only_b).backward()
+    assert model.heads["affect@oasis"].weight.grad is None  # set b's ratings train set b's head alone
+    assert model.heads["affect@oasis_b"].weight.grad.abs().sum() > 0
