@@ -417,5 +417,6 @@ class JointLoss(nn.Module):
                 if rows.any():
                     total = total + F.cross_entropy(outputs[f"{space}.logits"][rows].float(), target[rows])
             elif is_affect(key) and (~torch.isnan(target)).any():  # the set's own head, else the shared one
-                total = total + self.affect({"affect": outputs.get(key, outputs["affect"])}, {"affect": target})
+                own = outputs[key] if key in outputs else outputs["affect"]
+                total = total + self.affect({"affect": own}, {"affect": target})
         return total

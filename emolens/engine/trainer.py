@@ -138,8 +138,10 @@ def task_metrics(task: str, taxonomy: Taxonomy, targets: Targets, rows: np.ndarr
 def joint_metrics(targets: Targets, rows: np.ndarray, predicted: dict[str, np.ndarray],
                   affect_scale: AffectScale | None = None) -> dict[str, float]:
     """Figures of every label space the samples ``rows`` carry, each over the images labelled in it and named
-    by it (``mikels_accuracy``, ``emotion6_kl``, ``valence_pearson``)."""
+    by it (``mikels_accuracy``, ``emotion6_kl``, ``valence_pearson``; with several rating sets, by set:
+    ``oasis_valence_pearson``)."""
     out: dict[str, float] = {}
+    several_rating_sets = sum(is_affect(k) for k in targets) > 1
     for key, target in targets.items():
         space, _, kind = key.rpartition(".")
         if kind == "label":
@@ -157,8 +159,10 @@ def joint_metrics(targets: Targets, rows: np.ndarray, predicted: dict[str, np.nd
         elif is_affect(key):
             rated = ~np.isnan(target[rows]).all(1)
             if rated.any():
-                values = predicted.get(key, predicted["affect"])
-                out.update(M.affect_report(target[rows][rated], values[rated], affect_scale))
+                values = predicted[key] if key in predicted else predicted["affect"]
+                figures = M.affect_report(target[rows][rated], values[rated], affect_scale)
+                prefix = f"{key.partition('@')[2]}_" if several_rating_sets else ""  # oasis_valence_pearson
+                out.update({prefix + name: value for name, value in figures.items()})
     return out
 
 

@@ -158,3 +158,16 @@ def test_each_rating_set_can_have_its_own_head(members, tmp_path):
     loss(out, only_b).backward()
     assert model.heads["affect@oasis"].weight.grad is None  # set b's ratings train set b's head alone
     assert model.heads["affect@oasis_b"].weight.grad.abs().sum() > 0
+
+
+def test_figures_of_several_rating_sets_do_not_overwrite_each_other():
+    from emolens.engine.trainer import joint_metrics
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(6, 2)), rng.normal(size=(6, 2))
+    nan = np.full((6, 2), np.nan)
+    targets = {"affect@a": np.concatenate([a, nan]), "affect@b": np.concatenate([nan, b])}
+    predicted = {"affect@a": np.concatenate([a, a]), "affect@b": np.concatenate([b, -b])}
+    figures = joint_metrics(targets, np.arange(12), predicted)
+    assert figures["a_valence_pearson"] == pytest.approx(1.0) and figures["b_valence_pearson"] == pytest.approx(-1.0)
+    assert "valence_pearson" not in figures
