@@ -216,7 +216,7 @@ def train(
 ) -> None:
     """Train a model; the checkpoint is chosen on validation data, then scored once on the test part."""
     from .data import Protocol
-    from .data.joint import JointDataset, joint_spec, member_rows, open_datasets, protocol_for
+    from .data.joint import JointDataset, joint_spec, open_datasets, protocol_for
     from .engine import evaluate, fit
     from .engine.distributed import is_main
     from .models import create_model
@@ -255,7 +255,7 @@ def train(
             if isinstance(ds, JointDataset):  # each dataset's figures on its own scale
                 best = load_model(out)
                 by_dataset = {m.spec: evaluate(best, m, rows, config) for m, rows in
-                              zip(ds.members, member_rows(ds, chosen.test)) if rows}
+                              zip(ds.members, ds.member_rows(chosen.test)) if rows}
             atomic_write_json(out / "metrics.json", {"best_epoch": result.best_epoch, "val": result.val_metrics,
                                                      "test": test, "test_by_dataset": by_dataset,
                                                      "train_seconds": result.train_seconds, "bad_images": bad})

@@ -75,17 +75,14 @@ class JointDataset(EmotionDataset):
     def offsets(self) -> list[int]:
         return [int(o) for o in np.cumsum([0] + [len(m) for m in self.members[:-1]])]
 
-    def member_rows(self, i: int) -> list[int]:
-        start = self.offsets[i]
-        return list(range(start, start + len(self.members[i])))
+    def member_rows(self, rows: list[int]) -> list[list[int]]:
+        """``rows`` of the joint dataset split by member, as each member's own row numbers."""
+        return [[r - start for r in rows if start <= r < start + len(member)]
+                for member, start in zip(self.members, self.offsets)]
 
     @property
     def spaces(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(s for m in self.members for s in label_spaces(m)))
-
-    @property
-    def has_affect(self) -> bool:
-        return any(m.has_affect for m in self.members)
 
     def targets(self) -> dict[str, np.ndarray]:
         """Every member's space targets over all samples; -1 labels and NaN elsewhere."""
@@ -102,10 +99,8 @@ class JointDataset(EmotionDataset):
     def protocol(self, kind: str, seed: int = 0, k: int = 5) -> Protocol:
         """Each member's protocol as a single-dataset run of it makes it (same seed, same folds), joined."""
         member_folds = [make_protocol(m, kind, seed=seed, k=k, task="emotion").folds for m in self.members]
-        folds = []
-        for parts in zip(*member_folds):
-            shifted = [(f, o) for f, o in zip(parts, self.offsets)]
-            folds.append(Fold(*([r + o for f, o in shifted for r in getattr(f, part)] for part in ("train", "val", "test"))))
+        folds = [Fold(*([r + start for fold, start in zip(parts, self.offsets) for r in getattr(fold, part)]
+                        for part in ("train", "val", "test"))) for parts in zip(*member_folds)]
         return Protocol(kind, seed, folds, self.spec, fingerprint(self), {"task": "joint", "k": k})
 
 
@@ -148,12 +143,3 @@ def joint_spec(model_spec: str, dataset: JointDataset) -> str:
     rated = [s for s in dataset.spaces if is_affect(s)]
     spaces += rated if heads == "per_dataset" else [AFFECT_SPACE] if rated else []
     return ",".join([f"joint:trunk={trunk}", f"spaces={'+'.join(spaces)}", *(f"{k}={v}" for k, v in outer.items())])
-
-
-def member_rows(dataset: JointDataset, rows: list[int]) -> list[list[int]]:
-    """``rows`` of the joint dataset split by member, as each member's own row numbers."""
-    out = []
-    for i, member in enumerate(dataset.members):
-        start = dataset.offsets[i]
-        out.append([r - start for r in rows if start <= r < start + len(member)])
-    return out

@@ -94,13 +94,12 @@ def load_dataset(spec: str) -> EmotionDataset:
 def interleaved_by_class(labels: np.ndarray) -> list[int]:
     """Sample positions taking one image of each class in turn (in file order within a class), so that any
     prefix covers the classes as evenly as it can: the images a ``limit`` keeps."""
-    queues = [list(np.flatnonzero(labels == c)) for c in np.unique(labels)]
-    order = []
-    while any(queues):
-        for queue in queues:
-            if queue:
-                order.append(int(queue.pop(0)))
-    return order
+    labels = np.asarray(labels)
+    rank = np.empty(len(labels), dtype=np.int64)  # each image's place within its class
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        rank[members] = np.arange(len(members))
+    return np.lexsort((labels, rank)).tolist()  # by place, then class
 
 
 # --- shared parsing helpers ---------------------------------------------------------------

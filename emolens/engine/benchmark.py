@@ -12,7 +12,7 @@ import torch
 
 from ..checkpoints import atomic_write_json
 from ..data import EmotionDataset, Protocol
-from ..data.joint import JointDataset, member_rows, protocol_for
+from ..data.joint import JointDataset, protocol_for
 from ..data.transforms import eval_transform
 from ..models import create_model
 from ..weights import library_versions, load_model
@@ -123,7 +123,7 @@ def run_benchmark(dataset: EmotionDataset, specs: list[str], task: str, out_dir:
             best = load_model(run_dir)
             test = evaluate(best, dataset, fold.test, config, cache_dir=cache_dir, progress=progress)
             if isinstance(dataset, JointDataset):  # each dataset's figures, on its own scale
-                for member, rows in zip(dataset.members, member_rows(dataset, fold.test)):
+                for member, rows in zip(dataset.members, dataset.member_rows(fold.test)):
                     test.update({f"{member.kind}.{k}": v for k, v in evaluate(best, member, rows, config,
                                                                               progress=progress).items()})
             test_paths = [dataset.samples[i].path for i in fold.test[:timing_images]]

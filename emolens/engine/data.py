@@ -28,14 +28,14 @@ Targets = dict[str, np.ndarray]
 
 def task_targets_arrays(dataset: EmotionDataset, task: str) -> Targets:
     """Per-sample targets for a task: ``label``, and ``distribution``/``label_prob`` where votes exist."""
-    out: Targets = {}
-    dist = dataset.distributions if dataset.has_distribution else None
     if task == "joint":
         return dataset.targets() if isinstance(dataset, JointDataset) else space_targets(dataset)
     if task == "va":
         if not dataset.has_affect:
             raise ValueError(f"dataset {dataset.kind} has no valence and arousal ratings")
         return {"label": dataset.labels, "affect": dataset.affect}
+    out: Targets = {}
+    dist = dataset.distributions if dataset.has_distribution else None
     if task == "polarity":
         out["label"] = dataset.polarities
         if dist is not None:
