@@ -8,6 +8,7 @@ loads weights from a local file the user gives, or starts random when asked (``w
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -198,6 +199,23 @@ def _is_head_key(key: str) -> bool:
     which HRNetV2 does without)."""
     return key.split(".")[0] in {"classifier", "fc", "head", "last_linear", "incre_modules", "downsamp_modules",
                                  "final_layer"}
+
+
+@contextmanager
+def eval_mode(module: nn.Module):
+    """``module`` in evaluation mode for the block, then back in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def blank_image(network: nn.Module) -> torch.Tensor:
+    """One black image at ``network``'s input size, on its device: to learn its output shapes."""
+    size = network.preprocessing.size
+    return torch.zeros(1, 3, size, size, device=next(network.parameters()).device)
 
 
 def create_backbone(name: str = DEFAULT_BACKBONE, weights: str | Path | None = "imagenet", **kwargs) -> Backbone:

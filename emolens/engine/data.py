@@ -18,6 +18,7 @@ from ..storage import atomic_write_json
 from .placement import Placement
 from ..data.joint import JointDataset, space_targets
 from ..data.samples import EmotionDataset
+from ..backbones import blank_image, eval_mode
 from ..data.transforms import eval_transform
 from ..identity import weights_digest
 from ..images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
@@ -213,13 +214,8 @@ class CachePlan:
 
 def plan_cache(backbone, keys: Sequence[str], meta: dict, folder: Path, shard_size: int = 512) -> CachePlan:
     """The layout of a cache, from one forward pass of a blank image (nothing is written)."""
-    size = backbone.preprocessing.size
-    was_training = backbone.training
-    backbone.eval()
-    device = next(backbone.parameters()).device
-    with torch.inference_mode():
-        out = backbone(torch.zeros(1, 3, size, size, device=device))
-    backbone.train(was_training)
+    with eval_mode(backbone), torch.inference_mode():
+        out = backbone(blank_image(backbone))
     shapes = {}
     for key in keys:
         parts = out[key] if isinstance(out[key], list) else [out[key]]
@@ -266,11 +262,9 @@ def build_cache(plan: CachePlan, backbone, paths: Sequence[Path], batch_size: in
         file = plan.folder / f"{name}.npy"
         arrays[name] = (np.load(file, mmap_mode="r+") if file.is_file() else
                         np.lib.format.open_memmap(file, mode="w+", dtype=np.float16, shape=(plan.meta["count"], *shape)))
-    was_training = backbone.training
-    backbone.eval()
     todo = [k for k in range(plan.shards) if k not in state["done"]]
     shard_rows = {k: range(k * plan.shard_size, min(len(paths), (k + 1) * plan.shard_size)) for k in todo}
-    with Progress(transient=True, disable=not progress) as bar:
+    with eval_mode(backbone), Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task("caching backbone features", total=len(paths),
                             completed=len(paths) - sum(map(len, shard_rows.values())))
         for shard, rows in shard_rows.items():
@@ -292,7 +286,6 @@ def build_cache(plan: CachePlan, backbone, paths: Sequence[Path], batch_size: in
                 array.flush()
             state["done"].append(shard)
             atomic_write_json(plan.folder / "shards.json", state)
-    backbone.train(was_training)
     if len(state["errors"]) == len(paths):
         raise RuntimeError("no image could be read: nothing to cache")
     del arrays

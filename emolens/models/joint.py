@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..backbones import blank_image, eval_mode
 from ..data.joint import AFFECT_SPACE, is_affect, space_sizes
 from ..taxonomy import get_taxonomy
 from .base import EmotionModel
@@ -44,19 +45,10 @@ class JointModel(EmotionModel):
         self.trunk = built
         self.feature_keys, self.extra_keys = built.feature_keys, built.extra_keys
         self.random_crops, self.onnx_unsupported = built.random_crops, built.onnx_unsupported
-        width = self._embedding_width()
+        with eval_mode(self), torch.no_grad():
+            width = self.trunk.head(self.backbone(blank_image(self.backbone)))["embedding"].shape[1]
         self.spaces = names
         self.heads = nn.ModuleDict({s: nn.Linear(width, n) for s, n in space_sizes(names).items()})
-
-    def _embedding_width(self) -> int:
-        was_training = self.trunk.training
-        self.trunk.eval()
-        size = self.backbone.preprocessing.size
-        with torch.no_grad():
-            features = self.backbone(torch.zeros(1, 3, size, size))
-            width = self.trunk.head(features)["embedding"].shape[1]
-        self.trunk.train(was_training)
-        return width
 
     def head(self, features: dict) -> dict[str, torch.Tensor]:
         trunk = self.trunk.head(features)
