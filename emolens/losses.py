@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.joint import is_affect
+from .data.joint import is_affect, rating_output
 from .taxonomy import MIKELS_WHEEL_ORDER, Taxonomy, emotion_distance
 
 Batch = dict[str, torch.Tensor]
@@ -416,7 +416,6 @@ class JointLoss(nn.Module):
                     rows &= torch.isnan(targets[f"{space}.distribution"]).any(1)
                 if rows.any():
                     total = total + F.cross_entropy(outputs[f"{space}.logits"][rows].float(), target[rows])
-            elif is_affect(key) and (~torch.isnan(target)).any():  # the set's own head, else the shared one
-                own = outputs[key] if key in outputs else outputs["affect"]
-                total = total + self.affect({"affect": own}, {"affect": target})
+            elif is_affect(key) and (~torch.isnan(target)).any():
+                total = total + self.affect({"affect": rating_output(outputs, key)}, {"affect": target})
         return total

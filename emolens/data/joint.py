@@ -27,6 +27,17 @@ def is_affect(space: str) -> bool:
     return space == AFFECT_SPACE or space.startswith(AFFECT_SPACE + "@")
 
 
+def serves(model_spaces, space: str) -> bool:
+    """Whether a model with heads for ``model_spaces`` answers ``space``: a rating set through its own head or
+    through the shared ``affect`` one."""
+    return space in model_spaces or (is_affect(space) and AFFECT_SPACE in model_spaces)
+
+
+def rating_output(outputs, space: str):
+    """The output that answers rating set ``space``: its own head's, else the shared ``affect``."""
+    return outputs[space] if space in outputs else outputs[AFFECT_SPACE]
+
+
 def label_spaces(dataset: EmotionDataset) -> tuple[str, ...]:
     """The spaces ``dataset`` labels: its classes (not OASIS's polarity, which is read off its valence), and
     ``affect@<kind>`` where its images are rated."""

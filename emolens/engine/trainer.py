@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import metrics as M
 from ..checkpoints import CheckpointError, load_checkpoint, load_into, save_checkpoint
-from ..data.joint import AFFECT_SPACE, JointDataset, is_affect, label_spaces
+from ..data.joint import JointDataset, is_affect, label_spaces, rating_output, serves
 from ..data.protocols import Fold
 from ..data.samples import EmotionDataset
 from ..data.transforms import eval_transform, train_transform
@@ -111,13 +111,14 @@ class FitResult:
 # --- metrics for a task -------------------------------------------------------------------------
 
 
-def task_metrics(task: str, taxonomy: Taxonomy, targets: Targets, rows: np.ndarray,
-                 probs: np.ndarray | dict[str, np.ndarray], affect_scale: AffectScale | None = None) -> dict[str, float]:
-    """Figures for the predictions of the samples ``rows``: class probabilities ``probs``; for ``va`` the
-    predicted valence and arousal (errors on ``affect_scale``, the dataset's own, when given; ``ccc`` and
-    ``pearson``: the two dimensions' mean); for ``joint`` every space's predictions by name (:func:`joint_metrics`)."""
+def task_metrics(task: str, taxonomy: Taxonomy, targets: Targets, rows: np.ndarray, predicted: dict[str, np.ndarray],
+                 affect_scale: AffectScale | None = None) -> dict[str, float]:
+    """Figures for the predictions of the samples ``rows`` (what :func:`prediction_tensors` names): class
+    probabilities; for ``va`` valence and arousal (errors on ``affect_scale``, the dataset's own, when given;
+    ``ccc`` and ``pearson``: the two dimensions' mean); for ``joint`` every space's (:func:`joint_metrics`)."""
     if task == "joint":
-        return joint_metrics(targets, rows, probs, affect_scale)
+        return joint_metrics(targets, rows, predicted, affect_scale)
+    probs = predicted["values"]
     if task == "va":
         out = M.affect_report(targets["affect"][rows], probs, affect_scale)
         for name in ("ccc", "pearson"):
@@ -159,8 +160,7 @@ def joint_metrics(targets: Targets, rows: np.ndarray, predicted: dict[str, np.nd
         elif is_affect(key):
             rated = ~np.isnan(target[rows]).all(1)
             if rated.any():
-                values = predicted[key] if key in predicted else predicted["affect"]
-                figures = M.affect_report(target[rows][rated], values[rated], affect_scale)
+                figures = M.affect_report(target[rows][rated], rating_output(predicted, key)[rated], affect_scale)
                 prefix = f"{key.partition('@')[2]}_" if several_rating_sets else ""  # oasis_valence_pearson
                 out.update({prefix + name: value for name, value in figures.items()})
     return out
@@ -461,7 +461,7 @@ def evaluate_rows(model: EmotionModel, batches: _Batches, rows: list[int], targe
                   rank: int = 0, world: int = 1) -> tuple[dict[str, float], dict[int, str]]:
     """Metrics (and mean loss) of ``model`` on sample ``rows``, gathered over all ranks."""
     model.eval()
-    seen, probs, losses, errors = [], [], [], {}
+    seen, predictions, losses, errors = [], [], [], {}
     for inputs, idx, errs in batches(rows, False, 0, rank, world):
         errors.update(errs)
         if inputs is None:
@@ -471,16 +471,15 @@ def evaluate_rows(model: EmotionModel, batches: _Batches, rows: list[int], targe
             if loss_fn is not None:
                 losses.append(float(loss_fn(outputs, batches.placement.batch(batch_targets(targets, idx)))) * len(idx))
         seen.append(idx.numpy())
-        probs.append({k: v.float().cpu().numpy() for k, v in prediction_tensors(model.task, outputs).items()})
-    parts = gather((seen, probs, losses, errors))
+        predictions.append({k: v.float().cpu().numpy() for k, v in prediction_tensors(model.task, outputs).items()})
+    parts = gather((seen, predictions, losses, errors))
     seen = np.concatenate([a for p in parts for a in p[0]] or [np.zeros(0, dtype=np.int64)])
-    batches_out = [a for p in parts for a in p[1]]
-    predicted = {k: np.concatenate([b[k] for b in batches_out]) for k in (batches_out[0] if batches_out else {})}
-    probs = predicted if model.task == "joint" else predicted.get("values", np.zeros((0, model.num_classes)))
     errors = {k: v for p in parts for k, v in p[3].items()}
     if len(seen) == 0:
         raise RuntimeError("no usable image to evaluate on")
-    out = task_metrics(model.task, model.taxonomy, targets, seen, probs, batches.affect_scale)
+    batches_out = [b for p in parts for b in p[1]]
+    predicted = {k: np.concatenate([b[k] for b in batches_out]) for k in batches_out[0]}
+    out = task_metrics(model.task, model.taxonomy, targets, seen, predicted, batches.affect_scale)
     if loss_fn is not None:
         out["loss"] = sum(x for p in parts for x in p[2]) / len(seen)
     out["n"] = float(len(seen))
@@ -502,9 +501,7 @@ def check_labels_fit(model: EmotionModel, dataset: EmotionDataset) -> None:
     """Refuse, before any work, to score a model on labels it does not predict (class sets and order)."""
     if model.task == "joint":
         members = dataset.members if isinstance(dataset, JointDataset) else [dataset]
-        served = set(model.spaces) | ({s for m in members for s in label_spaces(m) if is_affect(s)}
-                                      if AFFECT_SPACE in model.spaces else set())
-        unknown = {s for m in members for s in label_spaces(m)} - served
+        unknown = {s for m in members for s in label_spaces(m) if not serves(model.spaces, s)}
         if unknown:
             raise ValueError(f"the model has no head for {', '.join(sorted(unknown))} (its spaces: "
                              f"{', '.join(model.spaces)})")
