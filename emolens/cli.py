@@ -121,16 +121,24 @@ def datasets_info(
             raise typer.Exit(EXIT_SOME_FAILED)
 
 
-def _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience, init=None,
-            init_parts=None, device="auto", precision="fp32", channels_last=False, options=None):
+def train_config(o: dict):
+    """The :class:`TrainConfig` that a training command's options (its ``ctx.params``) describe; an unknown
+    or absent device is an error here, before any work."""
     from .engine import TrainConfig
 
-    parts = tuple(p.strip() for p in init_parts.split(",") if p.strip()) if init_parts else None
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, freeze_backbone=freeze_backbone,
-                         workers=workers, seed=seed, select=select, patience=patience or None, init=init,
-                         init_parts=parts, device=device, precision=precision, channels_last=channels_last,
-                         **(options or {}))
-    config.placement()  # an unknown or absent device is an error before any work
+    def listed(text: str | None, kind):
+        return tuple(kind(x.strip()) for x in text.split(",") if x.strip()) if text else None
+
+    config = TrainConfig(
+        epochs=o["epochs"], batch_size=o["batch_size"], optimizer=o["optimizer"], lr=o["lr"],
+        freeze_backbone=o["freeze_backbone"], workers=o["workers"], seed=o["seed"], select=o["select"],
+        patience=o["patience"] or None, init=o["init"], init_parts=listed(o["init_parts"], str), device=o["device"],
+        precision=o["precision"], channels_last=o["channels_last"], weight_decay=o["weight_decay"],
+        lr_steps=listed(o["lr_steps"], int), step_size=o["lr_step_every"], gamma=o["gamma"],
+        warmup_epochs=o["warmup"], backbone_lr=o["backbone_lr"], accumulate=o["accumulate"],
+        cache_budget=o["cache_budget"], compile_backend="inductor" if o["compile_step"] else None,
+        sync_batchnorm=o["sync_bn"])
+    config.placement()
     return config
 
 
@@ -185,16 +193,9 @@ def with_limit(spec: str, limit: int | None) -> str:
     return f"{spec}{',' if parse_spec(spec)[2] else ':'}limit={limit}"
 
 
-def _training_options(weight_decay, lr_steps, lr_step_every, gamma, warmup, backbone_lr, accumulate, cache_budget,
-                      compile_step, sync_bn) -> dict:
-    steps = tuple(int(x) for x in lr_steps.split(",") if x.strip()) if lr_steps else None
-    return {"weight_decay": weight_decay, "lr_steps": steps, "step_size": lr_step_every, "gamma": gamma,
-            "warmup_epochs": warmup, "backbone_lr": backbone_lr, "accumulate": accumulate, "cache_budget": cache_budget,
-            "compile_backend": "inductor" if compile_step else None, "sync_batchnorm": sync_bn}
-
-
 @app.command()
 def train(
+    ctx: typer.Context,
     model: str = typer.Option(..., help="NAME[:key=value,...], e.g. global:loss=multitask,lambda=0.4"),
     data: list[str] = typer.Option(..., help="KIND=ROOT[:option=value,...]; given twice or more, one model learns "
                                    "every dataset's labels (a joint model: one head per label space)."),
@@ -232,10 +233,7 @@ def train(
 
         torch.manual_seed(seed)  # the head's initial weights are part of what the seed fixes
         net = create_model(model, taxonomy=ds.taxonomy, task=task, backbone=backbone, backbone_weights=weights)
-        config = _config(epochs, batch_size, optimizer, lr, freeze_backbone, workers, seed, select, patience, init, init_parts,
-                         device, precision, channels_last,
-                         _training_options(weight_decay, lr_steps, lr_step_every, gamma, warmup, backbone_lr,
-                                           accumulate, cache_budget, compile_step, sync_bn))
+        config = train_config(ctx.params)
         proto_path = out / "protocol.json"  # written once the model and options are known to be sound
         if resume and proto_path.is_file():
             proto = Protocol.load(proto_path, ds)
@@ -362,12 +360,7 @@ def benchmark(
             if o["retrieval"]:
                 fail("retrieval figures are for one dataset's classes: leave out --retrieval in a joint run")
             specs, o["task"] = [joint_spec(s, ds) for s in specs], "joint"
-        config = _config(o["epochs"], o["batch_size"], o["optimizer"], o["lr"], o["freeze_backbone"], o["workers"],
-                         o["seed"], o["select"], o["patience"], o["init"], o["init_parts"], o["device"], o["precision"],
-                         o["channels_last"],
-                         _training_options(o["weight_decay"], o["lr_steps"], o["lr_step_every"], o["gamma"], o["warmup"],
-                                           o["backbone_lr"], o["accumulate"], o["cache_budget"], o["compile_step"],
-                                           o["sync_bn"]))
+        config = train_config(o)
         weights = None if o["backbone_weights"].lower() == "none" else o["backbone_weights"]
         results = run_benchmark(ds, specs, o["task"], out, o["folds"], o["seed"], config, o["backbone"], weights,
                                 progress=True, log=lambda m: err_console.print(m), retrieval=o["retrieval"],

@@ -340,28 +340,29 @@ def _rated(outputs: Batch, targets: Batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class AffectLoss(nn.Module):
-    """A loss on the predicted valence and arousal (``outputs["affect"]``) against ``targets["affect"]``."""
+    """A loss on the predicted valence and arousal (``outputs["affect"]``) against ``targets["affect"]``:
+    ``criterion`` over the rated values (images without ratings add nothing)."""
+
+    criterion = staticmethod(F.mse_loss)
 
     def __init__(self, taxonomy: Taxonomy | None = None):
         super().__init__()
 
+    def forward(self, outputs: Batch, targets: Batch) -> torch.Tensor:
+        predicted, rated = _rated(outputs, targets)
+        return self.criterion(predicted, rated) if len(rated) else outputs["affect"].sum() * 0
+
 
 @register_loss("mse")
 class AffectMSE(AffectLoss):
-    """Mean squared error of valence and arousal (common scale); images without ratings add nothing."""
-
-    def forward(self, outputs: Batch, targets: Batch) -> torch.Tensor:
-        predicted, rated = _rated(outputs, targets)
-        return F.mse_loss(predicted, rated) if len(rated) else outputs["affect"].sum() * 0
+    """Mean squared error of valence and arousal (common scale)."""
 
 
 @register_loss("l1")
 class AffectL1(AffectLoss):
-    """Mean absolute error of valence and arousal (common scale); images without ratings add nothing."""
+    """Mean absolute error of valence and arousal (common scale)."""
 
-    def forward(self, outputs: Batch, targets: Batch) -> torch.Tensor:
-        predicted, rated = _rated(outputs, targets)
-        return F.l1_loss(predicted, rated) if len(rated) else outputs["affect"].sum() * 0
+    criterion = staticmethod(F.l1_loss)
 
 
 @register_loss("ccc")
