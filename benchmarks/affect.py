@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.linear_model import RidgeCV
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from emolens.backbones import create_backbone
 from emolens.data import Protocol, load_dataset
@@ -39,18 +41,16 @@ def pooled_features(dataset, backbone_name: str, levels: bool = False) -> np.nda
     return np.concatenate(parts)
 
 
-def standardised(features: np.ndarray) -> np.ndarray:
-    """Zero mean, unit variance per column, so concatenated features of different scales share one penalty."""
-    return (features - features.mean(0)) / (features.std(0) + 1e-6)
-
-
 def ridge_folds(dataset, protocol: Protocol, features: np.ndarray) -> list[dict[str, float]]:
-    """Ridge regression per fold: the penalty chosen by leave-one-out on the training and validation part."""
+    """Ridge regression per fold on features standardised with the fold's own training statistics (so that
+    concatenated features share one penalty), the penalty chosen by leave-one-out on the training and
+    validation part."""
     affect = dataset.affect
     out = []
     for fold in protocol.folds:
         fit_rows = fold.train + fold.val
-        model = RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(features[fit_rows], affect[fit_rows])
+        model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13)))
+        model.fit(features[fit_rows], affect[fit_rows])
         out.append(affect_report(affect[fold.test], model.predict(features[fold.test]), dataset.affect_scale))
     return out
 
@@ -80,7 +80,7 @@ def main() -> None:
         names, _, levels = choice.partition("@")
         for name in names.split("+"):
             if (name, bool(levels)) not in cached:
-                cached[name, bool(levels)] = standardised(pooled_features(ds, name, bool(levels)))
+                cached[name, bool(levels)] = pooled_features(ds, name, bool(levels))
         features = np.concatenate([cached[name, bool(levels)] for name in names.split("+")], 1)
         rows.append((f"ridge, frozen {choice} ({features.shape[1]}-d)", summarise(ridge_folds(ds, protocol, features))))
     rows += [(spec, (r["mean"], r["std"])) for spec, r in results["models"].items()]
