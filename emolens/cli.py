@@ -329,7 +329,7 @@ def benchmark(
     accumulate: int = ACCUMULATE, cache_budget: float = CACHE_BUDGET, limit: int = LIMIT,
     compile_step: bool = COMPILE, sync_bn: bool = SYNC_BN,
     retrieval: bool = typer.Option(False, "--retrieval", help="Also score retrieval by embedding (mAP8, mAP2, NN, "
-                                   "FT, ST, DCG, F1, ANMRR)."),
+                                   "FT, ST, DCG, F1, ANMRR); a joint run scores the dataset of its first class space."),
     retrieval_protocol: str = typer.Option("gallery", "--retrieval-protocol", help="gallery (test images query the "
                                            "training images) or loo (each test image queries the other test images)."),
     protocol: str = typer.Option("kfold", help="kfold (--folds) or split (the papers' 80/5/15, one split)."),
@@ -357,8 +357,6 @@ def benchmark(
             specs = with_model_args(specs, dict(pair.partition("=")[::2] for pair in o["model_arg"]))
         ds = open_datasets([with_limit(d, o["limit"]) for d in data])
         if isinstance(ds, JointDataset):
-            if o["retrieval"]:
-                fail("retrieval figures are for one dataset's classes: leave out --retrieval in a joint run")
             specs, o["task"] = [joint_spec(s, ds) for s in specs], "joint"
         config = train_config(o)
         weights = None if o["backbone_weights"].lower() == "none" else o["backbone_weights"]
@@ -417,15 +415,26 @@ def recipe_options(ctx: typer.Context, recipe, options: dict) -> dict:
     return out
 
 
+def has_affect(predictions) -> bool:
+    """Whether the model behind ``predictions`` rates valence and arousal."""
+    return any(p.valence is not None for p in predictions)
+
+
 def prediction_table(predictions, classes: list[str], width: int) -> Table:
     """One row per image with every class's probability where the terminal is wide enough; otherwise the
-    top emotion and the next two, so the table fits (80 columns and up)."""
+    top emotion and the next two, so the table fits (80 columns and up). Valence and arousal (common
+    scale, -1 to 1) follow polarity where the model rates them."""
     table = Table(title=f"emolens: {len(predictions)} image(s)")
     table.add_column("image", overflow="fold", min_width=12)
     table.add_column("emotion", no_wrap=True)
     table.add_column("p", justify="right", no_wrap=True)
     table.add_column("polarity", no_wrap=True)
+    affect = has_affect(predictions)
     fixed = 12 + max(map(len, classes)) + 4 + len("polarity") + 4 * 3 + 1  # the four columns and their borders
+    if affect:
+        table.add_column("valence", justify="right", no_wrap=True)
+        table.add_column("arousal", justify="right", no_wrap=True)
+        fixed += 2 * (len("valence") + 3)
     every_class = width >= fixed + sum(max(len(c), 4) + 3 for c in classes)
     if every_class:
         for c in classes:
@@ -434,6 +443,8 @@ def prediction_table(predictions, classes: list[str], width: int) -> Table:
         table.add_column("then", overflow="fold")
     for p in predictions:
         row = [display_path(p.source), p.emotion, f"{p.probability:.2f}", p.polarity or "-"]
+        if affect:
+            row += [f"{p.valence:+.2f}", f"{p.arousal:+.2f}"]
         if every_class:
             row += [f"{p.distribution[c]:.2f}" for c in classes]
         else:
@@ -478,8 +489,8 @@ def predict(
     device: str = INFER_DEVICE,
     demo: bool = typer.Option(False, "--demo", help="Run on sample photos that scikit-learn ships."),
 ) -> None:
-    """Which emotions each image evokes: top emotion, its probability, polarity and the full distribution.
-    Interrupted (Ctrl-C), it still gives the results of the images it finished."""
+    """Which emotions each image evokes: top emotion, its probability, polarity, the full distribution, and
+    valence and arousal (-1 to 1) where the model rates them. Interrupted (Ctrl-C), it still gives the results of the images it finished."""
     from .images import scan_images
     from .predict import Prediction, PredictionError
 
@@ -534,10 +545,13 @@ def write_predictions(good, bad, classes: list[str], fmt: str, out: Path | None)
         buffer.write("\n")
     elif fmt == "csv":
         writer = csv.writer(buffer)
-        writer.writerow(["source", "emotion", "probability", "polarity", "positive_probability", *classes])
+        affect = has_affect(good)
+        writer.writerow(["source", "emotion", "probability", "polarity", "positive_probability",
+                         *(["valence", "arousal"] if affect else []), *classes])
         for p in good:
             writer.writerow([p.source, p.emotion, f"{p.probability:.4f}", p.polarity or "",
                              "" if p.positive_probability is None else f"{p.positive_probability:.4f}",
+                             *([f"{p.valence:.4f}", f"{p.arousal:.4f}"] if affect else []),
                              *[f"{p.distribution[c]:.4f}" for c in classes]])
     elif out is None:
         console.print(prediction_table(good, classes, console.width))
@@ -589,32 +603,49 @@ def index(
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
+def affect_filter(valence: str | None, arousal: str | None):
+    """``--valence``/``--arousal`` as an :class:`~emolens.retrieval.index.AffectFilter` (exit 2 if unreadable)."""
+    from .retrieval.index import AffectFilter, AffectRange
+
+    try:
+        return AffectFilter(*(None if text is None else AffectRange.parse(text) for text in (valence, arousal)))
+    except ValueError as e:
+        fail(str(e))
+
+
 @app.command()
 def search(
     query: str = typer.Argument(None, help="An image: find the indexed images that feel most like it."),
     db: Path = typer.Option(..., help="Index folder made by `emolens index`."),
     emotion: str = typer.Option(None, help="Instead of an image: the images most likely to evoke this emotion."),
+    valence: str = typer.Option(None, help="Keep to images whose valence lies in LOW:HIGH (common scale, -1 "
+                                "unpleasant to 1 pleasant; e.g. 0.5:1). Alone: the images nearest the range's centre."),
+    arousal: str = typer.Option(None, help="Keep to images whose arousal lies in LOW:HIGH (-1 calm to 1 excited)."),
     k: int = typer.Option(10, "-k", help="How many results."),
     model: str = typer.Option(None, help="The model the index was built with (default: the embedded model)."),
     fmt: str = typer.Option("table", "--format", help="table or json."),
 ) -> None:
-    """Affective search: by example image, or by emotion."""
+    """Affective search: by example image, by emotion, or by valence and arousal; ranges narrow any of them."""
     import json
 
     from .retrieval.index import AffectiveIndex, AffectiveIndexError
 
-    if (query is None) == (emotion is None):
-        fail("give a query image or --emotion (one of them)")
+    within = affect_filter(valence, arousal)
+    if query is not None and emotion is not None or not (query or emotion or within):
+        fail("give a query image or --emotion (one of them), or --valence/--arousal ranges")
     if k < 1:
         fail(f"-k must be at least 1, got {k}")
+    ranges = ", ".join(f"{name} {r.low:g} to {r.high:g}" for name, r in within.ranges())
     try:
         store = AffectiveIndex(db)
         if emotion is not None:
-            hits, title = store.search_emotion(emotion, k), f"images most likely to evoke {emotion}"
-        else:
+            hits, title = store.search_emotion(emotion, k, within), f"images most likely to evoke {emotion}"
+        elif query is not None:
             predictor = open_predictor(model, keep=("embedding",))
-            found, hits = store.search_image(query, predictor, k)
+            found, hits = store.search_image(query, predictor, k, within)
             title = f"feels like {query} ({found.emotion} {found.probability:.2f})"
+        else:
+            hits, title = store.search_affect(within, k), "images nearest the centre of the ranges (score: distance)"
     except ImageLoadError as e:
         fail(f"{e.path}: {e.reason}")
     except (AffectiveIndexError, KeyError) as e:
@@ -624,12 +655,13 @@ def search(
     if fmt == "json":
         print(json.dumps({"hits": [h.__dict__ for h in hits]}, indent=2))
         return
-    table = Table(title=title)
-    for column in ("rank", "image", "score", "emotion", "p", "polarity"):
+    affect = any(h.valence is not None for h in hits)
+    table = Table(title=title + (f"; {ranges}" if ranges else ""))
+    for column in ("rank", "image", "score", "emotion", "p", "polarity", *(("valence", "arousal") if affect else ())):
         table.add_column(column, overflow="fold" if column == "image" else "ellipsis")
     for rank, h in enumerate(hits, 1):
         table.add_row(str(rank), display_path(h.path), f"{h.score:.3f}", h.emotion, f"{h.probability:.2f}",
-                      h.polarity or "-")
+                      h.polarity or "-", *((f"{h.valence:+.2f}", f"{h.arousal:+.2f}") if affect else ()))
     console.print(table)
 
 

@@ -295,7 +295,8 @@ DEFAULT_LOSS = {"emotion": "ce", "polarity": "ce", "distribution": "kl", "va": "
 
 #: Spec keys that configure the loss rather than the model (``lambda`` is a Python keyword).
 LOSS_ARGUMENTS = {"lambda": "lambda_", "label_smoothing": "label_smoothing", "default_label_prob": "default_label_prob",
-                  "margin": "margin", "scale": "scale", "balanced": "balanced", "affect_loss": "affect"}
+                  "margin": "margin", "scale": "scale", "balanced": "balanced", "affect_loss": "affect",
+                  "affect_weight": "affect_weight"}
 
 
 class PerMember(nn.Module):
@@ -394,13 +395,17 @@ class JointLoss(nn.Module):
     """The sum, over the label spaces a batch carries, of each space's loss on the images labelled in it:
     KL divergence on a space's vote distributions, cross-entropy on its labels where an image has no
     distribution, and ``affect`` (mse, l1 or ccc) on each rating set's valence and arousal, through its own
-    head where the model has one. A space no image of the batch is labelled in adds nothing."""
+    head where the model has one, times ``affect_weight`` (an MSE on the [-1, 1] scale is a tenth of a KL
+    divergence's size). A space no image of the batch is labelled in adds nothing."""
 
-    def __init__(self, taxonomy: Taxonomy | None = None, affect: str = "mse"):
+    def __init__(self, taxonomy: Taxonomy | None = None, affect: str = "mse", affect_weight: float = 1.0):
         super().__init__()
         if affect not in ("mse", "l1", "ccc"):
             raise ValueError(f"affect loss must be mse, l1 or ccc, got {affect!r}")
+        if not float(affect_weight) >= 0:
+            raise ValueError(f"affect_weight must be 0 or more, got {affect_weight!r}")
         self.affect = LOSSES[affect](taxonomy)
+        self.affect_weight = float(affect_weight)
 
     def forward(self, outputs: Batch, targets: Batch) -> torch.Tensor:
         total = outputs["logits"].sum() * 0
@@ -418,5 +423,6 @@ class JointLoss(nn.Module):
                 if rows.any():
                     total = total + F.cross_entropy(outputs[f"{space}.logits"][rows].float(), target[rows])
             elif is_affect(key) and (~torch.isnan(target)).any():
-                total = total + self.affect({"affect": rating_output(outputs, key)}, {"affect": target})
+                total = total + self.affect_weight * self.affect({"affect": rating_output(outputs, key)},
+                                                                 {"affect": target})
         return total

@@ -39,7 +39,8 @@ def polarity_of(positive_probability: float | None) -> str | None:
 
 @dataclass
 class Prediction:
-    """What one image evokes: the top class, its polarity, and the full distribution."""
+    """What one image evokes: the top class, its polarity, the full distribution, and where the model
+    rates them, valence and arousal on the common scale [-1, 1] (see :class:`~emolens.taxonomy.AffectScale`)."""
 
     source: str
     emotion: str
@@ -47,6 +48,8 @@ class Prediction:
     polarity: str | None  # polarity_of(positive_probability): the two never disagree
     positive_probability: float | None  # the positive share of the distribution over polar classes
     distribution: dict[str, float]
+    valence: float | None = None  # None: the model has no valence/arousal head
+    arousal: float | None = None
     #: Other per-image model outputs the predictor was asked to keep (``keep=("embedding",)``).
     outputs: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
@@ -78,6 +81,8 @@ class TorchRunner:
         self.taxonomy: Taxonomy = model.taxonomy
         self.preprocessing: Preprocessing = model.preprocessing
         self.identity = model_identity(model)
+        size = self.preprocessing.size
+        self.outputs = list(self(np.zeros((1, 3, size, size), np.float32)))  # named as an ONNX export names them
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         import torch
@@ -150,6 +155,8 @@ class Predictor:
                              "`emolens evaluate`")
         self.preprocessing: Preprocessing = self.runner.preprocessing
         self.identity: ModelIdentity = self.runner.identity
+        #: Whether the model rates valence and arousal (predictions then carry them).
+        self.rates_affect = "affect" in self.runner.outputs
         self.batch_size = batch_size
         self.workers = default_workers() if workers is None else workers
         self.max_pixels = max_pixels
@@ -169,18 +176,21 @@ class Predictor:
         except ImageLoadError as e:
             return e
 
-    def _results(self, sources: Sequence[str], logits: np.ndarray) -> list[Prediction]:
+    def _results(self, sources: Sequence[str], outputs: dict[str, np.ndarray]) -> list[Prediction]:
         tax = self.taxonomy
+        logits = outputs["logits"]
+        # A head is free to step outside the common scale; what a user reads stays on it.
+        affect = np.clip(outputs["affect"], -1.0, 1.0).tolist() if "affect" in outputs else [(None, None)] * len(logits)
         shifted = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
         probs = shifted / shifted.sum(axis=1, keepdims=True)
         polar = tax.polarity_distribution(probs)[:, 1]
         out = []
-        for src, p, pos in zip(sources, probs.tolist(), polar.tolist()):
+        for src, p, pos, (valence, arousal) in zip(sources, probs.tolist(), polar.tolist(), affect):
             top = max(range(len(p)), key=p.__getitem__)
             positive = None if pos != pos else pos  # NaN: no polar mass at all
             out.append(Prediction(source=src, emotion=tax.classes[top], probability=p[top],
                                   polarity=polarity_of(positive), positive_probability=positive,
-                                  distribution=dict(zip(tax.classes, p))))
+                                  distribution=dict(zip(tax.classes, p)), valence=valence, arousal=arousal))
         return out
 
     def _batch_results(self, names: list[str], decoded: list) -> list[Prediction | PredictionError]:
@@ -192,7 +202,7 @@ class Predictor:
             missing = [k for k in self.keep if k not in outputs]
             if missing:
                 raise KeyError(f"the model has no output {', '.join(missing)}")
-            for row, (i, pred) in enumerate(zip(good, self._results([names[i] for i in good], outputs["logits"]))):
+            for row, (i, pred) in enumerate(zip(good, self._results([names[i] for i in good], outputs))):
                 pred.outputs = {k: outputs[k][row] for k in self.keep}
                 results[i] = pred
         return results

@@ -160,7 +160,7 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
                limits: Limits = Limits(), allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS, device: str = "cpu"):
     """The app; ``model`` as for :class:`Predictor`, ``db`` an index folder made by ``emolens index``;
     requests whose ``Host`` is not one of ``allowed_hosts`` are refused (``"*"`` allows any)."""
-    from .retrieval.index import AffectiveIndex
+    from .retrieval.index import AffectFilter, AffectiveIndex, AffectiveIndexError, AffectRange
 
     predictor = Predictor(model, keep=("embedding",), max_pixels=limits.max_pixels, device=device)
     batcher = PredictBatcher(predictor, max_queued=limits.max_queued_images)
@@ -250,6 +250,7 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
     async def models() -> dict:
         tax = predictor.taxonomy
         return {"taxonomy": tax.name, "classes": tax.classes, "polarity": tax.polarity, "backend": predictor.backend,
+                "affect": predictor.rates_affect,
                 "preprocessing": asdict(predictor.preprocessing)}
 
     @app.post("/api/predict")
@@ -269,22 +270,43 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
             raise HTTPException(404, "no index loaded (start the server with --db)")
         return index
 
+    def ranges(valence: str | None, arousal: str | None) -> AffectFilter:
+        try:
+            return AffectFilter(*(None if t is None else AffectRange.parse(t) for t in (valence, arousal)))
+        except ValueError as e:
+            raise HTTPException(400, str(e))
+
+    RANGE = "LOW:HIGH on the common scale [-1, 1]: keep to images in it"
+
     @app.post("/api/search")
-    async def search_image(file: UploadFile = File(...), k: int = Query(12, ge=1, le=200)) -> dict:
-        store = require_index()
+    async def search_image(file: UploadFile = File(...), k: int = Query(12, ge=1, le=200),
+                           valence: str | None = Query(None, description=RANGE),
+                           arousal: str | None = Query(None, description=RANGE)) -> dict:
+        """The indexed images that feel most like the uploaded one (within the valence/arousal ranges)."""
+        store, within = require_index(), ranges(valence, arousal)
         (array, _), = await read_images([file])
         query, = await batcher.predict([array])
-        hits = store.search_vector(query.outputs["embedding"], k)  # index calls stay on the event loop: one at a time
+        try:  # index calls stay on the event loop: one at a time
+            hits = store.search_vector(query.outputs["embedding"], k, within=within)
+        except AffectiveIndexError as e:
+            raise HTTPException(400, str(e))
         return {"query": _prediction(query), "hits": [_hit(h) for h in hits]}
 
     @app.get("/api/search")
-    async def search_emotion(emotion: str = Query(...), k: int = Query(12, ge=1, le=200)) -> dict:
-        store = require_index()
+    async def search_emotion(emotion: str | None = Query(None), k: int = Query(12, ge=1, le=200),
+                             valence: str | None = Query(None, description=RANGE),
+                             arousal: str | None = Query(None, description=RANGE)) -> dict:
+        """The images most likely to evoke ``emotion``; or, with ranges alone, those nearest the ranges' centre."""
+        store, within = require_index(), ranges(valence, arousal)
+        if emotion is None and not within:
+            raise HTTPException(400, "give an emotion, or valence/arousal ranges")
         try:
-            hits = store.search_emotion(emotion, k)
+            hits = store.search_emotion(emotion, k, within) if emotion is not None else store.search_affect(within, k)
         except KeyError as e:
             raise HTTPException(400, str(e.args[0]))
-        return {"emotion": emotion, "hits": [_hit(h) for h in hits]}
+        except AffectiveIndexError as e:
+            raise HTTPException(400, str(e))
+        return {"emotion": emotion, "valence": valence, "arousal": arousal, "hits": [_hit(h) for h in hits]}
 
     @app.get("/api/images/{image_id}")
     async def image(image_id: int):
@@ -401,4 +423,4 @@ def overlay_data_url(explanation) -> str:
 def _hit(h) -> dict:
     return {"id": h.id, "url": f"/api/images/{h.id}", "name": Path(h.path).name, "score": h.score,
             "emotion": h.emotion, "probability": h.probability, "polarity": h.polarity,
-            "distribution": h.distribution}
+            "distribution": h.distribution, "valence": h.valence, "arousal": h.arousal}

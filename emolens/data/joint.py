@@ -135,7 +135,8 @@ def protocol_for(dataset: EmotionDataset, kind: str, seed: int = 0, k: int = 5, 
 def joint_spec(model_spec: str, dataset: JointDataset) -> str:
     """``model_spec`` as the trunk of a joint model with a head for each of ``dataset``'s label spaces (a
     ``joint`` spec passes unchanged); a trunk's own arguments ride after ``/``. ``affect_heads=per_dataset``
-    in the spec gives each rated dataset its own valence/arousal head instead of one shared ``affect``."""
+    in the spec gives each rated dataset its own valence/arousal head instead of one shared ``affect``;
+    ``embed``, ``affect_loss`` and ``affect_weight`` are the joint model's and its loss's, not the trunk's."""
     from ..models.registry import parse_model_spec
 
     name, args = parse_model_spec(model_spec)
@@ -148,7 +149,7 @@ def joint_spec(model_spec: str, dataset: JointDataset) -> str:
     heads = args.pop("affect_heads", "shared")
     if heads not in AFFECT_HEADS:
         raise ValueError(f"affect_heads must be {' or '.join(AFFECT_HEADS)}, got {heads!r}")
-    outer = {k: args.pop(k) for k in ("affect_loss",) if k in args}
+    outer = {k: args.pop(k) for k in ("affect_loss", "affect_weight", "embed") if k in args}
     trunk = "/".join([name, *(f"{k}={v}" for k, v in args.items())])
     spaces = [s for s in dataset.spaces if not is_affect(s)]
     rated = [s for s in dataset.spaces if is_affect(s)]

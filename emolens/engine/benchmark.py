@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..checkpoints import atomic_write_json
-from ..data import EmotionDataset, Protocol
+from ..data import EmotionDataset, Fold, Protocol
 from ..data.joint import JointDataset, protocol_for
 from ..data.transforms import eval_transform
 from ..models import create_model
@@ -25,7 +25,8 @@ HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "positive_recall", "kl"
             "valence_pearson", "valence_ccc", "valence_mae", "arousal_pearson", "arousal_ccc", "arousal_mae")
 RETRIEVAL_HEADLINE = ("map8", "map2", "nn", "ft", "st", "dcg", "f1", "anmrr")
 #: Per-dataset figures of a joint model, each as ``<dataset kind>.<space>_<figure>`` or ``<kind>.<figure>``.
-JOINT_HEADLINE = ("accuracy", "macro_f1", "kl", "valence_pearson", "valence_ccc", "arousal_pearson", "arousal_ccc")
+JOINT_HEADLINE = ("accuracy", "macro_f1", "kl", "valence_pearson", "valence_ccc", "arousal_pearson", "arousal_ccc",
+                  "map8", "map2")
 
 
 def headline_columns(figures: dict) -> list[str]:
@@ -62,13 +63,14 @@ def summarise(fold_metrics: list[dict[str, float]]) -> tuple[dict[str, float], d
 RETRIEVAL_PROTOCOLS = ("gallery", "loo")
 
 
-def retrieval_figures(model, dataset: EmotionDataset, fold, config: TrainConfig, cache_dir: Path,
+def retrieval_figures(model, dataset: EmotionDataset, fold, config: TrainConfig, cache_dir: Path | None,
                       progress: bool, protocol: str = "gallery") -> dict[str, float]:
     """Paper 002's protocols: ``gallery``, the test images query the training images; ``loo`` (small
-    sets), each test image queries the other test images."""
+    sets), each test image queries the other test images. Relevance is the same class of ``model``'s
+    taxonomy (a joint model: of the first class space, ``dataset`` being a member labelled in it)."""
     if protocol not in RETRIEVAL_PROTOCOLS:
         raise ValueError(f"unknown retrieval protocol {protocol!r}; use {' or '.join(RETRIEVAL_PROTOCOLS)}")
-    labels = task_targets_arrays(dataset, model.task)["label"]
+    labels = dataset.labels if model.task == "joint" else task_targets_arrays(dataset, model.task)["label"]
     if protocol == "loo":
         ((query_rows, queries),) = embed(model, dataset, [fold.test], config, cache_dir, progress)
         figures = evaluate_retrieval(queries, labels[query_rows], None, None, model.taxonomy.polarity)
@@ -79,6 +81,14 @@ def retrieval_figures(model, dataset: EmotionDataset, fold, config: TrainConfig,
     figures = evaluate_retrieval(queries, labels[query_rows], gallery, labels[gallery_rows], model.taxonomy.polarity)
     figures.pop("queries")
     return figures
+
+
+def retrieval_member(dataset: JointDataset, fold: Fold, taxonomy) -> tuple[EmotionDataset, Fold]:
+    """The first member labelled in ``taxonomy`` (a joint model's own class space) and ``fold`` in its rows."""
+    for member, *parts in zip(dataset.members, *(dataset.member_rows(getattr(fold, p)) for p in ("train", "val", "test"))):
+        if member.taxonomy is taxonomy:
+            return member, Fold(*parts)
+    raise ValueError(f"no dataset of this joint run is labelled in {taxonomy.name}")
 
 
 def run_benchmark(dataset: EmotionDataset, specs: list[str], task: str, out_dir: str | Path, folds: int = 5,
@@ -127,7 +137,11 @@ def run_benchmark(dataset: EmotionDataset, specs: list[str], task: str, out_dir:
                     test.update({f"{member.kind}.{k}": v for k, v in evaluate(best, member, rows, config,
                                                                               progress=progress).items()})
             test_paths = [dataset.samples[i].path for i in fold.test[:timing_images]]
-            if retrieval:
+            if retrieval and isinstance(dataset, JointDataset):
+                member, member_fold = retrieval_member(dataset, fold, best.taxonomy)
+                test.update({f"{member.kind}.{k}": v for k, v in retrieval_figures(
+                    best, member, member_fold, config, None, progress, retrieval_protocol).items()})
+            elif retrieval:
                 test.update(retrieval_figures(best, dataset, fold, config, cache_dir, progress, retrieval_protocol))
             test["infer_ms_per_image"] = inference_ms_per_image(best, test_paths, config.batch_size, config.workers)
             test["train_seconds"] = result.train_seconds

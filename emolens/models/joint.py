@@ -1,6 +1,7 @@
 """``joint``: one trunk (any registered model), one head per label space, trained on several datasets.
 
-The trunk's ``embedding`` feeds a linear head per space: ``<space>.logits`` for a taxonomy's classes
+The trunk's ``embedding`` (or, with ``embed=N``, a learned N-wide layer on it that every space trains: an
+embedding that knows feelings, not only objects) feeds a linear head per space: ``<space>.logits`` for a taxonomy's classes
 (``mikels``, ``emotion6``, ``polarity``) and ``affect`` (valence and arousal, common scale). The first class
 space is the model's own: its outputs are also ``logits`` and ``distribution``, so predict, index and the
 server read a joint model as any other.
@@ -23,11 +24,12 @@ class JointModel(EmotionModel):
     """Arguments: ``trunk`` (a registered model's name; its arguments after ``/``, e.g. ``maiafa/width=32``)
     and ``spaces`` (``+``-separated, e.g. ``mikels+emotion6+affect``, or ``affect@oasis+affect@emotion6`` for a
     valence/arousal head per rating set, the first of them giving ``affect``; the first class space is the
-    model's own)."""
+    model's own); ``embed`` (0: none), the width of a shared layer between the trunk and the heads, whose
+    output is the model's ``embedding``."""
 
     default_loss = "joint"
 
-    def __init__(self, *args, trunk: str = "global", spaces: str = "mikels+affect", **kwargs):
+    def __init__(self, *args, trunk: str = "global", spaces: str = "mikels+affect", embed: int = 0, **kwargs):
         kwargs.pop("taxonomy", None)  # the spaces name the model's classes
         kwargs.pop("task", None)  # always every space's task
         names = [s for s in str(spaces).split("+") if s]
@@ -48,11 +50,16 @@ class JointModel(EmotionModel):
         with eval_mode(self), torch.no_grad():
             width = self.trunk.head(self.backbone(blank_image(self.backbone)))["embedding"].shape[1]
         self.spaces = names
+        embed = int(embed)
+        if embed < 0:
+            raise ValueError(f"embed must be 0 (none) or a width, got {embed}")
+        self.shared = nn.Sequential(nn.Linear(width, embed), nn.GELU(), nn.Dropout(0.2)) if embed else nn.Identity()
+        width = embed or width
         self.heads = nn.ModuleDict({s: nn.Linear(width, n) for s, n in space_sizes(names).items()})
 
     def head(self, features: dict) -> dict[str, torch.Tensor]:
         trunk = self.trunk.head(features)
-        embedding = trunk["embedding"]
+        embedding = self.shared(trunk["embedding"])
         out = {k: v for k, v in trunk.items() if k not in ("logits", "distribution")}
         for space, layer in self.heads.items():
             out[space if is_affect(space) else f"{space}.logits"] = layer(embedding)

@@ -1,7 +1,7 @@
 """A persistent affective image index: SQLite holds the truth, FAISS the fast copy.
 
 ``INDEX_DIR/index.sqlite`` keeps one row per image (path, size, mtime, predicted emotion,
-polarity, distribution, the L2-normalised embedding) plus the model that made them; every batch
+polarity, distribution, valence and arousal where the model rates them, the L2-normalised embedding) plus the model that made them; every batch
 is one transaction, so a killed ``index`` run loses at most the batch in flight and a re-run skips
 what is done. ``INDEX_DIR/vectors.faiss`` is rebuilt from SQLite whenever the rows changed (written
 to a temporary file and renamed): exact inner-product search below ``APPROXIMATE_FROM`` images;
@@ -48,7 +48,9 @@ CREATE TABLE IF NOT EXISTS images (
     distribution TEXT NOT NULL,
     embedding BLOB NOT NULL,
     device INTEGER,
-    inode INTEGER
+    inode INTEGER,
+    valence REAL,
+    arousal REAL
 );
 CREATE TABLE IF NOT EXISTS scores (
     image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
@@ -74,6 +76,52 @@ class Hit:
     probability: float
     polarity: str | None
     distribution: dict[str, float]
+    valence: float | None = None
+    arousal: float | None = None
+
+
+@dataclass(frozen=True)
+class AffectRange:
+    """A closed interval of valence or arousal on the common scale [-1, 1]; ``parse("0.2:1")``."""
+
+    low: float
+    high: float
+
+    def __post_init__(self):
+        if not -1 <= self.low <= self.high <= 1:
+            raise ValueError(f"a range must lie in [-1, 1] with low <= high, got {self.low}:{self.high}")
+
+    @classmethod
+    def parse(cls, text: str) -> "AffectRange":
+        low, sep, high = text.partition(":")
+        try:
+            return cls(float(low) if low.strip() else -1.0, float(high) if high.strip() else 1.0) if sep else cls(
+                *(2 * [float(text)]))
+        except ValueError as e:
+            raise ValueError(f"cannot read {text!r} as a range LOW:HIGH on [-1, 1] ({e})") from None
+
+    @property
+    def centre(self) -> float:
+        return (self.low + self.high) / 2
+
+
+@dataclass(frozen=True)
+class AffectFilter:
+    """Valence and/or arousal ranges a search keeps to (``None``: that dimension is free)."""
+
+    valence: AffectRange | None = None
+    arousal: AffectRange | None = None
+
+    def __bool__(self) -> bool:
+        return self.valence is not None or self.arousal is not None
+
+    def ranges(self) -> list[tuple[str, AffectRange]]:
+        return [(name, r) for name, r in (("valence", self.valence), ("arousal", self.arousal)) if r is not None]
+
+    def where(self, table: str = "images") -> tuple[str, list[float]]:
+        """An SQL condition on ``table``'s rows and its parameters."""
+        clauses = [f"{table}.{name} BETWEEN ? AND ?" for name, _ in self.ranges()]
+        return " AND ".join(clauses) or "1", [v for _, r in self.ranges() for v in (r.low, r.high)]
 
 
 @dataclass
@@ -109,9 +157,10 @@ class AffectiveIndex:
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.executescript(SCHEMA)
             columns = {row[1] for row in self.db.execute("PRAGMA table_info(images)")}
-            for column in ("device", "inode"):  # indexes made before files were identified by them
+            # Indexes made before files were identified by inode, or before models rated valence and arousal.
+            for column, kind in (("device", "INTEGER"), ("inode", "INTEGER"), ("valence", "REAL"), ("arousal", "REAL")):
                 if column not in columns:
-                    self.db.execute(f"ALTER TABLE images ADD COLUMN {column} INTEGER")
+                    self.db.execute(f"ALTER TABLE images ADD COLUMN {column} {kind}")
         except sqlite3.OperationalError as e:  # locked, read-only, unopenable
             raise AffectiveIndexError(f"{self.db_path}: cannot open the index ({e})") from e
         except sqlite3.DatabaseError as e:
@@ -220,9 +269,9 @@ class AffectiveIndex:
         self.db.execute("DELETE FROM failures WHERE path = ?", (_to_db(p.source),))
         cur = self.db.execute(
             "INSERT INTO images (path, size, mtime_ns, emotion, probability, polarity, distribution, embedding, "
-            "device, inode) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "device, inode, valence, arousal) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (_to_db(p.source), stamp[0], stamp[1], p.emotion, p.probability, p.polarity, json.dumps(p.distribution),
-             vector.tobytes(), *inode))
+             vector.tobytes(), *inode, p.valence, p.arousal))
         self.db.executemany("INSERT INTO scores VALUES (?, ?, ?)",
                             [(cur.lastrowid, c, v) for c, v in p.distribution.items()])
 
@@ -289,42 +338,90 @@ class AffectiveIndex:
     def _hits(self, ids: Iterable[int], scores: Iterable[float]) -> list[Hit]:
         hits = []
         for i, score in zip(ids, scores):
-            row = self.db.execute("SELECT id, path, emotion, probability, polarity, distribution FROM images WHERE id = ?",
-                                  (int(i),)).fetchone()
+            row = self.db.execute("SELECT id, path, emotion, probability, polarity, distribution, valence, arousal "
+                                  "FROM images WHERE id = ?", (int(i),)).fetchone()
             if row:
-                hits.append(Hit(row[0], _from_db(row[1]), float(score), row[2], row[3], row[4], json.loads(row[5])))
+                hits.append(Hit(row[0], _from_db(row[1]), float(score), row[2], row[3], row[4], json.loads(row[5]),
+                                row[6], row[7]))
         return hits
 
-    def search_vector(self, vector: np.ndarray, k: int = 10, exclude_path: str | None = None) -> list[Hit]:
-        """The ``k`` images whose embeddings are closest (inner product of unit vectors) to ``vector``."""
+    def _check_filter(self, within: AffectFilter) -> None:
+        if within and self.db.execute("SELECT 1 FROM images WHERE valence IS NOT NULL LIMIT 1").fetchone() is None \
+                and len(self):
+            raise AffectiveIndexError(f"{self.folder} was built with a model that does not rate valence and arousal; "
+                                      "search it without valence/arousal ranges")
+
+    def _within(self, ids: Sequence[int], within: AffectFilter) -> set[int]:
+        """Which of ``ids`` lie in the ranges."""
+        condition, params = within.where()
+        found: set[int] = set()
+        for s in range(0, len(ids), 500):  # SQLite caps the parameters of one statement
+            chunk = [int(i) for i in ids[s:s + 500]]
+            found |= {r[0] for r in self.db.execute(
+                f"SELECT id FROM images WHERE id IN ({','.join('?' * len(chunk))}) AND {condition}",
+                [*chunk, *params])}
+        return found
+
+    def search_vector(self, vector: np.ndarray, k: int = 10, exclude_path: str | None = None,
+                      within: AffectFilter = AffectFilter()) -> list[Hit]:
+        """The ``k`` images whose embeddings are closest (inner product of unit vectors) to ``vector``; with
+        ``within``, the closest of those in its valence/arousal ranges (the shortlist widens until k are)."""
+        self._check_filter(within)
         if len(self) == 0:
             return []
         vector = np.asarray(vector, dtype=np.float32).reshape(1, -1)
         vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
         index = self._vectors_index()
-        extra = 1 if exclude_path else 0
-        scores, ids = index.search(vector, min(k + extra, len(self)))
-        hits = [h for h in self._hits([i for i in ids[0] if i >= 0], scores[0]) if h.path != exclude_path]
+        want = k + (1 if exclude_path else 0)
+        shortlist = want * (4 if within else 1)
+        while True:
+            scores, ids = index.search(vector, min(shortlist, len(self)))
+            found = [(i, sc) for i, sc in zip(ids[0], scores[0]) if i >= 0]
+            if within:
+                kept = self._within([i for i, _ in found], within)
+                found = [(i, sc) for i, sc in found if i in kept]
+            if len(found) >= want or shortlist >= len(self):
+                break
+            shortlist *= 4
+        hits = [h for h in self._hits([i for i, _ in found], [sc for _, sc in found]) if h.path != exclude_path]
         return hits[:k]
 
-    def search_image(self, image: str | os.PathLike, predictor: Predictor, k: int = 10) -> tuple[Prediction, list[Hit]]:
+    def search_image(self, image: str | os.PathLike, predictor: Predictor, k: int = 10,
+                     within: AffectFilter = AffectFilter()) -> tuple[Prediction, list[Hit]]:
         """The query's own prediction and the ``k`` images that feel most like it (itself left out)."""
         self.check_model(predictor)
+        self._check_filter(within)
         good, bad = predictor.predict([image])
         if bad:
             raise ImageLoadError(bad[0].source, bad[0].reason)
         query = good[0]
         path = str(Path(image).resolve()) if isinstance(image, (str, os.PathLike)) else None
-        return query, self.search_vector(query.outputs["embedding"], k, exclude_path=path)
+        return query, self.search_vector(query.outputs["embedding"], k, exclude_path=path, within=within)
 
-    def search_emotion(self, emotion: str, k: int = 10) -> list[Hit]:
-        """The ``k`` images most likely to evoke ``emotion`` (by predicted probability)."""
+    def search_emotion(self, emotion: str, k: int = 10, within: AffectFilter = AffectFilter()) -> list[Hit]:
+        """The ``k`` images most likely to evoke ``emotion`` (by predicted probability), within the ranges."""
+        self._check_filter(within)
         classes = {c.lower(): c for c in self.classes}
         if emotion.lower() not in classes:
             raise KeyError(f"{emotion!r} is not an emotion of this index ({', '.join(self.classes)})")
-        rows = self.db.execute("SELECT image_id, probability FROM scores WHERE emotion = ? ORDER BY probability DESC, "
-                               "image_id LIMIT ?", (classes[emotion.lower()], k)).fetchall()
+        condition, params = within.where()
+        rows = self.db.execute(
+            f"SELECT scores.image_id, scores.probability FROM scores JOIN images ON images.id = scores.image_id "
+            f"WHERE scores.emotion = ? AND {condition} ORDER BY scores.probability DESC, scores.image_id LIMIT ?",
+            (classes[emotion.lower()], *params, k)).fetchall()
         return self._hits([r[0] for r in rows], [r[1] for r in rows])
+
+    def search_affect(self, within: AffectFilter, k: int = 10) -> list[Hit]:
+        """The ``k`` images in the valence/arousal ranges nearest their centre; the score is that distance."""
+        if not within:
+            raise ValueError("give a valence or an arousal range")
+        self._check_filter(within)
+        condition, params = within.where()
+        distance = " + ".join(f"({name} - ?) * ({name} - ?)" for name, _ in within.ranges())
+        centres = [v for _, r in within.ranges() for v in (r.centre, r.centre)]
+        rows = self.db.execute(f"SELECT id, {distance} AS d FROM images WHERE {condition} ORDER BY d, id LIMIT ?",
+                               (*centres, *params, k)).fetchall()
+        return self._hits([r[0] for r in rows], [float(np.sqrt(r[1])) for r in rows])
 
     def image_path(self, image_id: int) -> str | None:
         row = self.image_row(image_id)

@@ -24,6 +24,40 @@ function bars(distribution) {
   return box;
 }
 
+// The valence-arousal plane (common scale, -1 to 1 on both axes) as an SVG; points are [valence, arousal].
+// Made from markup: the HTML parser puts <svg> in its namespace.
+function plane(points, onPick) {
+  const size = 180, pad = 16, span = size - 2 * pad, mid = size / 2;
+  const at = (v) => (pad + (v + 1) / 2 * span).toFixed(1);
+  const holder = document.createElement("div");
+  holder.innerHTML = `<svg viewBox="0 0 ${size} ${size}" class="plane" role="img">
+    <rect x="${pad}" y="${pad}" width="${span}" height="${span}" class="frame"></rect>
+    <line x1="${pad}" y1="${mid}" x2="${size - pad}" y2="${mid}" class="axis"></line>
+    <line x1="${mid}" y1="${pad}" x2="${mid}" y2="${size - pad}" class="axis"></line>
+    <text x="${size - pad}" y="${mid - 3}" text-anchor="end">pleasant</text><text x="${pad}" y="${mid - 3}">unpleasant</text>
+    <text x="${mid + 3}" y="${pad + 10}">excited</text><text x="${mid + 3}" y="${size - pad - 3}">calm</text>
+    ${points.map(([v, a]) => `<circle cx="${at(v)}" cy="${(size - at(a)).toFixed(1)}" r="5" class="point"></circle>`).join("")}
+  </svg>`;
+  const svg = holder.firstElementChild;
+  const labels = points.map(([v, a]) => `valence ${v.toFixed(2)}, arousal ${a.toFixed(2)}`);
+  svg.setAttribute("aria-label", `valence-arousal plane${labels.length ? ": " + labels.join("; ") : ""}`);
+  if (onPick) {
+    svg.classList.add("pick");
+    svg.addEventListener("click", (e) => {
+      const box = svg.getBoundingClientRect();
+      const clamp = (v) => Math.max(-1, Math.min(1, v));
+      const x = (e.clientX - box.left) / box.width * size, y = (e.clientY - box.top) / box.height * size;
+      onPick(clamp((x - pad) / span * 2 - 1), clamp((size - y - pad) / span * 2 - 1));
+    });
+  }
+  return svg;
+}
+
+function affectText(r) {
+  return r.valence === null || r.valence === undefined ? "" :
+    ` · valence ${r.valence.toFixed(2)}, arousal ${r.arousal.toFixed(2)}`;
+}
+
 async function api(url, options) {
   const response = await fetch(url, options);
   const body = await response.json();
@@ -41,7 +75,7 @@ function showGrid(title, hits) {
     fig.innerHTML = `<img alt=""><figcaption></figcaption>`;
     fig.querySelector("img").src = h.url;
     fig.querySelector("img").alt = h.name;
-    fig.querySelector("figcaption").textContent = `${h.emotion} ${h.probability.toFixed(2)}`;
+    fig.querySelector("figcaption").textContent = `${h.emotion} ${h.probability.toFixed(2)}${affectText(h)}`;
     grid.appendChild(fig);
   }
   $("search").scrollIntoView({ behavior: "smooth" });
@@ -68,9 +102,13 @@ async function analyse(files) {
       img.src = original;
       img.alt = file.name;
       card.querySelector("h3").textContent = `${r.emotion} (${(100 * r.probability).toFixed(0)}%)`;
-      card.querySelector(".meta").textContent = `${file.name}: ${r.polarity || "no polarity"}`;
+      card.querySelector(".meta").textContent = `${file.name}: ${r.polarity || "no polarity"}${affectText(r)}`;
       const info = card.children[1];
-      info.appendChild(bars(r.distribution));
+      const readings = document.createElement("div");
+      readings.className = "readings";
+      readings.appendChild(bars(r.distribution));
+      if (r.valence !== null && r.valence !== undefined) readings.appendChild(plane([[r.valence, r.arousal]]));
+      info.appendChild(readings);
       if (r.heatmap) {
         const toggle = document.createElement("button");
         toggle.textContent = "Show where it comes from";
@@ -114,6 +152,14 @@ async function start() {
       chip.textContent = name;
       chip.onclick = async () => showGrid(`Most ${name}`, (await api(`/api/search?emotion=${encodeURIComponent(name)}&k=24`)).hits);
       $("chips").appendChild(chip);
+    }
+    if (model.affect) {
+      $("feel").hidden = false;
+      $("feel").appendChild(plane([], async (valence, arousal) => {
+        const range = (v) => `${Math.max(-1, v - 0.25).toFixed(2)}:${Math.min(1, v + 0.25).toFixed(2)}`;
+        const url = `/api/search?valence=${range(valence)}&arousal=${range(arousal)}&k=24`;
+        showGrid(`Feeling near valence ${valence.toFixed(2)}, arousal ${arousal.toFixed(2)}`, (await api(url)).hits);
+      }));
     }
   }
   const drop = $("drop");
