@@ -36,6 +36,7 @@ class Explanation:
     maps: dict[str, np.ndarray]  # name -> (size, size) in [0, 1]
     image: Image.Image  # the model's view (resized, centre-cropped)
     boxes: list[tuple[float, float, float, float, float]] | None = None  # x1, y1, x2, y2, score in view pixels
+    affect: tuple[float, float] | None = None  # valence, arousal (common scale) where the model rates them
 
 
 def overlay(view: Image.Image, heat: np.ndarray, alpha: float = 0.45) -> Image.Image:
@@ -135,12 +136,17 @@ class Explainer:
             scores = outputs.get("box_scores")
             boxes = [(*map(float, b), float(scores[0][i]) if scores is not None else 1.0)
                      for i, b in enumerate(outputs["boxes"][0])]
+        affect = None
+        if "affect" in outputs:  # clipped to the common scale as Predictor reports it
+            valence, arousal = outputs["affect"][0].float().clamp(-1, 1).tolist()
+            affect = (valence, arousal)
         return Explanation(name, tax.classes[index], dict(zip(tax.classes, probs.tolist())), maps,
-                           view, boxes)
+                           view, boxes, affect)
 
 
 def render(explanation: Explanation, taxonomy, path: str | os.PathLike) -> Path:
-    """One PNG: the model's view, an overlay per map, the boxes, and the distribution as bars by polarity."""
+    """One PNG: the model's view, an overlay per map, the boxes, the distribution as bars by polarity, and
+    where the model rates valence and arousal, the image as a point on the valence-arousal plane."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,8 +155,9 @@ def render(explanation: Explanation, taxonomy, path: str | os.PathLike) -> Path:
     from matplotlib.patches import Patch
 
     panels = 1 + len(explanation.maps)
-    fig = plt.figure(figsize=(3.0 * panels + 3.4, 3.3), dpi=100)
-    grid = fig.add_gridspec(1, panels + 1, width_ratios=[1] * panels + [1.15])
+    extra = 1 if explanation.affect is not None else 0
+    fig = plt.figure(figsize=(3.0 * panels + 3.4 + 3.0 * extra, 3.3), dpi=100)
+    grid = fig.add_gridspec(1, panels + 1 + extra, width_ratios=[1] * panels + [1.15] + [1] * extra)
     view = np.asarray(explanation.image)
     ax = fig.add_subplot(grid[0, 0])
     ax.imshow(view)
@@ -184,6 +191,8 @@ def render(explanation: Explanation, taxonomy, path: str | os.PathLike) -> Path:
     shown = [(POSITIVE, "positive"), (NEGATIVE, "negative"), (NEUTRAL, "no polarity")]
     ax.legend(handles=[Patch(color=c, label=label) for c, label in shown if c in colours], fontsize=7,
               loc="lower right", frameon=False)
+    if explanation.affect is not None:
+        draw_affect_plane(fig.add_subplot(grid[0, panels + 1]), *explanation.affect)
     fig.tight_layout()
     if image_axes:  # after tight_layout, which does not place colour bars
         scale = fig.colorbar(ScalarMappable(cmap="jet"), ax=image_axes, fraction=0.025, pad=0.01)
@@ -198,6 +207,20 @@ def render(explanation: Explanation, taxonomy, path: str | os.PathLike) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def draw_affect_plane(ax, valence: float, arousal: float) -> None:
+    """The valence-arousal plane (common scale) with the image as a point."""
+    ax.axhline(0, color="#cccccc", lw=0.8)
+    ax.axvline(0, color="#cccccc", lw=0.8)
+    ax.plot([valence], [arousal], "o", color=POSITIVE if valence >= 0 else NEGATIVE, ms=9, mec="black")
+    ax.set_xlim(-1, 1)
+    ax.set_ylim(-1, 1)
+    ax.set_aspect("equal")
+    ax.set_xlabel("valence: unpleasant - pleasant", fontsize=8)
+    ax.set_ylabel("arousal: calm - excited", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.set_title(f"valence {valence:+.2f}, arousal {arousal:+.2f}", fontsize=9)
 
 
 def output_names(sources: Sequence[str]) -> list[str]:

@@ -171,3 +171,52 @@ def test_figures_of_several_rating_sets_do_not_overwrite_each_other():
     figures = joint_metrics(targets, np.arange(12), predicted)
     assert figures["a_valence_pearson"] == pytest.approx(1.0) and figures["b_valence_pearson"] == pytest.approx(-1.0)
     assert "valence_pearson" not in figures
+
+
+def test_affect_weight_scales_the_rating_loss_alone():
+    logits = torch.randn(4, 8)
+    outputs = {"logits": logits, "mikels.logits": logits, "affect": torch.randn(4, 2)}
+    nan = float("nan")
+    targets = {"mikels.label": torch.tensor([0, 3, -1, -1]), "mikels.distribution": torch.tensor([[nan] * 8] * 4),
+               "affect@oasis": torch.tensor([[nan, nan], [nan, nan], [0.1, -0.2], [0.5, 0.3]])}
+    ce = build_loss("joint", None, affect_weight=0.0)(outputs, targets)
+    once = build_loss("joint", None)(outputs, targets)
+    five = build_loss("joint", None, affect_weight=5.0)(outputs, targets)
+    assert five.item() == pytest.approx(ce.item() + 5 * (once.item() - ce.item()), rel=1e-5)
+    assert once.item() > ce.item()
+    with pytest.raises(ValueError, match="affect_weight"):
+        build_loss("joint", None, affect_weight=-1.0)
+
+
+def test_embed_is_a_shared_learned_layer_that_is_the_embedding(members):
+    from emolens.data.joint import joint_spec
+
+    ldl, oasis = members
+    spec = joint_spec("global:embed=12,affect_weight=3,dropout=0.1", JointDataset.of([ldl, oasis]))
+    assert spec == "joint:trunk=global/dropout=0.1,spaces=mikels+affect,affect_weight=3,embed=12"
+    model = create_model(spec, backbone=TINY_BACKBONE, backbone_weights=None).eval()
+    assert model.spec["loss"] == {"name": "joint", "args": {"affect_weight": 3}}
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    assert out["embedding"].shape == (2, 12)
+    torch.testing.assert_close(out["affect"], model.heads["affect"](out["embedding"]))
+    with pytest.raises(ValueError, match="embed"):
+        create_model("joint:trunk=global,spaces=mikels+affect,embed=-1", backbone=TINY_BACKBONE, backbone_weights=None)
+
+
+def test_a_joint_benchmark_scores_retrieval_on_its_first_class_spaces_dataset(members, tmp_path):
+    from emolens.engine.benchmark import retrieval_member, run_benchmark
+
+    ldl, oasis = members
+    joint = JointDataset.of([oasis, ldl])  # the class space's dataset need not come first
+    fold = joint.protocol("kfold", seed=0, k=2).folds[0]
+    member, member_fold = retrieval_member(joint, fold, ldl.taxonomy)
+    assert member is ldl
+    assert sorted(member_fold.test) == sorted(r - len(oasis) for r in fold.test if r >= len(oasis))
+    config = TrainConfig(epochs=1, batch_size=8, workers=0, freeze_backbone=True)
+    results = run_benchmark(joint, ["joint:trunk=global,spaces=mikels+affect,embed=8"], "joint", tmp_path / "bench",
+                            folds=2, config=config, backbone=TINY_BACKBONE, backbone_weights=None, progress=False,
+                            log=lambda m: None, retrieval=True, only_folds=[0])
+    figures = results["models"]["joint:trunk=global,spaces=mikels+affect,embed=8"]["folds"][0]
+    assert 0 <= figures["flickr_ldl.map8"] <= 1 and "flickr_ldl.map2" in figures
+    assert not any(k.startswith("oasis.map") for k in figures)
