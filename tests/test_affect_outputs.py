@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from helpers import png, tiny_model
 from emolens.cli import app
-from emolens.explain import Explainer, render
+from emolens.explain import NEGATIVE, POSITIVE, Explainer, render
 from emolens.predict import Predictor
 from emolens.retrieval.index import AffectFilter, AffectiveIndex, AffectiveIndexError, AffectRange
 from emolens.server import create_app
@@ -187,7 +187,10 @@ def test_explanation_draws_the_valence_arousal_plane(saved, tmp_path):
     explanation = Explainer(model).explain(photo)
     pred, _ = Predictor(model, backend="torch").predict([photo])
     assert explanation.affect == pytest.approx((pred[0].valence, pred[0].arousal), abs=1e-5)
-    with_plane = Image.open(render(explanation, model.taxonomy, tmp_path / "a.png")).size
+    with_plane = np.asarray(Image.open(render(explanation, model.taxonomy, tmp_path / "a.png")).convert("RGB"))
     explanation.affect = None
     without = Image.open(render(explanation, model.taxonomy, tmp_path / "b.png")).size
-    assert with_plane[0] > without[0]
+    assert with_plane.shape[1] > without[0]
+    side = with_plane[:, without[0]:]  # the panel added beside the bars holds the point, in its polarity's colour
+    colour = np.array(Image.new("RGB", (1, 1), POSITIVE if pred[0].valence >= 0 else NEGATIVE))[0, 0]
+    assert (np.abs(side.astype(int) - colour).sum(-1) < 30).sum() > 20
