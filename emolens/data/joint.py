@@ -107,12 +107,13 @@ class JointDataset(EmotionDataset):
                                        for p, m in zip(parts, self.members)])
         return out
 
-    def protocol(self, kind: str, seed: int = 0, k: int = 5) -> Protocol:
-        """Each member's protocol as a single-dataset run of it makes it (same seed, same folds), joined."""
-        member_folds = [make_protocol(m, kind, seed=seed, k=k, task="emotion").folds for m in self.members]
+    def protocol(self, kind: str, seed: int = 0, k: int = 5, **params) -> Protocol:
+        """Each member's protocol as a single-dataset run of it makes it (same seed, same folds), joined;
+        ``params`` as for :func:`make_protocol` (e.g. a split's ``fractions``)."""
+        member_folds = [make_protocol(m, kind, seed=seed, k=k, task="emotion", **params).folds for m in self.members]
         folds = [Fold(*([r + start for fold, start in zip(parts, self.offsets) for r in getattr(fold, part)]
                         for part in ("train", "val", "test"))) for parts in zip(*member_folds)]
-        return Protocol(kind, seed, folds, self.spec, fingerprint(self), {"task": "joint", "k": k})
+        return Protocol(kind, seed, folds, self.spec, fingerprint(self), {"task": "joint", "k": k, **params})
 
 
 def open_datasets(specs: list[str] | str) -> EmotionDataset:

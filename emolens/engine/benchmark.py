@@ -134,13 +134,13 @@ def run_benchmark(dataset: EmotionDataset, specs: list[str], task: str, out_dir:
             test = evaluate(best, dataset, fold.test, config, cache_dir=cache_dir, progress=progress)
             if isinstance(dataset, JointDataset):  # each dataset's figures, on its own scale
                 for member, rows in zip(dataset.members, dataset.member_rows(fold.test)):
-                    test.update({f"{member.kind}.{k}": v for k, v in evaluate(best, member, rows, config,
+                    test.update({f"{member.kind}.{k}": v for k, v in evaluate(best, member, rows, config, cache_dir,
                                                                               progress=progress).items()})
             test_paths = [dataset.samples[i].path for i in fold.test[:timing_images]]
             if retrieval and isinstance(dataset, JointDataset):
                 member, member_fold = retrieval_member(dataset, fold, best.taxonomy)
                 test.update({f"{member.kind}.{k}": v for k, v in retrieval_figures(
-                    best, member, member_fold, config, None, progress, retrieval_protocol).items()})
+                    best, member, member_fold, config, cache_dir, progress, retrieval_protocol).items()})
             elif retrieval:
                 test.update(retrieval_figures(best, dataset, fold, config, cache_dir, progress, retrieval_protocol))
             test["infer_ms_per_image"] = inference_ms_per_image(best, test_paths, config.batch_size, config.workers)

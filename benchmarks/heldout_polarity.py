@@ -1,0 +1,82 @@
+"""Polarity on images from no training set: the default recipe trained without Emotion6 ranks Emotion6's
+images by predicted valence (and by positive share) against their polarity; ROC AUC.
+
+An image's polarity is its dominant emotion's (joy positive; anger, disgust, fear and sadness negative;
+surprise and neutral images are left out). Beside it, in the same run: a ridge regression of OASIS valence
+on the frozen Lite0 pooled feature (the baseline the issue names), and any saved model given (e.g. the
+previous default) by its positive share and, where it rates them, its valence.
+
+    python benchmarks/heldout_polarity.py --out results/heldout --compare results/old_default
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from sklearn.linear_model import RidgeCV
+from sklearn.metrics import roc_auc_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from affect import pooled_features
+from train_default_model import train_final
+from emolens.data import load_dataset
+from emolens.data.joint import open_datasets
+from emolens.predict import Predictor
+
+
+def scores(predictor: Predictor, paths: list[str]) -> dict[str, np.ndarray]:
+    """Predicted valence (where the model rates it) and positive share per image, in order."""
+    preds, errors = predictor.predict(paths)
+    if errors:
+        raise RuntimeError(f"{len(errors)} held-out image(s) could not be read, e.g. {errors[0]}")
+    out = {"positive share": np.array([p.positive_probability for p in preds], dtype=np.float64)}
+    if preds[0].valence is not None:
+        out["valence"] = np.array([p.valence for p in preds], dtype=np.float64)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train", action="append",
+                    help="training datasets (default: flickr_ldl and oasis under ../shared/data)")
+    ap.add_argument("--heldout", default="emotion6=../shared/data/emotion6")
+    ap.add_argument("--out", type=Path, default=Path("results/heldout"))
+    ap.add_argument("--compare", nargs="*", default=[], help="saved models to score the same way")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    train = open_datasets(args.train or ["flickr_ldl=../shared/data/flickr_ldl", "oasis=../shared/data/oasis"])
+    heldout = load_dataset(args.heldout)
+    polar = np.flatnonzero(heldout.polarities >= 0)
+    paths = [str(heldout.samples[i].path) for i in polar]
+    y = heldout.polarities[polar]
+    print(f"held out: {heldout.spec}, {len(polar)} images with a polar dominant emotion "
+          f"({int(y.sum())} positive, {int((1 - y).sum())} negative)")
+
+    rows = {}
+    model, _, _ = train_final(train, args.out / "model", args.seed, cache_dir=args.out / "cache")
+    for name, s in scores(Predictor(model, backend="torch"), paths).items():
+        rows[f"default recipe without {heldout.kind}, {name}"] = roc_auc_score(y, s)
+
+    oasis = next(m for m in train.members if m.kind == "oasis")
+    ridge = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13)))
+    ridge.fit(pooled_features(oasis, "efficientnet_lite0"), oasis.affect[:, 0])
+    held_features = pooled_features(heldout, "efficientnet_lite0")[polar]
+    rows["ridge of OASIS valence on frozen Lite0 pooled"] = roc_auc_score(y, ridge.predict(held_features))
+
+    for source in args.compare:
+        for name, s in scores(Predictor(source), paths).items():
+            rows[f"{source}, {name}"] = roc_auc_score(y, s)
+    width = max(map(len, rows))
+    for name, auc in rows.items():
+        print(f"{name:{width}}  ROC AUC {auc:.3f}")
+    (args.out / "results.json").write_text(json.dumps({"heldout": heldout.spec, "images": len(polar),
+                                                       "positive": int(y.sum()), "auc": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
