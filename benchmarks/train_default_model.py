@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("results/default"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-cv", action="store_true", help="train the shipped model only")
+    ap.add_argument("--cache", type=Path, help="frozen-feature cache folder (default: OUT/cache; a benchmark's "
+                    "cache of the same datasets in the same order serves)")
     args = ap.parse_args()
 
     dataset = open_datasets(args.data or list(DATA))
@@ -103,11 +105,11 @@ def main() -> None:
                         "dataset, epoch chosen on the other 5%"}
     if not args.skip_cv:
         cv = run_benchmark(dataset, [spec], "joint", args.out / "cv", folds=5, seed=args.seed, config=config,
-                           retrieval=True)
+                           retrieval=True, cache_dir=args.cache)
         card["cv_mean"], card["cv_std"] = cv["models"][spec]["mean"], cv["models"][spec]["std"]
         print(json.dumps({"mean": card["cv_mean"], "std": card["cv_std"]}, indent=2))
 
-    best, fold, final = train_final(dataset, args.out / "final", args.seed, cache_dir=args.out / "cache")
+    best, fold, final = train_final(dataset, args.out / "final", args.seed, cache_dir=args.cache or args.out / "cache")
     card.update(final_val=final["val"], best_epoch=final["best_epoch"],
                 flip_averaging_on_validation=flip_averaging(best, dataset, fold.val))
     print(json.dumps(card["flip_averaging_on_validation"], indent=2))

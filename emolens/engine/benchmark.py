@@ -96,11 +96,13 @@ def run_benchmark(dataset: EmotionDataset, specs: list[str], task: str, out_dir:
                   backbone_weights: str | None = "imagenet",
                   only_folds: list[int] | None = None, timing_images: int = 64, progress: bool = True,
                   log=print, retrieval: bool = False, protocol: str = "kfold",
-                  retrieval_protocol: str = "gallery", recipe: dict | None = None) -> dict:
+                  retrieval_protocol: str = "gallery", recipe: dict | None = None,
+                  cache_dir: str | Path | None = None) -> dict:
     """Cross-validate every model spec on the same saved folds (``protocol="split"``: the papers' one
     80/5/15 split instead); returns (and writes) the results. With ``retrieval``, each fold's test images
     also query by ``embedding`` (see :func:`retrieval_figures`) and the retrieval metrics join the figures.
-    ``recipe`` (what :meth:`Recipe.about` gives) is recorded with the results."""
+    ``recipe`` (what :meth:`Recipe.about` gives) is recorded with the results; frozen features are cached in
+    ``cache_dir`` (default: ``out_dir/cache``)."""
     if protocol not in ("kfold", "split"):
         raise ValueError(f"a benchmark runs protocol kfold or split, not {protocol!r}")
     config = config or TrainConfig(seed=seed)
@@ -114,7 +116,7 @@ def run_benchmark(dataset: EmotionDataset, specs: list[str], task: str, out_dir:
     else:
         protocol = protocol_for(dataset, kind, seed=seed, k=folds, task=task)
         protocol.save(proto_path)
-    cache_dir = out_dir / "cache"
+    cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
     results = {"dataset": dataset.spec, "task": task, "folds": len(protocol.folds), "seed": seed,
                "protocol": str(proto_path), "retrieval_protocol": retrieval_protocol if retrieval else None,
                "train_config": asdict(config), "versions": library_versions(), "recipe": recipe, "models": {}}
