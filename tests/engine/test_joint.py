@@ -220,3 +220,13 @@ def test_a_joint_benchmark_scores_retrieval_on_its_first_class_spaces_dataset(me
     figures = results["models"]["joint:trunk=global,spaces=mikels+affect,embed=8"]["folds"][0]
     assert 0 <= figures["flickr_ldl.map8"] <= 1 and "flickr_ldl.map2" in figures
     assert not any(k.startswith("oasis.map") for k in figures)
+
+
+def test_a_joint_split_passes_its_fractions_to_every_member(members):
+    ldl, oasis = members
+    joint = JointDataset.of([ldl, oasis])
+    fold = joint.protocol("split", seed=0, fractions=(0.75, 0.25, 0.0)).folds[0]
+    assert fold.test == []
+    for member, val in zip(joint.members, joint.member_rows(fold.val)):
+        assert len(val) == pytest.approx(len(member) / 4, abs=2)
+    assert joint.protocol("split", seed=0).folds[0].test  # the papers' 80/5/15 by default
