@@ -29,7 +29,8 @@ def predictor():
 def test_default_model_is_embedded_small_and_describes_itself():
     model = load_model()
     assert model.meta["include_backbone"] is False and model.taxonomy.classes == MIKELS.classes
-    assert model.spec["task"] == "distribution" and "cv_mean" in model.meta["card"]
+    assert model.spec["task"] == "joint" and "cv_mean" in model.meta["card"]
+    assert model.spaces[:2] == ["mikels", "emotion6"] and "affect@oasis" in model.spaces
 
 
 def test_predictor_on_a_folder_of_good_and_bad_files(tmp_path, predictor):
@@ -151,11 +152,13 @@ def test_polarity_and_positive_probability_never_disagree(tmp_path):
 #: The embedded default model on the photos scikit-learn ships: a guard on the shipped weights and the
 #: whole preprocessing path. Update these figures when the default model is retrained on purpose.
 DEFAULT_MODEL_ON_SAMPLES = {
-    "china.jpg": {"amusement": 0.081457, "awe": 0.540892, "contentment": 0.284761, "excitement": 0.055038,
-                  "anger": 0.007460, "disgust": 0.009181, "fear": 0.011094, "sadness": 0.010117},
-    "flower.jpg": {"amusement": 0.081814, "awe": 0.238501, "contentment": 0.518654, "excitement": 0.096057,
-                   "anger": 0.006548, "disgust": 0.021840, "fear": 0.022236, "sadness": 0.014349},
+    "china.jpg": {"amusement": 0.080298, "awe": 0.518531, "contentment": 0.296506, "excitement": 0.097473,
+                  "anger": 0.001053, "disgust": 0.001568, "fear": 0.001988, "sadness": 0.002583},
+    "flower.jpg": {"amusement": 0.092322, "awe": 0.280695, "contentment": 0.492478, "excitement": 0.111148,
+                   "anger": 0.002998, "disgust": 0.007114, "fear": 0.007222, "sadness": 0.006022},
 }
+#: Its valence and arousal there (common scale).
+DEFAULT_AFFECT_ON_SAMPLES = {"china.jpg": (0.68563, -0.16211), "flower.jpg": (0.393002, -0.281958)}
 
 
 @pytest.mark.parametrize("backend", ["onnx", "torch"])
@@ -164,11 +167,12 @@ def test_the_default_model_gives_its_known_output_on_known_photos(backend):
 
     preds, errors = Predictor(backend=backend).predict(demo_images())
     assert not errors
-    got = {Path(p.source).name: p.distribution for p in preds}
+    got = {Path(p.source).name: p for p in preds}
     assert set(got) == set(DEFAULT_MODEL_ON_SAMPLES)
     for name, expected in DEFAULT_MODEL_ON_SAMPLES.items():
-        assert list(got[name]) == list(expected)
-        assert list(got[name].values()) == pytest.approx(list(expected.values()), abs=2e-4), name
+        assert list(got[name].distribution) == list(expected)
+        assert list(got[name].distribution.values()) == pytest.approx(list(expected.values()), abs=2e-4), name
+        assert (got[name].valence, got[name].arousal) == pytest.approx(DEFAULT_AFFECT_ON_SAMPLES[name], abs=2e-4)
 
 
 def test_the_predict_table_fits_an_80_column_terminal(tmp_path):
