@@ -54,4 +54,16 @@ def tiny_model(spec: str = "global", task: str = "emotion", taxonomy="mikels"):
     return emolens.create_model(spec, taxonomy=taxonomy, task=task, backbone=TINY_BACKBONE, backbone_weights=None)
 
 
-__all__ = ["TINY_BACKBONE", "make_ldl_dataset", "png", "tiny_model", "write_image"]
+def rated_model(seed: int = 0):
+    """A tiny joint model whose valence and arousal vary from image to image."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = tiny_model("joint:trunk=global,spaces=mikels+affect").eval()
+    with torch.no_grad():
+        model.heads["affect"].weight.normal_(0, 20.0)  # spread over about -0.5 to 0.6 on noise photos
+        model.heads["affect"].bias.zero_()
+    return model
+
+
+__all__ = ["TINY_BACKBONE", "make_ldl_dataset", "png", "rated_model", "tiny_model", "write_image"]

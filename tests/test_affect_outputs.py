@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from helpers import png, tiny_model
+from helpers import png, rated_model, tiny_model
 from emolens.cli import app
 from emolens.explain import NEGATIVE, POSITIVE, Explainer, render
 from emolens.predict import Predictor
@@ -21,17 +21,6 @@ from emolens.server import create_app
 from emolens.weights import save_model
 
 runner = CliRunner(env={"COLUMNS": "200"})
-
-
-def rated_model(seed: int = 0):
-    """A tiny joint model whose valence and arousal vary from image to image."""
-    torch.manual_seed(seed)
-    model = tiny_model("joint:trunk=global,spaces=mikels+affect").eval()
-    with torch.no_grad():
-        head = model.heads["affect"]
-        head.weight.normal_(0, 2.0)
-        head.bias.zero_()
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -23,18 +23,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def serve_gallery(folder, model):
+    """A server in a thread over ``model`` and an index of eight photos; yields (url, folder)."""
     import uvicorn
 
-    from helpers import tiny_model
     from emolens.predict import Predictor
     from emolens.retrieval.index import AffectiveIndex
     from emolens.server import create_app
     from emolens.weights import save_model
 
-    folder = tmp_path_factory.mktemp("browser")
-    save_model(tiny_model(), folder / "m.safetensors")
+    save_model(model, folder / "m.safetensors")
     rng = np.random.default_rng(0)
     for i in range(8):
         small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
@@ -55,6 +53,20 @@ def server(tmp_path_factory):
     yield f"http://127.0.0.1:{port}", folder
     uv.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from helpers import tiny_model
+
+    yield from serve_gallery(tmp_path_factory.mktemp("browser"), tiny_model())
+
+
+@pytest.fixture(scope="module")
+def rated_server(tmp_path_factory):
+    from helpers import rated_model
+
+    yield from serve_gallery(tmp_path_factory.mktemp("browser-rated"), rated_model())
 
 
 def launch(pw):
@@ -119,5 +131,55 @@ def test_upload_see_bars_toggle_overlay_and_search(server):
             page.set_viewport_size({"width": 390, "height": 844})  # a phone
             page.screenshot(path=str(ARTIFACTS / "web-page-phone.png"), full_page=True)
             assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        finally:
+            browser.close()
+
+
+def test_the_page_places_the_image_on_the_valence_arousal_plane_and_searches_by_feeling(rated_server):
+    import json
+    import urllib.request
+
+    from playwright.sync_api import sync_playwright
+
+    url, folder = rated_server
+    upload = folder / "gallery" / "5.jpg"
+    boundary = "emolensboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"5.jpg\"\r\n"
+            "Content-Type: image/jpeg\r\n\r\n").encode() + upload.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(f"{url}/api/predict", body,
+                                     {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    expected = json.load(urllib.request.urlopen(request))["results"][0]
+    gallery = json.load(urllib.request.urlopen(f"{url}/api/search?valence=-1:1&k=8"))["hits"]
+    target = max(gallery, key=lambda h: abs(h["valence"]))  # the indexed image farthest from neutral valence
+    assert abs(target["valence"]) > 0.3
+    with sync_playwright() as pw:
+        browser = launch(pw)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(url)
+            page.wait_for_selector("#feel svg.plane")
+            page.set_input_files("#picker", str(upload))
+            page.wait_for_selector(".card svg.plane circle.point")
+            label = page.get_attribute(".card svg.plane", "aria-label")
+            assert f"valence {expected['valence']:.2f}, arousal {expected['arousal']:.2f}" in label
+            # The point sits where the numbers say: x grows with valence, y falls as arousal grows.
+            cx, cy = (float(page.get_attribute(".card circle.point", a)) for a in ("cx", "cy"))
+            assert cx == pytest.approx(16 + (expected["valence"] + 1) / 2 * 148, abs=0.1)
+            assert cy == pytest.approx(180 - (16 + (expected["arousal"] + 1) / 2 * 148), abs=0.1)
+
+            box = page.locator("#feel svg.plane").bounding_box()  # a click where that image lies finds it
+            x = (16 + (target["valence"] + 1) / 2 * 148) / 180
+            y = (180 - (16 + (target["arousal"] + 1) / 2 * 148)) / 180
+            page.mouse.click(box["x"] + box["width"] * x, box["y"] + box["height"] * y)
+            page.wait_for_selector("#grid-title:has-text('Feeling near')")
+            page.wait_for_selector("#grid figure")
+            assert target["name"] in page.eval_on_selector_all("#grid img", "els => els.map(e => e.alt)")
+            captions = page.locator("#grid figcaption").all_inner_texts()
+            for caption in captions:  # every hit within 0.25 of the clicked point on both axes
+                valence = float(caption.split("valence ")[1].split(",")[0])
+                arousal = float(caption.split("arousal ")[1])
+                assert abs(valence - target["valence"]) <= 0.26 and abs(arousal - target["arousal"]) <= 0.26
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "web-page-affect.png"), full_page=True)
         finally:
             browser.close()
