@@ -193,7 +193,7 @@ def render(explanation: Explanation, taxonomy, path: str | os.PathLike) -> Path:
               loc="lower right", frameon=False)
     if explanation.affect is not None:
         draw_affect_plane(fig.add_subplot(grid[0, panels + 1]), *explanation.affect)
-    fig.tight_layout()
+    fig.tight_layout(w_pad=2.5)  # room for the colour bar between the overlays and the labels of the bars
     if image_axes:  # after tight_layout, which does not place colour bars
         scale = fig.colorbar(ScalarMappable(cmap="jet"), ax=image_axes, fraction=0.025, pad=0.01)
         scale.set_ticks([0, 1], labels=["low", "high"], fontsize=7)
