@@ -183,3 +183,18 @@ def test_explanation_draws_the_valence_arousal_plane(saved, tmp_path):
     side = with_plane[:, without[0]:]  # the panel added beside the bars holds the point, in its polarity's colour
     colour = np.array(Image.new("RGB", (1, 1), POSITIVE if pred[0].valence >= 0 else NEGATIVE))[0, 0]
     assert (np.abs(side.astype(int) - colour).sum(-1) < 30).sum() > 20
+
+
+def test_an_index_made_before_ratings_gains_their_columns(tmp_path):
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "index.sqlite")
+    db.execute("CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, size INTEGER NOT NULL, "
+               "mtime_ns INTEGER NOT NULL, emotion TEXT NOT NULL, probability REAL NOT NULL, polarity TEXT, "
+               "distribution TEXT NOT NULL, embedding BLOB NOT NULL)")
+    db.commit()
+    db.close()
+    store = AffectiveIndex(tmp_path)
+    columns = {row[1] for row in store.db.execute("PRAGMA table_info(images)")}
+    assert {"valence", "arousal", "device", "inode"} <= columns
+    assert store.search_affect(AffectFilter(valence=AffectRange(0, 1))) == []  # an empty index: nothing to refuse
