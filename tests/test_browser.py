@@ -4,6 +4,7 @@ import os
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,21 @@ def launch(pw):
         "--no-first-run"])
 
 
+@contextmanager
+def page_at(url: str):
+    """A desktop-sized page of chromium at ``url``."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = launch(pw)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(url)
+            yield page
+        finally:
+            browser.close()
+
+
 def test_the_api_docs_render_offline(server):
     """/docs draws its operations with every request kept to the server itself."""
     from playwright.sync_api import sync_playwright
@@ -102,84 +118,63 @@ def test_the_api_docs_render_offline(server):
 
 
 def test_upload_see_bars_toggle_overlay_and_search(server):
-    from playwright.sync_api import sync_playwright
-
     url, folder = server
     upload = folder / "upload.png"
     Image.open(folder / "gallery" / "3.jpg").save(upload)
-    with sync_playwright() as pw:
-        browser = launch(pw)
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
-            page.goto(url)
-            page.wait_for_selector("#chips .chip")
-            page.set_input_files("#picker", str(upload))
-            page.wait_for_selector(".card .bars")
-            assert page.locator(".card .bar").count() == 8
-            widths = page.eval_on_selector_all(".card .fill", "els => els.map(e => e.getBoundingClientRect().width)")
-            assert len(widths) == 8 and all(w > 0 for w in widths)  # every bar is drawn
-            image = page.locator(".card img")
-            before = image.get_attribute("src")
-            page.click(".overlay-toggle")
-            assert image.get_attribute("src").startswith("data:image/png;base64,") and before.startswith("blob:")
-            page.click("#chips .chip >> text=awe")
-            page.wait_for_selector("#grid figure img")
-            assert page.locator("#grid figure").count() == 8
-            page.wait_for_function("[...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)")
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "web-page.png"), full_page=True)
-            page.set_viewport_size({"width": 390, "height": 844})  # a phone
-            page.screenshot(path=str(ARTIFACTS / "web-page-phone.png"), full_page=True)
-            assert page.evaluate("document.documentElement.scrollWidth") <= 390
-        finally:
-            browser.close()
+    with page_at(url) as page:
+        page.wait_for_selector("#chips .chip")
+        page.set_input_files("#picker", str(upload))
+        page.wait_for_selector(".card .bars")
+        assert page.locator(".card .bar").count() == 8
+        widths = page.eval_on_selector_all(".card .fill", "els => els.map(e => e.getBoundingClientRect().width)")
+        assert len(widths) == 8 and all(w > 0 for w in widths)  # every bar is drawn
+        image = page.locator(".card img")
+        before = image.get_attribute("src")
+        page.click(".overlay-toggle")
+        assert image.get_attribute("src").startswith("data:image/png;base64,") and before.startswith("blob:")
+        page.click("#chips .chip >> text=awe")
+        page.wait_for_selector("#grid figure img")
+        assert page.locator("#grid figure").count() == 8
+        page.wait_for_function("[...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web-page.png"), full_page=True)
+        page.set_viewport_size({"width": 390, "height": 844})  # a phone
+        page.screenshot(path=str(ARTIFACTS / "web-page-phone.png"), full_page=True)
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
 
 
 def test_the_page_places_the_image_on_the_valence_arousal_plane_and_searches_by_feeling(rated_server):
-    import json
-    import urllib.request
-
-    from playwright.sync_api import sync_playwright
+    import httpx
 
     url, folder = rated_server
     upload = folder / "gallery" / "5.jpg"
-    boundary = "emolensboundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"5.jpg\"\r\n"
-            "Content-Type: image/jpeg\r\n\r\n").encode() + upload.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
-    request = urllib.request.Request(f"{url}/api/predict", body,
-                                     {"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    expected = json.load(urllib.request.urlopen(request))["results"][0]
-    gallery = json.load(urllib.request.urlopen(f"{url}/api/search?valence=-1:1&k=8"))["hits"]
+    files = {"files": ("5.jpg", upload.read_bytes(), "image/jpeg")}
+    expected = httpx.post(f"{url}/api/predict", files=files).json()["results"][0]
+    gallery = httpx.get(f"{url}/api/search", params={"valence": "-1:1", "k": 8}).json()["hits"]
     target = max(gallery, key=lambda h: abs(h["valence"]))  # the indexed image farthest from neutral valence
     assert abs(target["valence"]) > 0.3
-    with sync_playwright() as pw:
-        browser = launch(pw)
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
-            page.goto(url)
-            page.wait_for_selector("#feel svg.plane")
-            page.set_input_files("#picker", str(upload))
-            page.wait_for_selector(".card svg.plane circle.point")
-            label = page.get_attribute(".card svg.plane", "aria-label")
-            assert f"valence {expected['valence']:.2f}, arousal {expected['arousal']:.2f}" in label
-            # The point sits where the numbers say: x grows with valence, y falls as arousal grows.
-            cx, cy = (float(page.get_attribute(".card circle.point", a)) for a in ("cx", "cy"))
-            assert cx == pytest.approx(16 + (expected["valence"] + 1) / 2 * 148, abs=0.1)
-            assert cy == pytest.approx(180 - (16 + (expected["arousal"] + 1) / 2 * 148), abs=0.1)
+    with page_at(url) as page:
+        page.wait_for_selector("#feel svg.plane")
+        page.set_input_files("#picker", str(upload))
+        page.wait_for_selector(".card svg.plane circle.point")
+        label = page.get_attribute(".card svg.plane", "aria-label")
+        assert f"valence {expected['valence']:.2f}, arousal {expected['arousal']:.2f}" in label
+        # The point sits where the numbers say: x grows with valence, y falls as arousal grows.
+        cx, cy = (float(page.get_attribute(".card circle.point", a)) for a in ("cx", "cy"))
+        assert cx == pytest.approx(16 + (expected["valence"] + 1) / 2 * 148, abs=0.1)
+        assert cy == pytest.approx(180 - (16 + (expected["arousal"] + 1) / 2 * 148), abs=0.1)
 
-            box = page.locator("#feel svg.plane").bounding_box()  # a click where that image lies finds it
-            x = (16 + (target["valence"] + 1) / 2 * 148) / 180
-            y = (180 - (16 + (target["arousal"] + 1) / 2 * 148)) / 180
-            page.mouse.click(box["x"] + box["width"] * x, box["y"] + box["height"] * y)
-            page.wait_for_selector("#grid-title:has-text('Feeling near')")
-            page.wait_for_selector("#grid figure")
-            assert target["name"] in page.eval_on_selector_all("#grid img", "els => els.map(e => e.alt)")
-            captions = page.locator("#grid figcaption").all_inner_texts()
-            for caption in captions:  # every hit within 0.25 of the clicked point on both axes
-                valence = float(caption.split("valence ")[1].split(",")[0])
-                arousal = float(caption.split("arousal ")[1])
-                assert abs(valence - target["valence"]) <= 0.26 and abs(arousal - target["arousal"]) <= 0.26
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "web-page-affect.png"), full_page=True)
-        finally:
-            browser.close()
+        box = page.locator("#feel svg.plane").bounding_box()  # a click where that image lies finds it
+        x = (16 + (target["valence"] + 1) / 2 * 148) / 180
+        y = (180 - (16 + (target["arousal"] + 1) / 2 * 148)) / 180
+        page.mouse.click(box["x"] + box["width"] * x, box["y"] + box["height"] * y)
+        page.wait_for_selector("#grid-title:has-text('Feeling near')")
+        page.wait_for_selector("#grid figure")
+        assert target["name"] in page.eval_on_selector_all("#grid img", "els => els.map(e => e.alt)")
+        captions = page.locator("#grid figcaption").all_inner_texts()
+        for caption in captions:  # every hit within 0.25 of the clicked point on both axes
+            valence = float(caption.split("valence ")[1].split(",")[0])
+            arousal = float(caption.split("arousal ")[1])
+            assert abs(valence - target["valence"]) <= 0.26 and abs(arousal - target["arousal"]) <= 0.26
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web-page-affect.png"), full_page=True)
