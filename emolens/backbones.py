@@ -90,8 +90,10 @@ def hrnetv2_representation(branches: list[torch.Tensor]) -> torch.Tensor:
 class Backbone(nn.Module):
     """A timm network giving feature maps at several strides and its pooled pre-logit feature.
 
-    ``forward`` returns ``{"levels": [C2, C3, C4, C5], "final": map, "pooled": (B, D)}``: ``final`` is
-    the map the network pools (after EfficientNet's 1x1 head conv, say; ``num_features`` channels).
+    ``forward`` returns ``{"levels": [C2, C3, C4, C5], "level_means": [(B, C2), ...], "final": map,
+    "pooled": (B, D)}``: ``level_means`` are the levels' spatial means (small enough to cache where the
+    levels are not), ``final`` the map the network pools (after EfficientNet's 1x1 head conv, say;
+    ``num_features`` channels).
     ``channels`` and ``strides`` describe the levels; ``out_strides`` picks them by stride, ``None``
     takes every stride the network has.
     """
@@ -160,11 +162,13 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, object]:
         final, levels = self.net.forward_intermediates(x, indices=self.level_indices)
         levels = [hook(level) for hook, level in zip(self.level_maps, levels)]
+        means = [level.mean((2, 3)) for level in levels]
         if self.branches:  # ``final`` holds every branch output
             final = self.final_map(hrnetv2_representation(final))
-            return {"levels": levels, "final": final, "pooled": final.mean((2, 3))}
+            return {"levels": levels, "level_means": means, "final": final, "pooled": final.mean((2, 3))}
         final = self.final_map(final)
-        return {"levels": levels, "final": final, "pooled": self.net.forward_head(final, pre_logits=True)}
+        return {"levels": levels, "level_means": means, "final": final,
+                "pooled": self.net.forward_head(final, pre_logits=True)}
 
 
 #: timm's VGG keeps fc6 and fc7 as convolutions (``pre_logits``) where torchvision's has linear layers

@@ -83,3 +83,20 @@ def test_a_killed_build_resumes_at_the_first_unfinished_shard(tiny, tmp_path):
                         model.backbone, paths, batch_size=4, workers=0, progress=False)
     everything = torch.arange(len(paths))
     torch.testing.assert_close(resumed.batch(everything), whole.batch(everything))
+
+
+def test_level_means_join_the_pooled_feature_and_are_cached_without_the_levels(tiny, tmp_path):
+    ds, _ = tiny
+    model = tiny_model("global:level_means=true").eval()
+    rows = torch.tensor([1, 4])
+    images = torch.stack([eval_transform(model.preprocessing)(load_image(ds.samples[r].path)) for r in rows.tolist()])
+    with torch.no_grad():
+        out = model.backbone(images)
+        embedding = model(images)["embedding"]
+    expected = torch.cat([out["pooled"], *(level.mean((2, 3)) for level in out["levels"])], 1)
+    torch.testing.assert_close(embedding, expected)
+    cache = feature_cache(model, ds, tmp_path / "cache", config(), progress=False)
+    assert set(cache.features) == {"pooled", "level_means"}  # means, not the spatial maps
+    with torch.no_grad():
+        from_cache = run_model(model, cache.batch(rows), "cached")["embedding"]
+    torch.testing.assert_close(from_cache, embedding, atol=2e-2, rtol=2e-2)
