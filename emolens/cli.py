@@ -423,7 +423,7 @@ def has_affect(predictions) -> bool:
 def prediction_table(predictions, classes: list[str], width: int) -> Table:
     """One row per image with every class's probability where the terminal is wide enough; otherwise the
     top emotion and the next two, so the table fits (80 columns and up). Valence and arousal (common
-    scale, -1 to 1) follow polarity where the model rates them."""
+    scale, -1 to 1) follow polarity where the model rates them (narrow: in place of the next two)."""
     table = Table(title=f"emolens: {len(predictions)} image(s)")
     table.add_column("image", overflow="fold", min_width=12)
     table.add_column("emotion", no_wrap=True)
@@ -431,15 +431,15 @@ def prediction_table(predictions, classes: list[str], width: int) -> Table:
     table.add_column("polarity", no_wrap=True)
     affect = has_affect(predictions)
     fixed = 12 + max(map(len, classes)) + 4 + len("polarity") + 4 * 3 + 1  # the four columns and their borders
+    with_affect = fixed + (2 * (len("valence") + 3) if affect else 0)
+    every_class = width >= with_affect + sum(max(len(c), 4) + 3 for c in classes)
     if affect:
         table.add_column("valence", justify="right", no_wrap=True)
         table.add_column("arousal", justify="right", no_wrap=True)
-        fixed += 2 * (len("valence") + 3)
-    every_class = width >= fixed + sum(max(len(c), 4) + 3 for c in classes)
     if every_class:
         for c in classes:
             table.add_column(c, justify="right", no_wrap=True)
-    else:
+    elif not affect:  # beside the ratings there is no room left for the runners-up
         table.add_column("then", overflow="fold")
     for p in predictions:
         row = [display_path(p.source), p.emotion, f"{p.probability:.2f}", p.polarity or "-"]
@@ -447,7 +447,7 @@ def prediction_table(predictions, classes: list[str], width: int) -> Table:
             row += [f"{p.valence:+.2f}", f"{p.arousal:+.2f}"]
         if every_class:
             row += [f"{p.distribution[c]:.2f}" for c in classes]
-        else:
+        elif not affect:
             following = sorted((c for c in classes if c != p.emotion), key=lambda c: -p.distribution[c])[:2]
             row.append(", ".join(f"{c} {p.distribution[c]:.2f}" for c in following))
         table.add_row(*row)

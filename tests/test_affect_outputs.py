@@ -198,3 +198,14 @@ def test_an_index_made_before_ratings_gains_their_columns(tmp_path):
     columns = {row[1] for row in store.db.execute("PRAGMA table_info(images)")}
     assert {"valence", "arousal", "device", "inode"} <= columns
     assert store.search_affect(AffectFilter(valence=AffectRange(0, 1))) == []  # an empty index: nothing to refuse
+
+
+def test_the_table_with_ratings_fits_an_80_column_terminal(saved):
+    narrow = CliRunner(env={"COLUMNS": "80"})
+    out = narrow.invoke(app, ["predict", str(saved / "photos"), "--model", str(saved / "model")])
+    assert out.exit_code == 0, out.output
+    lines = out.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, out.stdout
+    rows = [line for line in lines if line[:1] in "┏┃┡│└"]
+    assert rows and all(line[-1] in "┓┃┩│┘" for line in rows), out.stdout  # no column cropped off the right
+    assert "valence" in out.stdout and "0.png" in out.stdout
