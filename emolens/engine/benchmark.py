@@ -17,8 +17,8 @@ from ..data.transforms import eval_transform
 from ..models import create_model
 from ..weights import library_versions, load_model
 from ..retrieval.metrics import evaluate_retrieval
-from .data import image_loader, task_targets_arrays
-from .trainer import TrainConfig, embed, evaluate, fit
+from .data import FeatureCache, image_loader, task_targets_arrays
+from .trainer import TrainConfig, embed, evaluate, feature_cache, fit
 
 #: Columns of the printed table (those a task has).
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "positive_recall", "kl", "cosine", "wheel_distance",
@@ -64,7 +64,7 @@ RETRIEVAL_PROTOCOLS = ("gallery", "loo")
 
 
 def retrieval_figures(model, dataset: EmotionDataset, fold, config: TrainConfig, cache_dir: Path | None,
-                      progress: bool, protocol: str = "gallery") -> dict[str, float]:
+                      progress: bool, protocol: str = "gallery", cache: FeatureCache | None = None) -> dict[str, float]:
     """Paper 002's protocols: ``gallery``, the test images query the training images; ``loo`` (small
     sets), each test image queries the other test images. Relevance is the same class of ``model``'s
     taxonomy (a joint model: of the first class space, ``dataset`` being a member labelled in it)."""
@@ -72,12 +72,12 @@ def retrieval_figures(model, dataset: EmotionDataset, fold, config: TrainConfig,
         raise ValueError(f"unknown retrieval protocol {protocol!r}; use {' or '.join(RETRIEVAL_PROTOCOLS)}")
     labels = dataset.labels if model.task == "joint" else task_targets_arrays(dataset, model.task)["label"]
     if protocol == "loo":
-        ((query_rows, queries),) = embed(model, dataset, [fold.test], config, cache_dir, progress)
+        ((query_rows, queries),) = embed(model, dataset, [fold.test], config, cache_dir, progress, cache)
         figures = evaluate_retrieval(queries, labels[query_rows], None, None, model.taxonomy.polarity)
         figures.pop("queries")
         return figures
     (gallery_rows, gallery), (query_rows, queries) = embed(model, dataset, [fold.train, fold.test], config, cache_dir,
-                                                           progress)
+                                                           progress, cache)
     figures = evaluate_retrieval(queries, labels[query_rows], gallery, labels[gallery_rows], model.taxonomy.polarity)
     figures.pop("queries")
     return figures
@@ -135,14 +135,18 @@ def run_benchmark(dataset: EmotionDataset, specs: list[str], task: str, out_dir:
             best = load_model(run_dir)
             test = evaluate(best, dataset, fold.test, config, cache_dir=cache_dir, progress=progress)
             if isinstance(dataset, JointDataset):  # each dataset's figures, on its own scale
+                # Members are scored from the joint run's frozen features, not from caches of their own.
+                joint_cache = feature_cache(best, dataset, cache_dir, config, progress) if config.freeze_backbone else None
+                parts = {id(m): joint_cache.part(start, len(m)) if joint_cache else None
+                         for m, start in zip(dataset.members, dataset.offsets)}
                 for member, rows in zip(dataset.members, dataset.member_rows(fold.test)):
-                    test.update({f"{member.kind}.{k}": v for k, v in evaluate(best, member, rows, config, cache_dir,
-                                                                              progress=progress).items()})
+                    test.update({f"{member.kind}.{k}": v for k, v in evaluate(
+                        best, member, rows, config, progress=progress, cache=parts[id(member)]).items()})
             test_paths = [dataset.samples[i].path for i in fold.test[:timing_images]]
             if retrieval and isinstance(dataset, JointDataset):
                 member, member_fold = retrieval_member(dataset, fold, best.taxonomy)
                 test.update({f"{member.kind}.{k}": v for k, v in retrieval_figures(
-                    best, member, member_fold, config, cache_dir, progress, retrieval_protocol).items()})
+                    best, member, member_fold, config, None, progress, retrieval_protocol, parts[id(member)]).items()})
             elif retrieval:
                 test.update(retrieval_figures(best, dataset, fold, config, cache_dir, progress, retrieval_protocol))
             test["infer_ms_per_image"] = inference_ms_per_image(best, test_paths, config.batch_size, config.workers)

@@ -523,23 +523,25 @@ def check_labels_fit(model: EmotionModel, dataset: EmotionDataset) -> None:
 
 
 def _batches_for(model: EmotionModel, dataset: EmotionDataset, config: TrainConfig, cache_dir: str | Path | None,
-                 progress: bool) -> _Batches:
+                 progress: bool, cache: FeatureCache | None = None) -> _Batches:
     """Batches for scoring, on the configured device with ``model`` moved there: from the frozen backbone's
-    feature cache when there is one, else from images."""
+    feature cache when there is one (``cache``, given, or the one under ``cache_dir``), else from images."""
     placement = config.placement()
     placement.model(model)
-    cache = (feature_cache(model, dataset, Path(cache_dir), config, progress, placement)
-             if cache_dir and config.freeze_backbone else None)
+    if cache is None and cache_dir and config.freeze_backbone:
+        cache = feature_cache(model, dataset, Path(cache_dir), config, progress, placement)
     config = replace(config, freeze_backbone=cache is not None)  # scoring without a cache runs the whole model
     return _Batches(dataset, cache, config, model, placement)
 
 
 def evaluate(model: EmotionModel, dataset: EmotionDataset, rows: list[int], config: TrainConfig | None = None,
-             cache_dir: str | Path | None = None, progress: bool = True, with_errors: bool = False):
+             cache_dir: str | Path | None = None, progress: bool = True, with_errors: bool = False,
+             cache: FeatureCache | None = None):
     """Metrics of a trained model on some samples of ``dataset`` (for the test split, say); with
-    ``with_errors``, also ``{row: reason}`` of the images that could not be used."""
+    ``with_errors``, also ``{row: reason}`` of the images that could not be used. ``cache``: the frozen
+    backbone's features of ``dataset`` already at hand."""
     check_labels_fit(model, dataset)
-    batches = _batches_for(model, dataset, config or TrainConfig(), cache_dir, progress)
+    batches = _batches_for(model, dataset, config or TrainConfig(), cache_dir, progress, cache)
     targets = task_targets_arrays(dataset, model.task)
     metrics, errors = evaluate_rows(model, batches, rows, targets, None)
     if batches.cache is not None:
@@ -550,10 +552,11 @@ def evaluate(model: EmotionModel, dataset: EmotionDataset, rows: list[int], conf
 
 @torch.inference_mode()
 def embed(model: EmotionModel, dataset: EmotionDataset, row_sets: Sequence[list[int]], config: TrainConfig | None = None,
-          cache_dir: str | Path | None = None, progress: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+          cache_dir: str | Path | None = None, progress: bool = True,
+          cache: FeatureCache | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """For each set of rows: (the rows that could be used, their L2-normalised ``embedding`` outputs).
     The feature cache is read once for all sets."""
-    batches = _batches_for(model, dataset, config or TrainConfig(), cache_dir, progress)
+    batches = _batches_for(model, dataset, config or TrainConfig(), cache_dir, progress, cache)
     model.eval()
     out = []
     for rows in row_sets:

@@ -100,3 +100,16 @@ def test_level_means_join_the_pooled_feature_and_are_cached_without_the_levels(t
     with torch.no_grad():
         from_cache = run_model(model, cache.batch(rows), "cached")["embedding"]
     torch.testing.assert_close(from_cache, embedding, atol=2e-2, rtol=2e-2)
+
+
+def test_a_part_of_a_cache_is_its_rows_with_their_errors_renumbered():
+    from emolens.engine.data import FeatureCache
+
+    pooled = np.arange(20, dtype=np.float16).reshape(10, 2)
+    levels = [np.arange(10, dtype=np.float16).reshape(10, 1, 1, 1)]
+    cache = FeatureCache({"pooled": pooled, "levels": levels}, 10, {2: "truncated", 5: "not an image"})
+    part = cache.part(4, 3)
+    assert part.count == 3 and part.errors == {1: "not an image"}
+    batch = part.batch(torch.tensor([0, 2]))
+    assert batch["pooled"].tolist() == [[8.0, 9.0], [12.0, 13.0]] and batch["levels"][0].flatten().tolist() == [4.0, 6.0]
+    assert part.usable([0, 1, 2]) == [0, 2]

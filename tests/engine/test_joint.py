@@ -220,6 +220,11 @@ def test_a_joint_benchmark_scores_retrieval_on_its_first_class_spaces_dataset(me
     figures = results["models"]["joint:trunk=global,spaces=mikels+affect,embed=8"]["folds"][0]
     assert 0 <= figures["flickr_ldl.map8"] <= 1 and "flickr_ldl.map2" in figures
     assert not any(k.startswith("oasis.map") for k in figures)
+    # each dataset is scored from the joint run's frozen features: one cache, none per member
+    assert len(list((tmp_path / "bench" / "cache").glob("features-*"))) == 1
+    best = load_model(tmp_path / "bench" / "joint_trunk=global_spaces=mikels_affect_embed=8" / "fold0")
+    own_cache = evaluate(best, ldl, member_fold.test, config, tmp_path / "own", progress=False)
+    assert figures["flickr_ldl.mikels_kl"] == pytest.approx(own_cache["mikels_kl"], abs=1e-7)  # the same features
 
 
 def test_a_joint_split_passes_its_fractions_to_every_member(members):
