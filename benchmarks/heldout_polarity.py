@@ -1,5 +1,6 @@
 """Polarity on images from no training set: the default recipe trained without Emotion6 ranks Emotion6's
-images by predicted valence (and by positive share) against their polarity; ROC AUC.
+images by predicted valence (and by positive share) against their polarity; ROC AUC, and the balanced
+accuracy of the sign (valence >= 0, positive share >= 0.5: ``predict``'s polarity).
 
 An image's polarity is its dominant emotion's (joy positive; anger, disgust, fear and sadness negative;
 surprise and neutral images are left out). Beside it, in the same run: a ridge regression of OASIS valence
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.linear_model import RidgeCV
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -58,24 +59,30 @@ def main() -> None:
           f"({int(y.sum())} positive, {int((1 - y).sum())} negative)")
 
     rows = {}
+    thresholds = {"positive share": 0.5, "valence": 0.0, "ridge": 0.0}  # valence on the common scale: 0 is neutral
+
+    def score(name: str, kind: str, values: np.ndarray) -> None:
+        rows[name] = (roc_auc_score(y, values), balanced_accuracy_score(y, values >= thresholds[kind]))
+
     model, _, _ = train_final(train, args.out / "model", args.seed, cache_dir=args.out / "cache")
     for name, s in scores(Predictor(model, backend="torch"), paths).items():
-        rows[f"default recipe without {heldout.kind}, {name}"] = roc_auc_score(y, s)
+        score(f"default recipe without {heldout.kind}, {name}", name, s)
 
     oasis = next(m for m in train.members if m.kind == "oasis")
     ridge = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13)))
     ridge.fit(pooled_features(oasis, "efficientnet_lite0"), oasis.affect[:, 0])
     held_features = pooled_features(heldout, "efficientnet_lite0")[polar]
-    rows["ridge of OASIS valence on frozen Lite0 pooled"] = roc_auc_score(y, ridge.predict(held_features))
+    score("ridge of OASIS valence on frozen Lite0 pooled", "ridge", ridge.predict(held_features))  # common scale
 
     for source in args.compare:
         for name, s in scores(Predictor(source), paths).items():
-            rows[f"{source}, {name}"] = roc_auc_score(y, s)
+            score(f"{source}, {name}", name, s)
     width = max(map(len, rows))
-    for name, auc in rows.items():
-        print(f"{name:{width}}  ROC AUC {auc:.3f}")
-    (args.out / "results.json").write_text(json.dumps({"heldout": heldout.spec, "images": len(polar),
-                                                       "positive": int(y.sum()), "auc": rows}, indent=2))
+    for name, (auc, balanced) in rows.items():
+        print(f"{name:{width}}  ROC AUC {auc:.3f}  balanced accuracy {balanced:.3f}")
+    (args.out / "results.json").write_text(json.dumps({
+        "heldout": heldout.spec, "images": len(polar), "positive": int(y.sum()),
+        "auc": {k: v[0] for k, v in rows.items()}, "balanced_accuracy": {k: v[1] for k, v in rows.items()}}, indent=2))
 
 
 if __name__ == "__main__":
