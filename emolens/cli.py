@@ -220,6 +220,7 @@ def train(
     from .data.joint import JointDataset, joint_spec, open_datasets, protocol_for
     from .engine import evaluate, fit
     from .engine.distributed import is_main
+    from .engine.trainer import evaluate_members, member_caches
     from .models import create_model
     from .weights import load_model
     from .checkpoints import atomic_write_json
@@ -252,8 +253,8 @@ def train(
             by_dataset = {}
             if isinstance(ds, JointDataset):  # each dataset's figures on its own scale
                 best = load_model(out)
-                by_dataset = {m.spec: evaluate(best, m, rows, config) for m, rows in
-                              zip(ds.members, ds.member_rows(chosen.test)) if rows}
+                caches = member_caches(best, ds, config, out / "cache")
+                by_dataset = {m.spec: figures for m, figures in evaluate_members(best, ds, chosen.test, config, caches)}
             atomic_write_json(out / "metrics.json", {"best_epoch": result.best_epoch, "val": result.val_metrics,
                                                      "test": test, "test_by_dataset": by_dataset,
                                                      "train_seconds": result.train_seconds, "bad_images": bad})
@@ -603,16 +604,6 @@ def index(
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
-def affect_filter(valence: str | None, arousal: str | None):
-    """``--valence``/``--arousal`` as an :class:`~emolens.retrieval.index.AffectFilter` (exit 2 if unreadable)."""
-    from .retrieval.index import AffectFilter, AffectRange
-
-    try:
-        return AffectFilter(*(None if text is None else AffectRange.parse(text) for text in (valence, arousal)))
-    except ValueError as e:
-        fail(str(e))
-
-
 @app.command()
 def search(
     query: str = typer.Argument(None, help="An image: find the indexed images that feel most like it."),
@@ -628,9 +619,12 @@ def search(
     """Affective search: by example image, by emotion, or by valence and arousal; ranges narrow any of them."""
     import json
 
-    from .retrieval.index import AffectiveIndex, AffectiveIndexError
+    from .retrieval.index import AffectFilter, AffectiveIndex, AffectiveIndexError
 
-    within = affect_filter(valence, arousal)
+    try:
+        within = AffectFilter.parse(valence, arousal)
+    except ValueError as e:
+        fail(str(e))
     if query is not None and emotion is not None or not (query or emotion or within):
         fail("give a query image or --emotion (one of them), or --valence/--arousal ranges")
     if k < 1:

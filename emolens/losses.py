@@ -114,7 +114,6 @@ class DistributionKL(nn.Module):
         return F.kl_div(outputs["logits"].log_softmax(-1), targets["distribution"], reduction="batchmean")
 
 
-#: The loss a task trains with unless one is named.
 # --- metric learning (paper 002) ----------------------------------------------------------------
 
 
@@ -291,6 +290,7 @@ class SemiHardTripletLoss(MetricLoss):
         return F.relu(d_ap - chosen + self.margin)[valid].mean() if valid.any() else emb.sum() * 0
 
 
+#: The loss a task trains with unless one is named.
 DEFAULT_LOSS = {"emotion": "ce", "polarity": "ce", "distribution": "kl", "va": "mse", "joint": "joint"}
 
 #: Spec keys that configure the loss rather than the model (``lambda`` is a Python keyword).

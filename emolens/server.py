@@ -160,7 +160,7 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
                limits: Limits = Limits(), allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS, device: str = "cpu"):
     """The app; ``model`` as for :class:`Predictor`, ``db`` an index folder made by ``emolens index``;
     requests whose ``Host`` is not one of ``allowed_hosts`` are refused (``"*"`` allows any)."""
-    from .retrieval.index import AffectFilter, AffectiveIndex, AffectiveIndexError, AffectRange
+    from .retrieval.index import AffectFilter, AffectiveIndex, AffectiveIndexError
 
     predictor = Predictor(model, keep=("embedding",), max_pixels=limits.max_pixels, device=device)
     batcher = PredictBatcher(predictor, max_queued=limits.max_queued_images)
@@ -272,7 +272,7 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
 
     def ranges(valence: str | None, arousal: str | None) -> AffectFilter:
         try:
-            return AffectFilter(*(None if t is None else AffectRange.parse(t) for t in (valence, arousal)))
+            return AffectFilter.parse(valence, arousal)
         except ValueError as e:
             raise HTTPException(400, str(e))
 

@@ -146,9 +146,6 @@ class AffectScale:
     def from_common(self, values) -> np.ndarray:
         return self.low + (np.asarray(values, dtype=np.float64) + 1) * (self.high - self.low) / 2
 
-    def to_dict(self) -> dict[str, float]:
-        return {"low": self.low, "high": self.high}
-
 
 #: What a ``va`` model predicts: valence and arousal on the common scale, not classes.
 AFFECT = Taxonomy("affect", AFFECT_DIMENSIONS, (None, None), "Valence and arousal on the common scale [-1, 1].")

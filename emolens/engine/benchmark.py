@@ -18,7 +18,7 @@ from ..models import create_model
 from ..weights import library_versions, load_model
 from ..retrieval.metrics import evaluate_retrieval
 from .data import FeatureCache, image_loader, task_targets_arrays
-from .trainer import TrainConfig, embed, evaluate, feature_cache, fit
+from .trainer import TrainConfig, embed, evaluate, evaluate_members, fit, member_caches
 
 #: Columns of the printed table (those a task has).
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "positive_recall", "kl", "cosine", "wheel_distance",
@@ -85,9 +85,10 @@ def retrieval_figures(model, dataset: EmotionDataset, fold, config: TrainConfig,
 
 def retrieval_member(dataset: JointDataset, fold: Fold, taxonomy) -> tuple[EmotionDataset, Fold]:
     """The first member labelled in ``taxonomy`` (a joint model's own class space) and ``fold`` in its rows."""
-    for member, *parts in zip(dataset.members, *(dataset.member_rows(getattr(fold, p)) for p in ("train", "val", "test"))):
+    parts = (dataset.member_rows(getattr(fold, p)) for p in ("train", "val", "test"))
+    for member, *rows in zip(dataset.members, *parts):
         if member.taxonomy is taxonomy:
-            return member, Fold(*parts)
+            return member, Fold(*rows)
     raise ValueError(f"no dataset of this joint run is labelled in {taxonomy.name}")
 
 
@@ -135,18 +136,15 @@ def run_benchmark(dataset: EmotionDataset, specs: list[str], task: str, out_dir:
             best = load_model(run_dir)
             test = evaluate(best, dataset, fold.test, config, cache_dir=cache_dir, progress=progress)
             if isinstance(dataset, JointDataset):  # each dataset's figures, on its own scale
-                # Members are scored from the joint run's frozen features, not from caches of their own.
-                joint_cache = feature_cache(best, dataset, cache_dir, config, progress) if config.freeze_backbone else None
-                parts = {id(m): joint_cache.part(start, len(m)) if joint_cache else None
-                         for m, start in zip(dataset.members, dataset.offsets)}
-                for member, rows in zip(dataset.members, dataset.member_rows(fold.test)):
-                    test.update({f"{member.kind}.{k}": v for k, v in evaluate(
-                        best, member, rows, config, progress=progress, cache=parts[id(member)]).items()})
+                caches = member_caches(best, dataset, config, cache_dir, progress)
+                for member, figures in evaluate_members(best, dataset, fold.test, config, caches, progress):
+                    test.update({f"{member.kind}.{k}": v for k, v in figures.items()})
             test_paths = [dataset.samples[i].path for i in fold.test[:timing_images]]
             if retrieval and isinstance(dataset, JointDataset):
                 member, member_fold = retrieval_member(dataset, fold, best.taxonomy)
+                cache = next(c for m, c in zip(dataset.members, caches) if m is member)
                 test.update({f"{member.kind}.{k}": v for k, v in retrieval_figures(
-                    best, member, member_fold, config, None, progress, retrieval_protocol, parts[id(member)]).items()})
+                    best, member, member_fold, config, None, progress, retrieval_protocol, cache).items()})
             elif retrieval:
                 test.update(retrieval_figures(best, dataset, fold, config, cache_dir, progress, retrieval_protocol))
             test["infer_ms_per_image"] = inference_ms_per_image(best, test_paths, config.batch_size, config.workers)

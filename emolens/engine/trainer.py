@@ -550,6 +550,23 @@ def evaluate(model: EmotionModel, dataset: EmotionDataset, rows: list[int], conf
     return (metrics, errors) if with_errors else metrics
 
 
+def member_caches(model: EmotionModel, dataset: JointDataset, config: TrainConfig, cache_dir: str | Path | None,
+                  progress: bool = True) -> list[FeatureCache | None]:
+    """Each member's rows of the joint dataset's frozen-feature cache under ``cache_dir`` (views: one cache
+    serves every member); ``None`` each where the features are not cached."""
+    cache = (feature_cache(model, dataset, Path(cache_dir), config, progress)
+             if cache_dir and config.freeze_backbone else None)
+    return [cache.part(start, len(m)) if cache else None for m, start in zip(dataset.members, dataset.offsets)]
+
+
+def evaluate_members(model: EmotionModel, dataset: JointDataset, rows: list[int], config: TrainConfig,
+                     caches: Sequence[FeatureCache | None], progress: bool = True) -> list[tuple[EmotionDataset, dict]]:
+    """(member, its figures on its own scale) for each member with images among the joint ``rows``;
+    ``caches`` as :func:`member_caches` gives them."""
+    return [(member, evaluate(model, member, member_rows, config, progress=progress, cache=cache))
+            for member, member_rows, cache in zip(dataset.members, dataset.member_rows(rows), caches) if member_rows]
+
+
 @torch.inference_mode()
 def embed(model: EmotionModel, dataset: EmotionDataset, row_sets: Sequence[list[int]], config: TrainConfig | None = None,
           cache_dir: str | Path | None = None, progress: bool = True,

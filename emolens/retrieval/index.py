@@ -112,6 +112,11 @@ class AffectFilter:
     valence: AffectRange | None = None
     arousal: AffectRange | None = None
 
+    @classmethod
+    def parse(cls, valence: str | None = None, arousal: str | None = None) -> "AffectFilter":
+        """From ``LOW:HIGH`` texts (``None``: that dimension is free); ``ValueError`` names a bad one."""
+        return cls(*(None if text is None else AffectRange.parse(text) for text in (valence, arousal)))
+
     def __bool__(self) -> bool:
         return self.valence is not None or self.arousal is not None
 
@@ -390,7 +395,6 @@ class AffectiveIndex:
                      within: AffectFilter = AffectFilter()) -> tuple[Prediction, list[Hit]]:
         """The query's own prediction and the ``k`` images that feel most like it (itself left out)."""
         self.check_model(predictor)
-        self._check_filter(within)
         good, bad = predictor.predict([image])
         if bad:
             raise ImageLoadError(bad[0].source, bad[0].reason)
