@@ -36,8 +36,7 @@ def pooled_features(dataset, backbone_name: str, levels: bool = False) -> np.nda
     parts = []
     for batch in loader:
         out = backbone(batch["image"])
-        parts.append(torch.cat([out["pooled"], *(level.mean((2, 3)) for level in out["levels"])] if levels
-                               else [out["pooled"]], 1).numpy())
+        parts.append(torch.cat([out["pooled"], *(out["level_means"] if levels else [])], 1).numpy())
     return np.concatenate(parts)
 
 
