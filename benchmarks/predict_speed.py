@@ -5,7 +5,7 @@ Compares a naive loop (PIL open, transform, one image per eager PyTorch forward 
 channels-last) and ``onnx`` (ONNX Runtime on the cached export; the one-off export is timed
 separately). Each runs in its own process, so its peak RSS (own + largest child) is its own.
 
-    python benchmarks/predict_speed.py [--images ../shared/data/flickr_ldl/images] [--n 256]
+    python benchmarks/predict_speed.py [--images ../shared/data/flickr_ldl/images] [--n 256] [--compare OTHER]
 """
 
 from __future__ import annotations
@@ -57,29 +57,33 @@ def run_naive(paths: list[Path]) -> int:
     return len(paths)
 
 
-def run_predictor(paths: list[Path], batch_size: int, workers: int | None, backend: str) -> int:
+def run_predictor(paths: list[Path], batch_size: int, workers: int | None, backend: str, model: str | None = None) -> int:
     from emolens.predict import Predictor
 
-    predictor = Predictor(batch_size=batch_size, workers=workers, backend=backend)
+    predictor = Predictor(model, batch_size=batch_size, workers=workers, backend=backend)
     assert predictor.backend == backend
     good, _ = predictor.predict(paths)
     return len(good)
 
 
-def run_export() -> int:
+def run_export(model: str = "default") -> int:
     from emolens.runtime import onnx_model_for
 
-    onnx_model_for("default")
+    onnx_model_for(model)
     return 0
 
 
-def child(mode: str, listing: Path, batch_size: int, workers: int | None) -> None:
+def child(mode: str, listing: Path, batch_size: int, workers: int | None, model: str | None) -> None:
     paths = [Path(p) for p in listing.read_text().split("\n") if p]
     t0 = time.perf_counter()
     if mode == "export":
         done = run_export()
     elif mode == "naive":
         done = run_naive(paths)
+    elif mode == "compare":  # another model, the way the default runs: ONNX Runtime, cached export
+        run_export(model)
+        t0 = time.perf_counter()
+        done = run_predictor(paths, batch_size, workers, "onnx", model)
     else:
         done = run_predictor(paths, batch_size, workers, backend=mode)
     seconds = time.perf_counter() - t0
@@ -94,11 +98,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    ap.add_argument("--compare", help="another saved model (e.g. a previous default), timed like the default on "
+                    "ONNX Runtime in the same run")
+    ap.add_argument("--child", choices=(*MODES, "compare"), help=argparse.SUPPRESS)
     ap.add_argument("--listing", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.listing, args.batch_size, args.workers)
+        child(args.child, args.listing, args.batch_size, args.workers, args.compare)
         return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -110,10 +116,12 @@ def main() -> None:
         listing.write_text("\n".join(map(str, paths)))
         results = {}
         os.environ["EMOLENS_CACHE"] = str(tmp / "cache")  # a cold cache: the export is measured, then reused
-        for mode in MODES:
+        for mode in (*MODES, "compare") if args.compare else MODES:
             cmd = [sys.executable, __file__, "--child", mode, "--listing", str(listing), "--batch-size", str(args.batch_size)]
             if args.workers is not None:
                 cmd += ["--workers", str(args.workers)]
+            if args.compare:
+                cmd += ["--compare", args.compare]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     naive = results["naive"]
@@ -124,6 +132,10 @@ def main() -> None:
         r = results[mode]
         print(f"{mode:>6}: {r['images_per_s']:6.1f} images/s, peak RSS {r['peak_rss_mib']:.0f} MiB, "
               f"{r['images_per_s'] / naive['images_per_s']:.2f}x naive")
+    if args.compare:
+        r = results["compare"]
+        print(f"{args.compare} (onnx): {r['images_per_s']:.1f} images/s; "
+              f"the default runs {results['onnx']['images_per_s'] / r['images_per_s']:.2f}x its speed")
     print(json.dumps(results))
 
 
