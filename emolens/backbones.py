@@ -87,6 +87,10 @@ def hrnetv2_representation(branches: list[torch.Tensor]) -> torch.Tensor:
                                      for b in branches[1:])], 1)
 
 
+#: Parts of a timm EfficientNet/MobileNet-style network: a stem, a sequence of stages, a head conv.
+STAGED_PARTS = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
+
+
 class Backbone(nn.Module):
     """A timm network giving feature maps at several strides and its pooled pre-logit feature.
 
@@ -122,6 +126,7 @@ class Backbone(nn.Module):
         # HRNetV2's pooled map concatenates all four branches, whichever levels a model reads
         self.num_features = sum(f["num_chs"] for f in info[-self.net.num_branches:]) if branches else self.net.num_features
         self.weights = None if weights is None else str(weights)
+        self.first_tuned: int | None = None  # the first stage that trains, after tune_last_stages
         # Identities on the levels and on the pooled map give explanations (Grad-CAM) hook points on any timm network.
         self.level_maps = nn.ModuleList(nn.Identity() for _ in self.level_indices)
         self.final_map = nn.Identity()
@@ -155,6 +160,59 @@ class Backbone(nn.Module):
         state.update({k: v for k, v in own.items() if k.endswith("num_batches_tracked") and k not in state})
         load_into(self.net, state, source=f"weights {weights} for backbone {self.name!r}")
 
+    # --- tuning the last stages: the frozen stages run once (and are cached), the rest train -----------
+
+    @property
+    def stage_count(self) -> int:
+        """How many stages :meth:`tune_last_stages` can choose from (0: the network is not split this way)."""
+        return len(self.net.blocks) if all(hasattr(self.net, a) for a in STAGED_PARTS) else 0
+
+    def tune_last_stages(self, count: int) -> None:
+        """Train only the last ``count`` stages and the head conv: earlier stages get no gradients, and every
+        BatchNorm keeps its ImageNet statistics (batches of mixed datasets are too small to re-estimate them)."""
+        if not self.stage_count:
+            raise ValueError(f"backbone {self.name!r} has no stem/stages/head-conv layout (EfficientNet's) "
+                             "to tune the last stages of: fine-tune all of it or freeze it")
+        if not 1 <= count <= self.stage_count:
+            raise ValueError(f"backbone {self.name!r} has {self.stage_count} stages: tune 1 to {self.stage_count}")
+        self.first_tuned = self.stage_count - count
+        frozen = {id(p) for p in self.frozen_stages().parameters()}
+        for p in self.parameters():
+            p.requires_grad_(id(p) not in frozen)
+        self.train(self.training)
+
+    def frozen_stages(self) -> "FrozenStages":
+        """The stem and the stages before the tuned ones (the same modules, not copies)."""
+        return FrozenStages(self)
+
+    def tuned_parts(self) -> list[str]:
+        """Names (under this module) of what :meth:`tune_last_stages` trains: what a checkpoint must keep."""
+        return [f"net.blocks.{i}" for i in range(self.first_tuned, self.stage_count)] + ["net.conv_head", "net.bn2"]
+
+    def from_frozen(self, frozen: torch.Tensor) -> dict[str, object]:
+        """:meth:`forward`'s outputs from the frozen stages' output; the levels only where every one of them
+        lies in the tuned stages."""
+        level_after = {end: i for i, end in enumerate(self.net.stage_ends)}  # stages run -> feature level
+        x, found = frozen, {}
+        for depth in range(self.first_tuned, self.stage_count):
+            x = self.net.blocks[depth](x)
+            if level_after.get(depth + 1) in self.level_indices:
+                found[level_after[depth + 1]] = x
+        final = self.final_map(self.net.bn2(self.net.conv_head(x)))
+        out: dict[str, object] = {"final": final, "pooled": self.net.forward_head(final, pre_logits=True)}
+        if len(found) == len(self.level_indices):
+            levels = [hook(found[i]) for hook, i in zip(self.level_maps, self.level_indices)]
+            out.update(levels=levels, level_means=[level.mean((2, 3)) for level in levels])
+        return out
+
+    def train(self, mode: bool = True) -> "Backbone":
+        super().train(mode)
+        if self.first_tuned is not None:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
     def level_module(self, level: int) -> nn.Module:
         """The module whose output is ``levels[level]`` (a hook point for explanations)."""
         return self.level_maps[level]
@@ -169,6 +227,22 @@ class Backbone(nn.Module):
         final = self.final_map(final)
         return {"levels": levels, "level_means": means, "final": final,
                 "pooled": self.net.forward_head(final, pre_logits=True)}
+
+
+class FrozenStages(nn.Module):
+    """A split backbone's frozen stages as a feature source, ``{"frozen": map}``: what a feature cache keeps
+    when the last stages train (named by the backbone and the cut, so caches of other cuts live apart)."""
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.stages = nn.Sequential(backbone.net.conv_stem, backbone.net.bn1, *backbone.net.blocks[:backbone.first_tuned])
+        self.name = f"{backbone.name}-stages{backbone.first_tuned}"
+        self.preprocessing = backbone.preprocessing
+        # the modules are the backbone's: a new wrapper must not flip them to training mode when restored
+        self.training = backbone.training
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"frozen": self.stages(x)}
 
 
 #: timm's VGG keeps fc6 and fc7 as convolutions (``pre_logits``) where torchvision's has linear layers

@@ -131,7 +131,7 @@ def train_config(o: dict):
 
     config = TrainConfig(
         epochs=o["epochs"], batch_size=o["batch_size"], optimizer=o["optimizer"], lr=o["lr"],
-        freeze_backbone=o["freeze_backbone"], workers=o["workers"], seed=o["seed"], select=o["select"],
+        freeze_backbone=o["freeze_backbone"], tune_stages=o["tune_stages"], workers=o["workers"], seed=o["seed"], select=o["select"],
         patience=o["patience"] or None, init=o["init"], init_parts=listed(o["init_parts"], str), device=o["device"],
         precision=o["precision"], channels_last=o["channels_last"], weight_decay=o["weight_decay"],
         lr_steps=listed(o["lr_steps"], int), step_size=o["lr_step_every"], gamma=o["gamma"],
@@ -148,6 +148,9 @@ OPTIM = typer.Option("sgd", help="sgd (momentum 0.9, step decay, as in the paper
 LR = typer.Option(None, help="Learning rate (default: 1e-3 fine-tuning, 3e-3 frozen; a tenth with adamw).")
 FREEZE = typer.Option(False, "--freeze-backbone", help="Train only the model's own layers; the backbone's features are "
                       "cached on disk once (within --cache-budget) or computed on the fly.")
+TUNE_STAGES = typer.Option(0, "--tune-stages", help="Train only the backbone's last N stages and its head conv "
+                           "(EfficientNet backbones; BatchNorm statistics stay ImageNet's): the frozen stages' output "
+                           "is cached like --freeze-backbone's features, so fine-tuning runs on a CPU.")
 LIMIT = typer.Option(None, "--limit", help="Use only N images of the dataset (each class in turn), for a quick check "
                      "of a long run; the same as the dataset option limit=N.")
 CACHE_BUDGET = typer.Option(None, "--cache-budget", help="GiB of frozen-backbone features kept on disk (default 4 on a "
@@ -206,7 +209,8 @@ def train(
     folds: int = typer.Option(5, help="k of the k-fold protocol."),
     backbone: str = typer.Option("efficientnet_lite0", help="timm backbone name."),
     backbone_weights: str = typer.Option("imagenet", help="'imagenet' (bundled), a local weights file, or 'none'."),
-    freeze_backbone: bool = FREEZE, epochs: int = EPOCHS, batch_size: int = BATCH, optimizer: str = OPTIM,
+    freeze_backbone: bool = FREEZE, tune_stages: int = TUNE_STAGES, epochs: int = EPOCHS, batch_size: int = BATCH,
+    optimizer: str = OPTIM,
     lr: float = LR, workers: int = WORKERS, seed: int = SEED, select: str = SELECT, patience: int = PATIENCE,
     init: str = INIT, init_parts: str = INIT_PARTS, device: str = DEVICE, precision: str = PRECISION,
     channels_last: bool = CHANNELS_LAST, weight_decay: float = WEIGHT_DECAY, lr_steps: str = LR_STEPS,
@@ -322,7 +326,8 @@ def benchmark(
     task: str = TASK, folds: int = typer.Option(5, help="k of the k-fold cross-validation."),
     backbone: str = typer.Option(None, help="timm backbone for every model (default: each model's default)."),
     backbone_weights: str = typer.Option("imagenet", help="'imagenet' (bundled), a local weights file, or 'none'."),
-    freeze_backbone: bool = FREEZE, epochs: int = EPOCHS, batch_size: int = BATCH, optimizer: str = OPTIM,
+    freeze_backbone: bool = FREEZE, tune_stages: int = TUNE_STAGES, epochs: int = EPOCHS, batch_size: int = BATCH,
+    optimizer: str = OPTIM,
     lr: float = LR, workers: int = WORKERS, seed: int = SEED, select: str = SELECT, patience: int = PATIENCE,
     init: str = INIT, init_parts: str = INIT_PARTS, device: str = DEVICE, precision: str = PRECISION,
     channels_last: bool = CHANNELS_LAST, weight_decay: float = WEIGHT_DECAY, lr_steps: str = LR_STEPS,

@@ -33,22 +33,27 @@ def library_versions() -> dict[str, str]:
             "timm": timm.__version__, "python": platform.python_version()}
 
 
-def model_state(model: EmotionModel, include_backbone: bool = True) -> dict[str, torch.Tensor]:
+def model_state(model: EmotionModel, include_backbone: bool | Sequence[str] = True) -> dict[str, torch.Tensor]:
+    """The tensors to save: all, all but the backbone's (``False``), or of the backbone only the parts named
+    (``["backbone.net.blocks.6", ...]``: tuned stages over bundled weights)."""
     state = model.state_dict()
-    if not include_backbone:
-        state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
-    return state
+    if include_backbone is True:
+        return state
+    kept = tuple(f"{part}." for part in include_backbone or ())
+    return {k: v for k, v in state.items() if not k.startswith("backbone.") or k.startswith(kept)}
 
 
-def save_model(model: EmotionModel, path: str | Path, include_backbone: bool = True, half: bool = False,
-               **meta) -> Path:
-    """Write ``path`` (.safetensors + .json). ``include_backbone=False`` needs a bundled-weights backbone."""
-    if not include_backbone and model.spec.get("backbone_weights") != "imagenet":
+def save_model(model: EmotionModel, path: str | Path, include_backbone: bool | Sequence[str] = True,
+               half: bool = False, **meta) -> Path:
+    """Write ``path`` (.safetensors + .json). Leaving out the backbone, or all of it but some parts
+    (:func:`model_state`), needs a bundled-weights backbone: the rest comes from its package."""
+    if include_backbone is not True and model.spec.get("backbone_weights") != "imagenet":
         raise ValueError("only a model on bundled backbone weights can be saved without its backbone")
     if model.limitations:
         meta["card"] = {**meta.get("card", {}), "limitations": model.limitations}
     full_meta = {"format": FORMAT_VERSION, "spec": model.spec, "preprocessing": model.preprocessing.to_dict(),
-                 "include_backbone": include_backbone, "versions": library_versions(), **meta}
+                 "include_backbone": include_backbone if isinstance(include_backbone, bool) else list(include_backbone),
+                 "versions": library_versions(), **meta}
     return save_checkpoint(path, model_state(model, include_backbone), full_meta, half=half)
 
 
@@ -74,7 +79,7 @@ def load_model(source: str | Path = DEFAULT_MODEL) -> EmotionModel:
     path = resolve_weights(source)
     state, meta = load_checkpoint(path)
     with_backbone = meta.get("include_backbone", True)
-    model = model_from_meta(meta, backbone_weights=None if with_backbone else meta["spec"].get("backbone_weights"))
+    model = model_from_meta(meta, backbone_weights=None if with_backbone is True else meta["spec"].get("backbone_weights"))
     expected = model_state(model, with_backbone)
     load_into(_Subset(model, expected.keys()), state, source=str(path))
     model.meta = meta

@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,6 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from .. import metrics as M
+from ..backbones import blank_image, eval_mode
 from ..checkpoints import CheckpointError, load_checkpoint, load_into, save_checkpoint
 from ..data.joint import JointDataset, is_affect, label_spaces, rating_output, serves
 from ..data.protocols import Fold
@@ -60,6 +61,7 @@ class TrainConfig:
     patience: int | None = 10  # early stopping: epochs without a better validation figure
     select: str = "loss"  # validation figure that picks the checkpoint
     freeze_backbone: bool = False
+    tune_stages: int = 0  # train the backbone's last N stages only (EfficientNet); the rest is frozen and cached
     workers: int = 2
     seed: int = 0
     init: str | None = None  # start from this run's (or checkpoint's) weights: transfer learning
@@ -90,6 +92,11 @@ class TrainConfig:
         else:
             passed = epoch // (self.step_size or max(1, math.ceil(self.epochs / 3)))
         return warm * self.gamma ** passed
+
+    @property
+    def caches_features(self) -> bool:
+        """Whether a frozen part of the backbone runs once per image and is cached (within the budget)."""
+        return self.freeze_backbone or self.tune_stages > 0
 
     def learning_rate(self) -> float:
         if self.lr is not None:
@@ -169,9 +176,16 @@ def joint_metrics(targets: Targets, rows: np.ndarray, predicted: dict[str, np.nd
 # --- batches from images or from cached features -------------------------------------------------
 
 
-#: What a batch holds and how the model meets it: cached backbone features (the head alone), images through a
-#: frozen backbone run under no_grad (the head's view is the same as from the cache), or images through all.
-FEEDS = ("cached", "frozen", "images")
+#: What a batch holds and how the model meets it: cached backbone features (the head alone), the cached output of
+#: the backbone's frozen stages (its tuned stages and the head), images through a frozen backbone run under
+#: no_grad (the head's view is the same as from the cache), or images through all.
+FEEDS = ("cached", "stages", "frozen", "images")
+
+
+def feed_for(config: TrainConfig, cache: FeatureCache | None) -> str:
+    if cache is not None:
+        return "stages" if config.tune_stages else "cached"
+    return "frozen" if config.freeze_backbone else "images"
 
 
 class _Forward(nn.Module):
@@ -190,6 +204,9 @@ def run_model(model: EmotionModel, inputs: dict, feed: str) -> dict:
     ride along in every case."""
     if feed == "cached":
         return model.head_outputs(inputs)
+    if feed == "stages":
+        rest = {k: v for k, v in inputs.items() if k != "frozen"}
+        return model.head_outputs({**model.backbone.from_frozen(inputs["frozen"]), **rest})
     extras = {k: v for k, v in inputs.items() if k != "images"}
     if feed == "frozen":
         with torch.no_grad():
@@ -202,7 +219,7 @@ class _Batches:
     """Yields ``(inputs, index, errors)`` for sample rows, from the feature cache or by decoding images."""
 
     def __init__(self, dataset: EmotionDataset, cache: FeatureCache | None, config: TrainConfig, model: EmotionModel,
-                 placement: Placement, balanced_labels: np.ndarray | None = None):
+                 placement: Placement, feed: str, balanced_labels: np.ndarray | None = None):
         self.placement = placement  # batches come out on its device
         self.paths = [s.path for s in dataset.samples]
         self.balanced_labels = balanced_labels  # training batches of P classes x M images (metric losses)
@@ -213,7 +230,7 @@ class _Batches:
         self.extras = {k: torch.from_numpy(dataset.extras[k]) for k in model.extra_keys}
         self.cache, self.config = cache, config
         self.affect_scale = dataset.affect_scale  # figures of valence and arousal on the dataset's own scale
-        self.feed = "cached" if cache is not None else "frozen" if config.freeze_backbone else "images"
+        self.feed = feed
         # A frozen backbone sees what a cache would hold: the evaluation view, never a random crop.
         augment = model.random_crops and self.feed == "images"
         self.train_tf = train_transform(model.preprocessing) if augment else eval_transform(model.preprocessing)
@@ -248,14 +265,17 @@ class _Batches:
 
 def feature_cache(model: EmotionModel, dataset: EmotionDataset, cache_dir: Path, config: TrainConfig,
                   progress: bool = True, placement: Placement | None = None) -> FeatureCache | None:
-    """The frozen backbone's features of every sample of ``dataset``, on disk under ``cache_dir`` (built once,
-    resumable); ``None`` when they would take more than the cache budget: the backbone then runs on the fly."""
+    """The frozen backbone's features (or, tuning the last stages, its frozen stages' output) of every sample of
+    ``dataset``, on disk under ``cache_dir`` (built once, resumable); ``None`` when they would take more than the
+    cache budget: the backbone then runs on the fly."""
     placement = placement or config.placement()
     paths = [s.path for s in dataset.samples]
-    meta = cache_key(paths, model.backbone, list(model.feature_keys))
+    source, keys = ((model.backbone.frozen_stages(), ["frozen"]) if config.tune_stages else
+                    (model.backbone, list(model.feature_keys)))
+    meta = cache_key(paths, source, keys)
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
     # caches of other backbones, weights or levels live side by side
-    plan = plan_cache(model.backbone, model.feature_keys, meta, Path(cache_dir) / f"features-{model.backbone.name}-{digest}")
+    plan = plan_cache(source, keys, meta, Path(cache_dir) / f"features-{source.name}-{digest}")
     cache = open_cache(plan)
     if cache is not None:
         return cache
@@ -269,7 +289,7 @@ def feature_cache(model: EmotionModel, dataset: EmotionDataset, cache_dir: Path,
     if is_main():
         if progress:
             console.print(f"caching backbone features: {size} in {plan.folder}")
-        cache = build_cache(plan, model.backbone, paths, config.batch_size, config.workers, progress, placement)
+        cache = build_cache(plan, source, paths, config.batch_size, config.workers, progress, placement)
     barrier()
     return cache if cache is not None else open_cache(plan)
 
@@ -332,15 +352,12 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
         init_from(model, config.init, config.init_parts)
     placement.model(model)
 
-    if config.freeze_backbone:
-        for p in model.backbone.parameters():
-            p.requires_grad_(False)
-        cache = feature_cache(model, dataset, Path(cache_dir or out_dir / "cache"), config, progress and is_main(),
-                              placement)
-    else:
-        cache = None
+    freeze_backbone_parts(model, config)
+    cache = (feature_cache(model, dataset, Path(cache_dir or out_dir / "cache"), config, progress and is_main(),
+                           placement) if config.caches_features else None)
     balanced = getattr(loss_fn, "needs_class_balanced_batches", False)
-    batches = _Batches(dataset, cache, config, model, placement, targets["label"] if balanced else None)
+    batches = _Batches(dataset, cache, config, model, placement, feed_for(config, cache),
+                       targets["label"] if balanced else None)
     scaler = placement.grad_scaler()
     lr = config.learning_rate()
     params = [{"params": [p for p in model.head_parameters() if p.requires_grad]}]
@@ -432,8 +449,7 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
             stale += 1
         if is_main():
             if improved:
-                include_backbone = not (config.freeze_backbone and model.spec.get("backbone_weights") == "imagenet")
-                save_model(model, out_dir / "best.safetensors", include_backbone=include_backbone,
+                save_model(model, out_dir / "best.safetensors", include_backbone=saved_backbone(model, config),
                            **run_meta, epoch=epoch + 1, val_metrics=val_metrics)
             opt_tensors, opt_meta = _optimizer_tensors(opt)
             save_checkpoint(last_path, {**model_state(model), **opt_tensors},
@@ -448,6 +464,33 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
         console.print(f"[yellow]{len(bad_images)} image(s) could not be used and were left out[/]")
     return FitResult(best_epoch + 1, sign * best_score, best_val, history, seconds_before + time.perf_counter() - t0,
                      bad_images)
+
+
+def freeze_backbone_parts(model: EmotionModel, config: TrainConfig) -> None:
+    """Stop the gradients of what ``config`` keeps frozen: the whole backbone, or all but its last stages (refused
+    where the model reads levels those stages would freeze)."""
+    if config.freeze_backbone and config.tune_stages:
+        raise ValueError("freezing the backbone and tuning its last stages exclude each other: choose one")
+    if config.freeze_backbone:
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+    elif config.tune_stages:
+        backbone = model.backbone
+        backbone.tune_last_stages(config.tune_stages)
+        with eval_mode(backbone), torch.no_grad():
+            given = backbone.from_frozen(backbone.frozen_stages()(blank_image(backbone))["frozen"])
+        missing = [k for k in model.feature_keys if k not in given]
+        if missing:
+            raise ValueError(f"model {model.spec.get('name')} reads the backbone's {', '.join(missing)}, which come from "
+                             f"stages that tuning the last {config.tune_stages} would freeze: tune more of them")
+
+
+def saved_backbone(model: EmotionModel, config: TrainConfig) -> bool | list[str]:
+    """What of the backbone a checkpoint keeps: nothing of bundled weights left frozen, only the tuned stages of
+    bundled weights, else all of it."""
+    if model.spec.get("backbone_weights") != "imagenet" or not config.caches_features:
+        return True
+    return [f"backbone.{part}" for part in model.backbone.tuned_parts()] if config.tune_stages else False
 
 
 def step_optimizer(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
@@ -528,10 +571,12 @@ def _batches_for(model: EmotionModel, dataset: EmotionDataset, config: TrainConf
     feature cache when there is one (``cache``, given, or the one under ``cache_dir``), else from images."""
     placement = config.placement()
     placement.model(model)
-    if cache is None and cache_dir and config.freeze_backbone:
+    if config.tune_stages and model.backbone.first_tuned is None:  # a model loaded from its checkpoint
+        model.backbone.tune_last_stages(config.tune_stages)
+    if cache is None and cache_dir and config.caches_features:
         cache = feature_cache(model, dataset, Path(cache_dir), config, progress, placement)
-    config = replace(config, freeze_backbone=cache is not None)  # scoring without a cache runs the whole model
-    return _Batches(dataset, cache, config, model, placement)
+    # scoring without a cache runs the whole model
+    return _Batches(dataset, cache, config, model, placement, feed_for(config, cache) if cache is not None else "images")
 
 
 def evaluate(model: EmotionModel, dataset: EmotionDataset, rows: list[int], config: TrainConfig | None = None,
@@ -554,8 +599,10 @@ def member_caches(model: EmotionModel, dataset: JointDataset, config: TrainConfi
                   progress: bool = True) -> list[FeatureCache | None]:
     """Each member's rows of the joint dataset's frozen-feature cache under ``cache_dir`` (views: one cache
     serves every member); ``None`` each where the features are not cached."""
+    if config.tune_stages and model.backbone.first_tuned is None:
+        model.backbone.tune_last_stages(config.tune_stages)
     cache = (feature_cache(model, dataset, Path(cache_dir), config, progress)
-             if cache_dir and config.freeze_backbone else None)
+             if cache_dir and config.caches_features else None)
     return [cache.part(start, len(m)) if cache else None for m, start in zip(dataset.members, dataset.offsets)]
 
 

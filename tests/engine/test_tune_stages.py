@@ -1,0 +1,119 @@
+"""Tuning a backbone's last stages: the frozen stages run once (cached), the rest trains; a checkpoint over
+bundled weights keeps only the tuned stages."""
+
+import pytest
+import torch
+
+from helpers import make_ldl_dataset, tiny_model
+from emolens import create_model
+from emolens.backbones import Backbone
+from emolens.data import load_dataset, make_protocol
+from emolens.data.transforms import eval_transform
+from emolens.engine import TrainConfig, evaluate, fit
+from emolens.engine.trainer import feature_cache, run_model
+from emolens.images import load_image
+from emolens.weights import load_model, save_model
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    ds = load_dataset(make_ldl_dataset(tmp_path / "data", per_class=6))
+    return ds, make_protocol(ds, "split", seed=0, fractions=(0.6, 0.2, 0.2)).folds[0]
+
+
+def config(**kw):
+    return TrainConfig(**{**dict(epochs=2, batch_size=4, workers=0, patience=None, optimizer="adamw", lr=3e-2,
+                                 tune_stages=2), **kw})
+
+
+def test_the_tuned_stages_continue_exactly_where_the_frozen_ones_stop():
+    backbone = Backbone("test_efficientnet", weights=None).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        whole = backbone(x)
+        for count in (1, 3, backbone.stage_count):
+            backbone.tune_last_stages(count)
+            split = backbone.from_frozen(backbone.frozen_stages()(x)["frozen"])
+            torch.testing.assert_close(split["pooled"], whole["pooled"])
+    # every level lies in the tuned stages only when all of them train
+    for level, reference in zip(split["levels"], whole["levels"]):
+        torch.testing.assert_close(level, reference)
+    backbone.tune_last_stages(1)
+    with torch.no_grad():
+        assert "levels" not in backbone.from_frozen(backbone.frozen_stages()(x)["frozen"])
+
+
+def test_only_the_last_stages_get_gradients_and_batchnorm_keeps_its_statistics():
+    backbone = Backbone("test_efficientnet", weights=None)
+    backbone.tune_last_stages(2)
+    tuned = {f"net.{name}" for name in ("blocks.3", "blocks.4", "conv_head", "bn2")}
+    for name, p in backbone.named_parameters():
+        assert p.requires_grad == name.startswith(tuple(tuned)), name
+    backbone.train()
+    assert not any(m.training for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert sorted(backbone.tuned_parts()) == sorted(tuned)
+
+
+def test_stage_counts_out_of_range_and_unstaged_backbones_are_refused():
+    backbone = Backbone("test_efficientnet", weights=None)
+    with pytest.raises(ValueError, match="5 stages: tune 1 to 5"):
+        backbone.tune_last_stages(6)
+    with pytest.raises(ValueError, match="no stem/stages/head-conv layout"):
+        Backbone("test_resnet", weights=None).tune_last_stages(1)
+
+
+def test_fit_trains_the_tuned_stages_on_the_cached_frozen_output_and_leaves_the_rest(tiny, tmp_path):
+    ds, fold = tiny
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    fit(model, ds, fold, tmp_path / "run", config(), cache_dir=tmp_path / "cache", progress=False)
+    after = model.backbone.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("net.blocks.3.", "net.blocks.4.", "net.conv_head.", "net.bn2.")) for k in changed)
+    assert not any(k.endswith(("running_mean", "running_var")) for k in changed)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"features-test_efficientnet-stages3-" +
+                                                               p.name.rsplit("-", 1)[1] for p in (tmp_path / "cache").iterdir()]
+
+
+def test_scoring_from_the_cache_equals_scoring_from_images(tiny, tmp_path):
+    ds, fold = tiny
+    model = tiny_model()
+    fit(model, ds, fold, tmp_path / "run", config(epochs=1), cache_dir=tmp_path / "cache", progress=False)
+    model.eval()
+    cache = feature_cache(model, ds, tmp_path / "cache", config(), progress=False)
+    rows = torch.tensor([0, 4, 7])
+    images = torch.stack([eval_transform(model.preprocessing)(load_image(ds.samples[r].path)) for r in rows.tolist()])
+    with torch.no_grad():
+        from_images = run_model(model, {"images": images}, "images")["logits"]
+        from_cache = run_model(model, cache.batch(rows), "stages")["logits"]
+    torch.testing.assert_close(from_cache, from_images, atol=2e-2, rtol=2e-2)
+    cached = evaluate(model, ds, fold.test, config(), cache_dir=tmp_path / "cache", progress=False)
+    uncached = evaluate(model, ds, fold.test, config(), progress=False)
+    assert cached["accuracy"] == uncached["accuracy"]
+    assert cached["kl"] == pytest.approx(uncached["kl"], abs=1e-2)
+
+
+def test_freezing_and_tuning_together_and_levels_in_frozen_stages_are_refused(tiny, tmp_path):
+    ds, fold = tiny
+    with pytest.raises(ValueError, match="exclude each other"):
+        fit(tiny_model(), ds, fold, tmp_path / "a", config(freeze_backbone=True), progress=False)
+    with pytest.raises(ValueError, match="tune more of them"):
+        fit(tiny_model("maiafa:width=8,groups=2"), ds, fold, tmp_path / "b", config(tune_stages=1), progress=False)
+
+
+def test_a_checkpoint_over_bundled_weights_keeps_only_the_tuned_stages(tmp_path):
+    model = create_model("global", taxonomy="mikels")
+    model.backbone.tune_last_stages(1)
+    with torch.no_grad():
+        model.backbone.net.blocks[6][0].conv_pwl.weight.mul_(2)
+        model.classifier.weight.normal_()
+    parts = [f"backbone.{p}" for p in model.backbone.tuned_parts()]
+    save_model(model, tmp_path / "m.safetensors", include_backbone=parts)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        backbone_keys = [k for k in f.keys() if k.startswith("backbone.")]
+    assert backbone_keys and all(k.startswith(tuple(f"{p}." for p in parts)) for k in backbone_keys)
+    loaded = load_model(tmp_path / "m.safetensors")
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, msg=key)
