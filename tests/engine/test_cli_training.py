@@ -34,6 +34,20 @@ def test_train_then_evaluate_then_resume(tmp_path):
     assert "resuming" in result.output and "epoch 3/3" in result.output and "epoch 1/3" not in result.output
 
 
+def test_train_tuning_the_last_stages_caches_the_frozen_ones_and_scores_the_test_part(tmp_path):
+    spec = make_ldl_dataset(tmp_path / "data", per_class=6)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--model", "global", "--data", spec, "--out", str(out), "--epochs", "2",
+                                 "--tune-stages", "2", "--optimizer", "adamw", "--backbone-weights", "none", *TINY])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "best.json").read_text())["train_config"]["tune_stages"] == 2
+    assert [p.name.rsplit("-", 1)[0] for p in (out / "cache").iterdir()] == [f"features-{TINY_BACKBONE}-stages3"]
+    assert json.loads((out / "metrics.json").read_text())["test"]["n"] > 0
+    both = runner.invoke(app, ["train", "--model", "global", "--data", spec, "--out", str(tmp_path / "both"),
+                               "--tune-stages", "2", "--freeze-backbone", "--backbone-weights", "none", *TINY])
+    assert both.exit_code == EXIT_ERROR and "exclude each other" in both.output
+
+
 def test_train_rejects_unknown_model_argument(tmp_path):
     spec = make_ldl_dataset(tmp_path / "data", per_class=3)
     result = runner.invoke(app, ["train", "--model", "global:wings=2", "--data", spec, "--out", str(tmp_path / "r"),
