@@ -28,6 +28,7 @@ from emolens.data.joint import JointDataset, joint_spec, open_datasets
 from emolens.data.transforms import eval_transform
 from emolens.engine import TrainConfig, fit
 from emolens.engine.benchmark import run_benchmark
+from emolens.engine.trainer import saved_backbone
 from emolens.engine.data import image_loader
 from emolens.metrics import affect_report, kl_divergence
 from emolens.models import create_model
@@ -113,7 +114,8 @@ def main() -> None:
     card.update(final_val=final["val"], best_epoch=final["best_epoch"],
                 flip_averaging_on_validation=flip_averaging(best, dataset, fold.val))
     print(json.dumps(card["flip_averaging_on_validation"], indent=2))
-    save_model(best, default_weights_path(), include_backbone=False, half=True, card=card, dataset=dataset.spec)
+    save_model(best, default_weights_path(), include_backbone=saved_backbone(best, config), half=True, card=card,
+               dataset=dataset.spec)
     atomic_write_json(args.out / "card.json", card)
     print(f"wrote {default_weights_path()}")
 

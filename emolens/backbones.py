@@ -185,9 +185,9 @@ class Backbone(nn.Module):
         """The stem and the stages before the tuned ones (the same modules, not copies)."""
         return FrozenStages(self)
 
-    def tuned_parts(self) -> list[str]:
-        """Names (under this module) of what :meth:`tune_last_stages` trains: what a checkpoint must keep."""
-        return [f"net.blocks.{i}" for i in range(self.first_tuned, self.stage_count)] + ["net.conv_head", "net.bn2"]
+    def tuned_parts(self, count: int) -> list[str]:
+        """Names (under this module) of what ``tune_last_stages(count)`` trains: what a checkpoint must keep."""
+        return [f"net.blocks.{i}" for i in range(self.stage_count - count, self.stage_count)] + ["net.conv_head", "net.bn2"]
 
     def from_frozen(self, frozen: torch.Tensor) -> dict[str, object]:
         """:meth:`forward`'s outputs from the frozen stages' output; the levels only where every one of them

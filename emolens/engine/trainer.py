@@ -490,7 +490,7 @@ def saved_backbone(model: EmotionModel, config: TrainConfig) -> bool | list[str]
     bundled weights, else all of it."""
     if model.spec.get("backbone_weights") != "imagenet" or not config.caches_features:
         return True
-    return [f"backbone.{part}" for part in model.backbone.tuned_parts()] if config.tune_stages else False
+    return [f"backbone.{part}" for part in model.backbone.tuned_parts(config.tune_stages)] if config.tune_stages else False
 
 
 def step_optimizer(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:

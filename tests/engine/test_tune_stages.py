@@ -51,7 +51,7 @@ def test_only_the_last_stages_get_gradients_and_batchnorm_keeps_its_statistics()
         assert p.requires_grad == name.startswith(tuple(tuned)), name
     backbone.train()
     assert not any(m.training for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    assert sorted(backbone.tuned_parts()) == sorted(tuned)
+    assert sorted(backbone.tuned_parts(2)) == sorted(tuned)
 
 
 def test_stage_counts_out_of_range_and_unstaged_backbones_are_refused():
@@ -107,7 +107,7 @@ def test_a_checkpoint_over_bundled_weights_keeps_only_the_tuned_stages(tmp_path)
     with torch.no_grad():
         model.backbone.net.blocks[6][0].conv_pwl.weight.mul_(2)
         model.classifier.weight.normal_()
-    parts = [f"backbone.{p}" for p in model.backbone.tuned_parts()]
+    parts = [f"backbone.{p}" for p in model.backbone.tuned_parts(1)]
     save_model(model, tmp_path / "m.safetensors", include_backbone=parts)
     from safetensors import safe_open
 
