@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from .. import metrics as M
-from ..backbones import blank_image, eval_mode
+from ..backbones import Backbone, blank_image, eval_mode
 from ..checkpoints import CheckpointError, load_checkpoint, load_into, save_checkpoint
 from ..data.joint import JointDataset, is_affect, label_spaces, rating_output, serves
 from ..data.protocols import Fold
@@ -475,14 +475,24 @@ def freeze_backbone_parts(model: EmotionModel, config: TrainConfig) -> None:
         for p in model.backbone.parameters():
             p.requires_grad_(False)
     elif config.tune_stages:
-        backbone = model.backbone
-        backbone.tune_last_stages(config.tune_stages)
+        backbone = split_backbone(model, config.tune_stages)
         with eval_mode(backbone), torch.no_grad():
             given = backbone.from_frozen(backbone.frozen_stages()(blank_image(backbone))["frozen"])
         missing = [k for k in model.feature_keys if k not in given]
         if missing:
             raise ValueError(f"model {model.spec.get('name')} reads the backbone's {', '.join(missing)}, which come from "
                              f"stages that tuning the last {config.tune_stages} would freeze: tune more of them")
+
+
+def split_backbone(model: EmotionModel, count: int) -> Backbone:
+    """``model``'s backbone with its last ``count`` stages tuned and the rest frozen (once)."""
+    backbone = model.backbone
+    if not isinstance(backbone, Backbone):
+        raise ValueError(f"model {model.spec.get('name')} runs {type(backbone).__name__}, not one backbone whose "
+                         "last stages could be tuned: fine-tune it all or freeze it")
+    if backbone.first_tuned != backbone.stage_count - count:
+        backbone.tune_last_stages(count)
+    return backbone
 
 
 def saved_backbone(model: EmotionModel, config: TrainConfig) -> bool | list[str]:
@@ -571,8 +581,8 @@ def _batches_for(model: EmotionModel, dataset: EmotionDataset, config: TrainConf
     feature cache when there is one (``cache``, given, or the one under ``cache_dir``), else from images."""
     placement = config.placement()
     placement.model(model)
-    if config.tune_stages and model.backbone.first_tuned is None:  # a model loaded from its checkpoint
-        model.backbone.tune_last_stages(config.tune_stages)
+    if config.tune_stages:  # a model loaded from its checkpoint is not split yet
+        split_backbone(model, config.tune_stages)
     if cache is None and cache_dir and config.caches_features:
         cache = feature_cache(model, dataset, Path(cache_dir), config, progress, placement)
     # scoring without a cache runs the whole model
@@ -599,8 +609,8 @@ def member_caches(model: EmotionModel, dataset: JointDataset, config: TrainConfi
                   progress: bool = True) -> list[FeatureCache | None]:
     """Each member's rows of the joint dataset's frozen-feature cache under ``cache_dir`` (views: one cache
     serves every member); ``None`` each where the features are not cached."""
-    if config.tune_stages and model.backbone.first_tuned is None:
-        model.backbone.tune_last_stages(config.tune_stages)
+    if config.tune_stages:
+        split_backbone(model, config.tune_stages)
     cache = (feature_cache(model, dataset, Path(cache_dir), config, progress)
              if cache_dir and config.caches_features else None)
     return [cache.part(start, len(m)) if cache else None for m, start in zip(dataset.members, dataset.offsets)]

@@ -5,19 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_ldl_dataset, tiny_model
-from emolens.data import load_dataset, make_protocol
+from helpers import tiny_model
 from emolens.data.transforms import eval_transform
 from emolens.engine import TrainConfig, fit
 from emolens.engine.data import build_cache, cache_key, open_cache, plan_cache
 from emolens.engine.trainer import feature_cache, run_model
 from emolens.images import load_image
-
-
-@pytest.fixture
-def tiny(tmp_path):
-    ds = load_dataset(make_ldl_dataset(tmp_path / "data", per_class=6))
-    return ds, make_protocol(ds, "split", seed=0, fractions=(0.6, 0.2, 0.2)).folds[0]
 
 
 def config(**kw):

@@ -1,9 +1,8 @@
 import pytest
 import torch
 
-from helpers import make_ldl_dataset, tiny_model
+from helpers import tiny_model
 from emolens.checkpoints import load_checkpoint
-from emolens.data import load_dataset, make_protocol
 from emolens.engine import TrainConfig, evaluate, fit
 from emolens.engine.placement import Placement, resolve_device
 
@@ -33,12 +32,6 @@ def test_under_torchrun_auto_takes_this_process_gpu(monkeypatch):
         resolve_device("cuda:3")
     assert Placement(torch.device("cuda", 1)).distributed_backend() == "nccl"
     assert Placement(torch.device("cpu")).distributed_backend() == "gloo"
-
-
-@pytest.fixture
-def tiny(tmp_path):
-    ds = load_dataset(make_ldl_dataset(tmp_path / "data", per_class=6))
-    return ds, make_protocol(ds, "split", seed=0, fractions=(0.6, 0.2, 0.2)).folds[0]
 
 
 @pytest.mark.parametrize("freeze", [False, True])

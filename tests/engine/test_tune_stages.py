@@ -4,21 +4,14 @@ bundled weights keeps only the tuned stages."""
 import pytest
 import torch
 
-from helpers import make_ldl_dataset, tiny_model
+from helpers import tiny_model
 from emolens import create_model
 from emolens.backbones import Backbone
-from emolens.data import load_dataset, make_protocol
 from emolens.data.transforms import eval_transform
 from emolens.engine import TrainConfig, evaluate, fit
 from emolens.engine.trainer import feature_cache, run_model
 from emolens.images import load_image
 from emolens.weights import load_model, save_model
-
-
-@pytest.fixture
-def tiny(tmp_path):
-    ds = load_dataset(make_ldl_dataset(tmp_path / "data", per_class=6))
-    return ds, make_protocol(ds, "split", seed=0, fractions=(0.6, 0.2, 0.2)).folds[0]
 
 
 def config(**kw):
@@ -99,6 +92,8 @@ def test_freezing_and_tuning_together_and_levels_in_frozen_stages_are_refused(ti
         fit(tiny_model(), ds, fold, tmp_path / "a", config(freeze_backbone=True), progress=False)
     with pytest.raises(ValueError, match="tune more of them"):
         fit(tiny_model("maiafa:width=8,groups=2"), ds, fold, tmp_path / "b", config(tune_stages=1), progress=False)
+    with pytest.raises(ValueError, match="not one backbone"):
+        fit(tiny_model("multigap"), ds, fold, tmp_path / "c", config(), progress=False)
 
 
 def test_a_checkpoint_over_bundled_weights_keeps_only_the_tuned_stages(tmp_path):
