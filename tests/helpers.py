@@ -66,4 +66,20 @@ def rated_model(seed: int = 0):
     return model
 
 
-__all__ = ["TINY_BACKBONE", "make_ldl_dataset", "png", "rated_model", "tiny_model", "write_image"]
+def assert_feeds_agree(model, dataset, cache, image_feed: str, cache_feed: str, rows=(0, 3, 5)) -> None:
+    """``model``'s logits for some images equal fed as images (``image_feed``) and from ``cache`` (``cache_feed``)."""
+    import torch
+
+    from emolens.data.transforms import eval_transform
+    from emolens.engine.trainer import run_model
+    from emolens.images import load_image
+
+    index = torch.tensor(rows)
+    images = torch.stack([eval_transform(model.preprocessing)(load_image(dataset.samples[r].path)) for r in rows])
+    with torch.no_grad():
+        from_images = run_model(model, {"images": images}, image_feed)["logits"]
+        from_cache = run_model(model, cache.batch(index), cache_feed)["logits"]
+    torch.testing.assert_close(from_cache, from_images, atol=2e-2, rtol=2e-2)
+
+
+__all__ = ["TINY_BACKBONE", "assert_feeds_agree", "make_ldl_dataset", "png", "rated_model", "tiny_model", "write_image"]

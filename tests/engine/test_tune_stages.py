@@ -4,13 +4,11 @@ bundled weights keeps only the tuned stages."""
 import pytest
 import torch
 
-from helpers import tiny_model
+from helpers import assert_feeds_agree, tiny_model
 from emolens import create_model
 from emolens.backbones import Backbone
-from emolens.data.transforms import eval_transform
 from emolens.engine import TrainConfig, evaluate, fit
-from emolens.engine.trainer import feature_cache, run_model
-from emolens.images import load_image
+from emolens.engine.trainer import feature_cache
 from emolens.weights import load_model, save_model
 
 
@@ -74,12 +72,7 @@ def test_scoring_from_the_cache_equals_scoring_from_images(tiny, tmp_path):
     fit(model, ds, fold, tmp_path / "run", config(epochs=1), cache_dir=tmp_path / "cache", progress=False)
     model.eval()
     cache = feature_cache(model, ds, tmp_path / "cache", config(), progress=False)
-    rows = torch.tensor([0, 4, 7])
-    images = torch.stack([eval_transform(model.preprocessing)(load_image(ds.samples[r].path)) for r in rows.tolist()])
-    with torch.no_grad():
-        from_images = run_model(model, {"images": images}, "images")["logits"]
-        from_cache = run_model(model, cache.batch(rows), "stages")["logits"]
-    torch.testing.assert_close(from_cache, from_images, atol=2e-2, rtol=2e-2)
+    assert_feeds_agree(model, ds, cache, "images", "stages")
     cached = evaluate(model, ds, fold.test, config(), cache_dir=tmp_path / "cache", progress=False)
     uncached = evaluate(model, ds, fold.test, config(), progress=False)
     assert cached["accuracy"] == uncached["accuracy"]
