@@ -183,6 +183,7 @@ FEEDS = ("cached", "stages", "frozen", "images")
 
 
 def feed_for(config: TrainConfig, cache: FeatureCache | None) -> str:
+    """The :data:`FEEDS` entry that training under ``config`` with ``cache`` (or without one) uses."""
     if cache is not None:
         return "stages" if config.tune_stages else "cached"
     return "frozen" if config.freeze_backbone else "images"
