@@ -80,7 +80,7 @@ def child(mode: str, listing: Path, batch_size: int, workers: int | None, model:
         done = run_export()
     elif mode == "naive":
         done = run_naive(paths)
-    elif mode == "compare":  # another model, the way the default runs: ONNX Runtime, cached export
+    elif mode == "compare":  # one model of a compared pair: exported in this process, then timed on ONNX Runtime
         run_export(model)
         t0 = time.perf_counter()
         done = run_predictor(paths, batch_size, workers, "onnx", model)

@@ -238,8 +238,10 @@ class FrozenStages(nn.Module):
         self.stages = nn.Sequential(backbone.net.conv_stem, backbone.net.bn1, *backbone.net.blocks[:backbone.first_tuned])
         self.name = f"{backbone.name}-stages{backbone.first_tuned}"
         self.preprocessing = backbone.preprocessing
-        # the modules are the backbone's: a new wrapper must not flip them to training mode when restored
-        self.training = backbone.training
+
+    def train(self, mode: bool = True) -> "FrozenStages":
+        # Frozen stages never train: restoring a mode (``eval_mode``) must not put their BatchNorm in batch statistics.
+        return super().train(False)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"frozen": self.stages(x)}
