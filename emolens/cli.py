@@ -131,7 +131,8 @@ def train_config(o: dict):
 
     config = TrainConfig(
         epochs=o["epochs"], batch_size=o["batch_size"], optimizer=o["optimizer"], lr=o["lr"],
-        freeze_backbone=o["freeze_backbone"], tune_stages=o["tune_stages"], workers=o["workers"], seed=o["seed"], select=o["select"],
+        freeze_backbone=o["freeze_backbone"], tune_stages=o["tune_stages"],
+        cache_views=o["cache_views"], workers=o["workers"], seed=o["seed"], select=o["select"],
         patience=o["patience"] or None, init=o["init"], init_parts=listed(o["init_parts"], str), device=o["device"],
         precision=o["precision"], channels_last=o["channels_last"], weight_decay=o["weight_decay"],
         lr_steps=listed(o["lr_steps"], int), step_size=o["lr_step_every"], gamma=o["gamma"],
@@ -151,6 +152,9 @@ FREEZE = typer.Option(False, "--freeze-backbone", help="Train only the model's o
 TUNE_STAGES = typer.Option(0, "--tune-stages", help="Train only the backbone's last N stages and its head conv "
                            "(EfficientNet backbones; BatchNorm statistics stay ImageNet's): the frozen stages' output "
                            "is cached like --freeze-backbone's features, so fine-tuning runs on a CPU.")
+CACHE_VIEWS = typer.Option(0, "--cache-views", help="With --freeze-backbone or --tune-stages: also cache N random "
+                          "crops and flips of each image; each training epoch takes every image from one of them "
+                          "(augmentation at cache speed; evaluation keeps the plain view).")
 LIMIT = typer.Option(None, "--limit", help="Use only N images of the dataset (each class in turn), for a quick check "
                      "of a long run; the same as the dataset option limit=N.")
 CACHE_BUDGET = typer.Option(None, "--cache-budget", help="GiB of frozen-backbone features kept on disk (default 4 on a "
@@ -209,7 +213,8 @@ def train(
     folds: int = typer.Option(5, help="k of the k-fold protocol."),
     backbone: str = typer.Option("efficientnet_lite0", help="timm backbone name."),
     backbone_weights: str = typer.Option("imagenet", help="'imagenet' (bundled), a local weights file, or 'none'."),
-    freeze_backbone: bool = FREEZE, tune_stages: int = TUNE_STAGES, epochs: int = EPOCHS, batch_size: int = BATCH,
+    freeze_backbone: bool = FREEZE, tune_stages: int = TUNE_STAGES, cache_views: int = CACHE_VIEWS,
+    epochs: int = EPOCHS, batch_size: int = BATCH,
     optimizer: str = OPTIM,
     lr: float = LR, workers: int = WORKERS, seed: int = SEED, select: str = SELECT, patience: int = PATIENCE,
     init: str = INIT, init_parts: str = INIT_PARTS, device: str = DEVICE, precision: str = PRECISION,
@@ -326,7 +331,8 @@ def benchmark(
     task: str = TASK, folds: int = typer.Option(5, help="k of the k-fold cross-validation."),
     backbone: str = typer.Option(None, help="timm backbone for every model (default: each model's default)."),
     backbone_weights: str = typer.Option("imagenet", help="'imagenet' (bundled), a local weights file, or 'none'."),
-    freeze_backbone: bool = FREEZE, tune_stages: int = TUNE_STAGES, epochs: int = EPOCHS, batch_size: int = BATCH,
+    freeze_backbone: bool = FREEZE, tune_stages: int = TUNE_STAGES, cache_views: int = CACHE_VIEWS,
+    epochs: int = EPOCHS, batch_size: int = BATCH,
     optimizer: str = OPTIM,
     lr: float = LR, workers: int = WORKERS, seed: int = SEED, select: str = SELECT, patience: int = PATIENCE,
     init: str = INIT, init_parts: str = INIT_PARTS, device: str = DEVICE, precision: str = PRECISION,

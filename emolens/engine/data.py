@@ -19,7 +19,7 @@ from .placement import Placement
 from ..data.joint import JointDataset, space_targets
 from ..data.samples import EmotionDataset
 from ..backbones import blank_image, eval_mode
-from ..data.transforms import eval_transform
+from ..data.transforms import eval_transform, train_transform
 from ..identity import weights_digest
 from ..images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from ..taxonomy import dominant_label
@@ -148,9 +148,12 @@ def collate_images(items: list[dict]) -> dict[str, Any]:
 
 
 def image_loader(paths, transform, batch_size: int, workers: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 pin_memory: bool = False) -> DataLoader:
-    """One pass over ``paths`` in order."""
-    return DataLoader(ImageFiles(paths, transform, max_pixels), batch_size=batch_size, num_workers=workers,
+                 pin_memory: bool = False, seeds: Sequence[int] | None = None) -> DataLoader:
+    """One pass over ``paths`` in order; with ``seeds`` (one per path) ``transform`` is a random one drawn from
+    each image's seed alone."""
+    files = ImageFiles(paths, transform, max_pixels)
+    keys = list(zip(range(len(paths)), seeds)) if seeds is not None else None
+    return DataLoader(files, batch_size=batch_size, sampler=keys, num_workers=workers,
                       collate_fn=collate_images, prefetch_factor=4 if workers else None, pin_memory=pin_memory)
 
 
@@ -169,8 +172,8 @@ def planned_loader(paths, transform, workers: int, pin_memory: bool = False,
 
 @dataclass
 class FeatureCache:
-    """Backbone outputs (eval transform, no augmentation) for a list of images, in fp16 on disk and read
-    lazily (memory-mapped), so a cache never has to fit in memory.
+    """Backbone outputs for a list of images (in the evaluation view, or one random view: :func:`build_cache`), in
+    fp16 on disk and read lazily (memory-mapped), so a cache never has to fit in memory.
 
     ``features["pooled"]`` is (N, D); ``features["levels"]`` a list of (N, C, H, W). ``errors``
     maps the position of an unusable image to the reason; those rows are zeros and must not be used.
@@ -199,6 +202,30 @@ class FeatureCache:
         features = {key: [v[start:start + count] for v in value] if isinstance(value, list) else
                     value[start:start + count] for key, value in self.features.items()}
         return FeatureCache(features, count, {r - start: e for r, e in self.errors.items() if start <= r < start + count})
+
+
+@dataclass
+class CachedViews:
+    """Several caches of the same images, each of other random crops and flips: a training batch takes each of its
+    images from one view, drawn from the batch's seed."""
+
+    caches: list[FeatureCache]
+
+    def batch(self, rows: torch.Tensor, seed: Sequence[int]) -> dict[str, Any]:
+        order = np.asarray(rows)
+        choice = np.random.default_rng(list(seed)).integers(len(self.caches), size=len(order))
+
+        def take(arrays: list) -> torch.Tensor:  # one feature, from every view
+            out = np.empty((len(order), *arrays[0].shape[1:]), dtype=arrays[0].dtype)
+            for view, array in enumerate(arrays):
+                picked = choice == view
+                out[picked] = array[order[picked]]
+            return torch.from_numpy(out).float()
+
+        first = self.caches[0].features
+        return {key: [take([c.features[key][i] for c in self.caches]) for i in range(len(value))]
+                if isinstance(value, list) else take([c.features[key] for c in self.caches])
+                for key, value in first.items()}
 
 
 @dataclass
@@ -251,10 +278,11 @@ def open_cache(plan: CachePlan) -> FeatureCache | None:
 
 @torch.inference_mode()
 def build_cache(plan: CachePlan, backbone, paths: Sequence[Path], batch_size: int = 32, workers: int = 2,
-                progress: bool = True, placement: Placement | None = None) -> FeatureCache:
+                progress: bool = True, placement: Placement | None = None, view: int | None = None) -> FeatureCache:
     """Fill the cache shard by shard (``plan.shard_size`` images each): a shard's rows are written and
     flushed, then the shard is recorded as done in one atomic write, so a killed build resumes at the
-    first shard not recorded. Unusable images are recorded, not fatal."""
+    first shard not recorded. Unusable images are recorded, not fatal. The images are seen in the evaluation
+    view, or with ``view`` in a random crop and flip that only ``view`` and the image's row decide."""
     placement = placement or Placement(torch.device("cpu"))
     plan.folder.mkdir(parents=True, exist_ok=True)
     state = _read_json(plan.folder / "shards.json")
@@ -272,12 +300,14 @@ def build_cache(plan: CachePlan, backbone, paths: Sequence[Path], batch_size: in
     todo = [k for k in range(plan.shards) if k not in state["done"]]
     shard_rows = {k: range(k * plan.shard_size, min(len(paths), (k + 1) * plan.shard_size)) for k in todo}
     with eval_mode(backbone), Progress(transient=True, disable=not progress) as bar:
-        task = bar.add_task("caching backbone features", total=len(paths),
-                            completed=len(paths) - sum(map(len, shard_rows.values())))
+        task = bar.add_task("caching backbone features" + (f" (view {view})" if view is not None else ""),
+                            total=len(paths), completed=len(paths) - sum(map(len, shard_rows.values())))
+        pre = backbone.preprocessing
         for shard, rows in shard_rows.items():
             first = rows.start
-            loader = image_loader([paths[r] for r in rows], eval_transform(backbone.preprocessing), batch_size, workers,
-                                  pin_memory=placement.pin_memory)
+            loader = image_loader([paths[r] for r in rows], eval_transform(pre) if view is None else train_transform(pre),
+                                  batch_size, workers, pin_memory=placement.pin_memory,
+                                  seeds=None if view is None else [(view + 1) * 1_000_003 + r for r in rows])
             for batch in loader:
                 state["errors"].update({str(first + i): r for i, r in batch["errors"]})
                 if len(batch["index"]):

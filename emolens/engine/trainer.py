@@ -34,7 +34,7 @@ from ..models import EmotionModel
 from ..regions import dataset_region_boxes
 from ..taxonomy import AFFECT_DIMENSIONS, MIKELS_WHEEL_ORDER, AffectScale, Taxonomy, wheel_steps
 from ..weights import init_from, model_state, save_model
-from .data import (FeatureCache, Targets, batch_targets, build_cache, cache_key, epoch_batches, open_cache, plan_cache,
+from .data import (CachedViews, FeatureCache, Targets, batch_targets, build_cache, cache_key, epoch_batches, open_cache, plan_cache,
                    planned_loader, task_targets_arrays)
 from .distributed import barrier, gather, init_distributed, is_main, sync_buffers
 from .placement import Placement
@@ -62,6 +62,7 @@ class TrainConfig:
     select: str = "loss"  # validation figure that picks the checkpoint
     freeze_backbone: bool = False
     tune_stages: int = 0  # train the backbone's last N stages only (EfficientNet); the rest is frozen and cached
+    cache_views: int = 0  # with a cached frozen part: N random crops and flips of each image cached for training
     workers: int = 2
     seed: int = 0
     init: str | None = None  # start from this run's (or checkpoint's) weights: transfer learning
@@ -220,8 +221,10 @@ class _Batches:
     """Yields ``(inputs, index, errors)`` for sample rows, from the feature cache or by decoding images."""
 
     def __init__(self, dataset: EmotionDataset, cache: FeatureCache | None, config: TrainConfig, model: EmotionModel,
-                 placement: Placement, feed: str, balanced_labels: np.ndarray | None = None):
+                 placement: Placement, feed: str, balanced_labels: np.ndarray | None = None,
+                 views: CachedViews | None = None):
         self.placement = placement  # batches come out on its device
+        self.views = views  # training batches come from these random views instead of the cache's evaluation view
         self.paths = [s.path for s in dataset.samples]
         self.balanced_labels = balanced_labels  # training batches of P classes x M images (metric losses)
         missing = [k for k in model.extra_keys if k not in dataset.extras]
@@ -232,8 +235,8 @@ class _Batches:
         self.cache, self.config = cache, config
         self.affect_scale = dataset.affect_scale  # figures of valence and arousal on the dataset's own scale
         self.feed = feed
-        # A frozen backbone sees what a cache would hold: the evaluation view, never a random crop.
-        augment = model.random_crops and self.feed == "images"
+        # A frozen backbone sees what a cache would hold: random crops only where the cache keeps random views.
+        augment = model.random_crops and (self.feed == "images" or (self.feed == "frozen" and config.cache_views > 0))
         self.train_tf = train_transform(model.preprocessing) if augment else eval_transform(model.preprocessing)
         self.eval_tf = eval_transform(model.preprocessing)
         self.loader: tuple | None = None  # the persistent loader and its plan, made on first use
@@ -242,9 +245,11 @@ class _Batches:
         batches = epoch_batches(self.cache.usable(rows) if self.cache is not None else rows, self.config.batch_size,
                                 train, epoch_seed, rank, world, self.balanced_labels)
         if self.cache is not None:
-            for batch in batches:
+            for number, batch in enumerate(batches):
                 idx = torch.as_tensor(batch, dtype=torch.long)
-                yield self.placement.batch({**self.cache.batch(idx), **self._extras(idx)}), idx, []
+                features = (self.views.batch(idx, (epoch_seed, rank, number)) if train and self.views is not None
+                            else self.cache.batch(idx))
+                yield self.placement.batch({**features, **self._extras(idx)}), idx, []
             return
         if self.loader is None:  # one pool of workers for training and evaluation passes alike
             self.loader = planned_loader(self.paths, self.eval_tf, self.config.workers, self.placement.pin_memory,
@@ -265,15 +270,18 @@ class _Batches:
 
 
 def feature_cache(model: EmotionModel, dataset: EmotionDataset, cache_dir: Path, config: TrainConfig,
-                  progress: bool = True, placement: Placement | None = None) -> FeatureCache | None:
+                  progress: bool = True, placement: Placement | None = None, view: int | None = None) -> FeatureCache | None:
     """The frozen backbone's features (or, tuning the last stages, its frozen stages' output) of every sample of
-    ``dataset``, on disk under ``cache_dir`` (built once, resumable); ``None`` when they would take more than the
-    cache budget: the backbone then runs on the fly."""
+    ``dataset`` in the evaluation view (or random view number ``view``), on disk under ``cache_dir`` (built once,
+    resumable); ``None`` when these and ``config.cache_views`` random views would take more than the cache budget:
+    the backbone then runs on the fly."""
     placement = placement or config.placement()
     paths = [s.path for s in dataset.samples]
     source, keys = ((model.backbone.frozen_stages(), ["frozen"]) if config.tune_stages else
                     (model.backbone, list(model.feature_keys)))
     meta = cache_key(paths, source, keys)
+    if view is not None:
+        meta["view"] = view
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:20]
     # caches of other backbones, weights or levels live side by side
     plan = plan_cache(source, keys, meta, Path(cache_dir) / f"features-{source.name}-{digest}")
@@ -281,8 +289,10 @@ def feature_cache(model: EmotionModel, dataset: EmotionDataset, cache_dir: Path,
     if cache is not None:
         return cache
     budget = config.cache_budget_bytes(placement)
-    size = f"{len(paths)} images x {plan.bytes / max(len(paths), 1) / 2**10:.0f} KiB = {plan.bytes / 2**30:.2f} GiB"
-    if plan.bytes > budget:
+    copies = 1 + config.cache_views
+    size = (f"{len(paths)} images x {plan.bytes / max(len(paths), 1) / 2**10:.0f} KiB"
+            f"{f' x {copies} views' if copies > 1 else ''} = {copies * plan.bytes / 2**30:.2f} GiB")
+    if copies * plan.bytes > budget:
         if is_main() and progress:
             console.print(f"backbone features would take {size}, above the cache budget of {budget / 2**30:.2f} GiB: "
                           "the frozen backbone runs on the fly")
@@ -290,7 +300,7 @@ def feature_cache(model: EmotionModel, dataset: EmotionDataset, cache_dir: Path,
     if is_main():
         if progress:
             console.print(f"caching backbone features: {size} in {plan.folder}")
-        cache = build_cache(plan, source, paths, config.batch_size, config.workers, progress, placement)
+        cache = build_cache(plan, source, paths, config.batch_size, config.workers, progress, placement, view)
     barrier()
     return cache if cache is not None else open_cache(plan)
 
@@ -356,9 +366,12 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
     freeze_backbone_parts(model, config)
     cache = (feature_cache(model, dataset, Path(cache_dir or out_dir / "cache"), config, progress and is_main(),
                            placement) if config.caches_features else None)
+    views = (CachedViews([feature_cache(model, dataset, Path(cache_dir or out_dir / "cache"), config,
+                                        progress and is_main(), placement, k)
+                          for k in range(config.cache_views)]) if cache is not None and config.cache_views else None)
     balanced = getattr(loss_fn, "needs_class_balanced_batches", False)
     batches = _Batches(dataset, cache, config, model, placement, feed_for(config, cache),
-                       targets["label"] if balanced else None)
+                       targets["label"] if balanced else None, views)
     scaler = placement.grad_scaler()
     lr = config.learning_rate()
     params = [{"params": [p for p in model.head_parameters() if p.requires_grad]}]
@@ -472,6 +485,11 @@ def freeze_backbone_parts(model: EmotionModel, config: TrainConfig) -> None:
     where the model reads levels those stages would freeze)."""
     if config.freeze_backbone and config.tune_stages:
         raise ValueError("freezing the backbone and tuning its last stages exclude each other: choose one")
+    if config.cache_views and not config.caches_features:
+        raise ValueError("cached random views need a cached frozen part: add --freeze-backbone or --tune-stages")
+    if config.cache_views and not model.random_crops:
+        raise ValueError(f"model {model.spec.get('name')} trains on the evaluation view only (its targets lie in that "
+                         "view's frame): random views cannot be cached for it")
     if config.freeze_backbone:
         for p in model.backbone.parameters():
             p.requires_grad_(False)

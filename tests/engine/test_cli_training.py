@@ -48,6 +48,16 @@ def test_train_tuning_the_last_stages_caches_the_frozen_ones_and_scores_the_test
     assert both.exit_code == EXIT_ERROR and "exclude each other" in both.output
 
 
+def test_train_with_cached_views_records_them_and_caches_each(tmp_path):
+    spec = make_ldl_dataset(tmp_path / "data", per_class=6)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--model", "global", "--data", spec, "--out", str(out), "--epochs", "1",
+                                 "--freeze-backbone", "--cache-views", "2", "--backbone-weights", "none", *TINY])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "best.json").read_text())["train_config"]["cache_views"] == 2
+    assert len(list((out / "cache").iterdir())) == 3
+
+
 def test_train_rejects_unknown_model_argument(tmp_path):
     spec = make_ldl_dataset(tmp_path / "data", per_class=3)
     result = runner.invoke(app, ["train", "--model", "global:wings=2", "--data", spec, "--out", str(tmp_path / "r"),
