@@ -38,7 +38,7 @@ from emolens.weights import load_model, save_model
 
 DATA = ("flickr_ldl=../shared/data/flickr_ldl", "oasis=../shared/data/oasis", "emotion6=../shared/data/emotion6")
 RECIPE = "global:affect_heads=per_dataset,embed=256,affect_weight=5"
-TRAINING = dict(optimizer="adamw", lr=1e-3, backbone_lr=1e-4, epochs=30, patience=5, tune_stages=2)
+TRAINING = dict(optimizer="adamw", lr=1e-3, backbone_lr=1e-4, epochs=30, patience=5, tune_stages=2, cache_views=4)
 
 
 def final_fold(dataset: JointDataset, seed: int, val_fraction: float = 0.05) -> Fold:
