@@ -34,8 +34,8 @@ from ..models import EmotionModel
 from ..regions import dataset_region_boxes
 from ..taxonomy import AFFECT_DIMENSIONS, MIKELS_WHEEL_ORDER, AffectScale, Taxonomy, wheel_steps
 from ..weights import init_from, model_state, save_model
-from .data import (CachedViews, FeatureCache, Targets, batch_targets, build_cache, cache_key, epoch_batches, open_cache, plan_cache,
-                   planned_loader, task_targets_arrays)
+from .data import (CachedViews, FeatureCache, Targets, batch_targets, build_cache, cache_key, epoch_batches, open_cache,
+                   plan_cache, planned_loader, task_targets_arrays)
 from .distributed import barrier, gather, init_distributed, is_main, sync_buffers
 from .placement import Placement
 
