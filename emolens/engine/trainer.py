@@ -364,10 +364,10 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
     placement.model(model)
 
     freeze_backbone_parts(model, config)
-    cache = (feature_cache(model, dataset, Path(cache_dir or out_dir / "cache"), config, progress and is_main(),
-                           placement) if config.caches_features else None)
-    views = (CachedViews([feature_cache(model, dataset, Path(cache_dir or out_dir / "cache"), config,
-                                        progress and is_main(), placement, k)
+    cache_folder = Path(cache_dir or out_dir / "cache")
+    cache = (feature_cache(model, dataset, cache_folder, config, progress and is_main(), placement)
+             if config.caches_features else None)
+    views = (CachedViews([feature_cache(model, dataset, cache_folder, config, progress and is_main(), placement, k)
                           for k in range(config.cache_views)]) if cache is not None and config.cache_views else None)
     balanced = getattr(loss_fn, "needs_class_balanced_batches", False)
     batches = _Batches(dataset, cache, config, model, placement, feed_for(config, cache),
@@ -482,7 +482,8 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
 
 def freeze_backbone_parts(model: EmotionModel, config: TrainConfig) -> None:
     """Stop the gradients of what ``config`` keeps frozen: the whole backbone, or all but its last stages (refused
-    where the model reads levels those stages would freeze)."""
+    where the model reads levels those stages would freeze); cached random views are refused where nothing frozen
+    is cached or the model trains on the evaluation view only."""
     if config.freeze_backbone and config.tune_stages:
         raise ValueError("freezing the backbone and tuning its last stages exclude each other: choose one")
     if config.cache_views and not config.caches_features:

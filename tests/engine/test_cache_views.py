@@ -70,7 +70,7 @@ def test_fit_builds_the_views_and_counts_them_in_the_cache_budget(tiny, tmp_path
     model = tiny_model()
     model.backbone.tune_last_stages(2)
     one = feature_cache(model, ds, tmp_path / "cache", config(), progress=False)
-    size = sum(a.nbytes for a in (np.asarray(one.features["frozen"]),)) / 2**30
+    size = np.asarray(one.features["frozen"]).nbytes / 2**30
     assert feature_cache(model, ds, tmp_path / "new", config(cache_budget=size * 2.5), progress=False) is None
     assert feature_cache(model, ds, tmp_path / "new", config(cache_budget=size * 3.5), progress=False) is not None
 
