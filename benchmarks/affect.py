@@ -32,7 +32,8 @@ SHOWN = ("valence_pearson", "valence_ccc", "valence_mae", "arousal_pearson", "ar
 def pooled_features(dataset, backbone_name: str, levels: bool = False) -> np.ndarray:
     """The backbone's pooled feature per image; with ``levels``, each level's spatial mean joins it."""
     backbone = create_backbone(backbone_name).eval()
-    loader = image_loader([s.path for s in dataset.samples], eval_transform(backbone.preprocessing), 32, 2)
+    loader = image_loader([s.path for s in dataset.samples], eval_transform(backbone.preprocessing), 32, 2,
+                          min_side=backbone.preprocessing.resize)
     parts = []
     for batch in loader:
         out = backbone(batch["image"])

@@ -64,7 +64,7 @@ def flip_averaging(model, dataset: JointDataset, rows: list[int]) -> dict[str, f
     model.eval()
     paths = [dataset.samples[r].path for r in rows]
     plain, flipped = [], []
-    for batch in image_loader(paths, eval_transform(model.preprocessing), 32, 2):
+    for batch in image_loader(paths, eval_transform(model.preprocessing), 32, 2, min_side=model.preprocessing.resize):
         plain.append(model(batch["image"]))
         flipped.append(model(batch["image"].flip(-1)))
     join = {k: torch.cat([o[k] for o in plain]).float().numpy() for k in plain[0]}

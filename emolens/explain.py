@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from .images import DEFAULT_MAX_PIXELS, ImageLoadError
 from .models import EmotionModel
 from .storage import atomic_write
 
@@ -102,7 +102,7 @@ class Explainer:
 
     def explain(self, source: str | os.PathLike | Image.Image, target: str | None = None) -> Explanation:
         """Raises :class:`ImageLoadError` for an unusable image, ``ValueError`` for an unknown target."""
-        view = self.preprocessing.crop(load_image(source, self.max_pixels))
+        view = self.preprocessing.crop(self.preprocessing.load(source, self.max_pixels))
         name = getattr(source, "filename", "") if isinstance(source, Image.Image) else str(source)
         return self.explain_view(view, target, name or "<image>")
 

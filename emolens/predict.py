@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .identity import ModelIdentity, model_identity
-from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from .images import DEFAULT_MAX_PIXELS, ImageLoadError
 from .preprocessing import Preprocessing
 from .storage import DEFAULT_MODEL
 from .taxonomy import AFFECT, Taxonomy
@@ -168,7 +168,7 @@ class Predictor:
 
     def prepare(self, item: str | os.PathLike | Image.Image) -> np.ndarray:
         """One input as a model-ready array; raises :class:`ImageLoadError` for an unusable image."""
-        return self.preprocessing(load_image(item, self.max_pixels))
+        return self.preprocessing(self.preprocessing.load(item, self.max_pixels))
 
     def _decode(self, item) -> np.ndarray | ImageLoadError:
         try:

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+from .images import DEFAULT_MAX_PIXELS, load_image
+
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
              "nearest": Image.Resampling.NEAREST}
 
@@ -34,6 +36,11 @@ class Preprocessing:
     def resize(self) -> int:
         """The shorter side before the centre crop."""
         return int(math.floor(self.size / self.crop_pct))
+
+    def load(self, source, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+        """``source`` (a path, bytes or PIL image) as RGB, a large JPEG decoded at a reduced scale that still
+        covers :attr:`resize`: how every inference and training path opens an image for this model."""
+        return load_image(source, max_pixels, min_side=self.resize)
 
     def crop(self, image: Image.Image) -> Image.Image:
         """The RGB ``size`` x ``size`` view the model sees: shorter side to ``size / crop_pct``, centre crop."""

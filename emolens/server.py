@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .identity import model_identity
-from .images import ImageLoadError, declared_pixels, load_image
+from .images import ImageLoadError, declared_pixels
 from .predict import Prediction, Predictor
 
 
@@ -205,7 +205,7 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
         out = []
         for blob in data:
             try:
-                view = predictor.preprocessing.crop(load_image(blob, limits.max_pixels))
+                view = predictor.preprocessing.crop(predictor.preprocessing.load(blob, limits.max_pixels))
                 out.append((predictor.preprocessing.normalise(view), view))
             except ImageLoadError as e:
                 out.append(e)

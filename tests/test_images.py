@@ -149,3 +149,36 @@ def test_files_that_would_stall_a_read_are_reported_not_read(tmp_path):
     assert [Path(p.source).name for p in good] == ["fine.png"]
     assert {Path(e.source).name: e.reason for e in bad} == {"stall.jpg": "not a regular file",
                                                           "endless.png": "not a regular file"}
+
+
+def smooth_photo(width, height, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+
+
+def test_a_large_jpeg_decodes_at_a_reduced_scale_that_still_covers_the_view(tmp_path):
+    smooth_photo(2048, 1536).save(tmp_path / "big.jpg", quality=92)
+    smooth_photo(2048, 1536).save(tmp_path / "big.png")
+    assert load_image(tmp_path / "big.jpg").size == (2048, 1536)  # no side asked for: every pixel
+    assert load_image(tmp_path / "big.jpg", min_side=256).size == (512, 384)  # 1/4 scale; 1/8 would be 192 < 256
+    assert load_image(tmp_path / "big.jpg", min_side=768).size == (1024, 768)  # exactly half
+    assert load_image(tmp_path / "big.jpg", min_side=769).size == (2048, 1536)  # half would be too short
+    assert load_image(tmp_path / "big.png", min_side=256).size == (2048, 1536)  # only JPEG decoders scale
+    assert load_image((tmp_path / "big.jpg").read_bytes(), min_side=256).size == (512, 384)
+
+
+def test_a_reduced_jpeg_gives_the_models_view_of_the_full_decode(tmp_path):
+    from emolens.preprocessing import Preprocessing
+
+    pre = Preprocessing(size=224, mean=(0.5,) * 3, std=(0.5,) * 3)
+    smooth_photo(3000, 2000).save(tmp_path / "big.jpg", quality=92)
+    reduced, full = pre(pre.load(tmp_path / "big.jpg")), pre(load_image(tmp_path / "big.jpg"))
+    assert pre.load(tmp_path / "big.jpg").size == (750, 500)  # 1/4 scale: 1/8 would be 250 < 256
+    assert np.abs(reduced - full).mean() < 0.005 and np.abs(reduced - full).max() < 0.05  # on a [-1, 1] scale
+
+
+def test_a_reduced_jpeg_still_takes_its_exif_orientation(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    smooth_photo(2048, 1024).save(tmp_path / "rotated.jpg", exif=exif)
+    assert load_image(tmp_path / "rotated.jpg", min_side=256).size == (256, 512)

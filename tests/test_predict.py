@@ -209,3 +209,47 @@ def test_inference_commands_take_a_device_and_refuse_an_absent_one(tmp_path, mon
         assert result.exit_code == EXIT_ERROR and "no CUDA GPU" in " ".join(result.output.split()), args
     ok = runner.invoke(app, ["predict", str(photo), *model, "--backend", "torch", "--device", "cpu", "--format", "json"])
     assert ok.exit_code == 0 and len(json.loads(ok.stdout)["predictions"]) == 1
+
+
+def test_every_path_sees_a_large_jpeg_as_predict_does(tmp_path):
+    """A large JPEG decodes at a reduced scale in predict, the training engine, explain and the server alike."""
+    from fastapi.testclient import TestClient
+
+    from helpers import make_ldl_dataset
+    from emolens.data import load_dataset
+    from emolens.engine import TrainConfig
+    from emolens.engine.trainer import embed
+    from emolens.explain import Explainer
+    from emolens.images import load_image
+    from emolens.runtime import export_onnx
+    from emolens.server import create_app
+
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    with torch.no_grad():
+        model.classifier.weight.mul_(3000)  # logits of order 1: small changes of the input show
+    pre = model.preprocessing
+    dataset = load_dataset(make_ldl_dataset(tmp_path / "ldl", per_class=1, classes=(0, 2), size=(1400, 1000)))
+    paths = [s.path for s in dataset.samples]
+    predictor = Predictor(model, backend="torch", keep=("embedding",))
+    prepared = predictor.prepare(paths[0])
+    assert pre.load(paths[0]).size == (350, 250)
+    assert np.abs(prepared - pre(load_image(paths[0]))).max() > 0.03  # the full decode would give another input
+    np.testing.assert_array_equal(prepared, pre(pre.load(paths[0])))
+
+    predictions, _ = predictor.predict(paths)
+    by_predict = np.stack([p.outputs["embedding"] for p in predictions])
+    by_predict /= np.linalg.norm(by_predict, axis=1, keepdims=True)
+    by_engine = embed(model, dataset, [[0, 1]], TrainConfig(workers=0), progress=False)[0][1]
+    np.testing.assert_allclose(by_engine, by_predict, atol=1e-5)
+    frozen = TrainConfig(workers=0, freeze_backbone=True)  # through the on-disk feature cache (fp16)
+    by_cache = embed(model, dataset, [[0, 1]], frozen, cache_dir=tmp_path / "cache", progress=False)[0][1]
+    np.testing.assert_allclose(by_cache, by_predict, atol=2e-3)
+
+    view = Explainer(model).explain(paths[0]).image
+    assert np.array_equal(np.asarray(view), np.asarray(pre.crop(pre.load(paths[0]))))
+
+    export_onnx(model, tmp_path / "m.onnx")
+    client = TestClient(create_app(tmp_path / "m.onnx", None), base_url="http://127.0.0.1")
+    served = client.post("/api/predict", files=[("files", ("a.jpg", Path(paths[0]).read_bytes(), "image/jpeg"))])
+    assert served.json()["results"][0]["distribution"] == pytest.approx(predictions[0].distribution, abs=1e-3)

@@ -44,7 +44,8 @@ def slug(spec: str) -> str:
 def inference_ms_per_image(model, paths, batch_size: int = 32, workers: int = 2) -> float:
     """End-to-end milliseconds per image (decode, transform, full model) over ``paths``."""
     model.eval()
-    loader = image_loader(paths, eval_transform(model.preprocessing), batch_size, workers)
+    loader = image_loader(paths, eval_transform(model.preprocessing), batch_size, workers,
+                          min_side=model.preprocessing.resize)
     n, t0 = 0, time.perf_counter()
     for batch in loader:
         if len(batch["index"]):

@@ -79,14 +79,16 @@ def batch_targets(targets: Targets, index: torch.Tensor) -> dict[str, torch.Tens
 
 class ImageFiles(Dataset):
     """Images by path; a file that cannot be used yields its error instead of stopping the loader.
-    ``seeded_transform`` (a random one, for training) serves the items asked for with a seed."""
+    ``seeded_transform`` (a random one, for training) serves the items asked for with a seed; ``min_side`` (a
+    model's :attr:`Preprocessing.resize`) lets large JPEGs decode at the reduced scale inference uses."""
 
     def __init__(self, paths: Sequence[Path | str], transform: Callable, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 seeded_transform: Callable | None = None):
+                 seeded_transform: Callable | None = None, min_side: int | None = None):
         self.paths = list(paths)
         self.transform = transform
         self.seeded_transform = seeded_transform or transform
         self.max_pixels = max_pixels
+        self.min_side = min_side
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -96,7 +98,7 @@ class ImageFiles(Dataset):
         augmentation depends on neither the worker that decodes it nor what that worker decoded before."""
         i, seed = key if isinstance(key, tuple) else (key, None)
         try:
-            image = load_image(self.paths[i], self.max_pixels)
+            image = load_image(self.paths[i], self.max_pixels, self.min_side)
             if seed is None:
                 return {"index": i, "image": self.transform(image)}
             with torch.random.fork_rng(devices=[]):
@@ -148,22 +150,24 @@ def collate_images(items: list[dict]) -> dict[str, Any]:
 
 
 def image_loader(paths, transform, batch_size: int, workers: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 pin_memory: bool = False, seeds: Sequence[int] | None = None) -> DataLoader:
+                 pin_memory: bool = False, seeds: Sequence[int] | None = None, min_side: int | None = None) -> DataLoader:
     """One pass over ``paths`` in order; with ``seeds`` (one per path) ``transform`` is a random one drawn from
-    each image's seed alone."""
-    files = ImageFiles(paths, transform, max_pixels)
+    each image's seed alone; ``min_side`` as for :class:`ImageFiles`."""
+    files = ImageFiles(paths, transform, max_pixels, min_side=min_side)
     keys = list(zip(range(len(paths)), seeds)) if seeds is not None else None
     return DataLoader(files, batch_size=batch_size, sampler=keys, num_workers=workers,
                       collate_fn=collate_images, prefetch_factor=4 if workers else None, pin_memory=pin_memory)
 
 
 def planned_loader(paths, transform, workers: int, pin_memory: bool = False,
-                   seeded_transform: Callable | None = None) -> tuple[DataLoader, PlannedBatches]:
+                   seeded_transform: Callable | None = None, min_side: int | None = None) -> tuple[DataLoader, PlannedBatches]:
     """A loader whose workers live as long as it does (no start-up per epoch or per pass), fed the batches
     that the returned :class:`PlannedBatches` holds when the loader is iterated; items given with a seed
-    get ``seeded_transform``, so one loader serves training and evaluation passes."""
+    get ``seeded_transform``, so one loader serves training and evaluation passes; ``min_side`` as for
+    :class:`ImageFiles`."""
     plan = PlannedBatches()
-    loader = DataLoader(ImageFiles(paths, transform, seeded_transform=seeded_transform), batch_sampler=plan,
+    loader = DataLoader(ImageFiles(paths, transform, seeded_transform=seeded_transform, min_side=min_side),
+                        batch_sampler=plan,
                         num_workers=workers,
                         collate_fn=collate_images, persistent_workers=workers > 0,
                         prefetch_factor=4 if workers else None, pin_memory=pin_memory)
@@ -306,7 +310,7 @@ def build_cache(plan: CachePlan, backbone, paths: Sequence[Path], batch_size: in
         for shard, rows in shard_rows.items():
             first = rows.start
             loader = image_loader([paths[r] for r in rows], eval_transform(pre) if view is None else train_transform(pre),
-                                  batch_size, workers, pin_memory=placement.pin_memory,
+                                  batch_size, workers, pin_memory=placement.pin_memory, min_side=pre.resize,
                                   seeds=None if view is None else [(view + 1) * 1_000_003 + r for r in rows])
             for batch in loader:
                 state["errors"].update({str(first + i): r for i, r in batch["errors"]})

@@ -239,6 +239,7 @@ class _Batches:
         augment = model.random_crops and (self.feed == "images" or (self.feed == "frozen" and config.cache_views > 0))
         self.train_tf = train_transform(model.preprocessing) if augment else eval_transform(model.preprocessing)
         self.eval_tf = eval_transform(model.preprocessing)
+        self.min_side = model.preprocessing.resize
         self.loader: tuple | None = None  # the persistent loader and its plan, made on first use
 
     def __call__(self, rows: list[int], train: bool, epoch_seed: int, rank: int, world: int):
@@ -253,7 +254,7 @@ class _Batches:
             return
         if self.loader is None:  # one pool of workers for training and evaluation passes alike
             self.loader = planned_loader(self.paths, self.eval_tf, self.config.workers, self.placement.pin_memory,
-                                         seeded_transform=self.train_tf)
+                                         seeded_transform=self.train_tf, min_side=self.min_side)
         loader, plan = self.loader
         # Each image's crop and flip come from the epoch's seed and its row: the same, run after run.
         plan.batches = [[(r, epoch_seed * 1_000_003 + r) if train else r for r in batch] for batch in batches]
