@@ -164,7 +164,10 @@ def test_a_large_jpeg_decodes_at_a_reduced_scale_that_still_covers_the_view(tmp_
     assert load_image(tmp_path / "big.jpg", min_side=768).size == (1024, 768)  # exactly half
     assert load_image(tmp_path / "big.jpg", min_side=769).size == (2048, 1536)  # half would be too short
     assert load_image(tmp_path / "big.png", min_side=256).size == (2048, 1536)  # only JPEG decoders scale
-    assert load_image((tmp_path / "big.jpg").read_bytes(), min_side=256).size == (512, 384)
+    data = (tmp_path / "big.jpg").read_bytes()
+    assert load_image(data, min_side=256).size == (512, 384)
+    with pytest.raises(ImageLoadError, match="truncated"):  # a reduced decode still reads every byte
+        load_image(data[: len(data) // 2], min_side=256)
 
 
 def test_a_reduced_jpeg_gives_the_models_view_of_the_full_decode(tmp_path):
