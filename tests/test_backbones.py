@@ -27,8 +27,9 @@ def test_bundled_lite0_recognises_package_sample_images():
     assert imagenet_top5("efficientnet_lite0", "flower.jpg")[0] == "daisy"
 
 
-def test_bundled_lite2_recognises_a_package_sample_image():
-    assert imagenet_top5("efficientnet_lite2", "china.jpg")[0] == "palace"
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_the_other_bundled_lites_recognise_a_package_sample_image(name):
+    assert imagenet_top5(name, "china.jpg")[0] == "palace"
 
 
 def test_backbone_levels_channels_strides_and_preprocessing():
@@ -38,6 +39,7 @@ def test_backbone_levels_channels_strides_and_preprocessing():
     assert [t.shape[1] for t in out["levels"]] == b.channels
     assert [224 // t.shape[-1] for t in out["levels"]] == b.strides == [4, 8, 16, 32]
     assert out["pooled"].shape == (2, b.num_features)
+    assert create_backbone("efficientnet_lite1").preprocessing.size == 240
     assert create_backbone("efficientnet_lite2").preprocessing.size == 260
 
 
