@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("results/heldout"))
     ap.add_argument("--compare", nargs="*", default=[], help="saved models to score the same way")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache-views", type=int, help="cached random views per image (default: the default recipe's)")
     args = ap.parse_args()
 
     train = open_datasets(args.train or ["flickr_ldl=../shared/data/flickr_ldl", "oasis=../shared/data/oasis"])
@@ -64,7 +65,8 @@ def main() -> None:
     def score(name: str, kind: str, values: np.ndarray) -> None:
         rows[name] = (roc_auc_score(y, values), balanced_accuracy_score(y, values >= thresholds[kind]))
 
-    model, _, _ = train_final(train, args.out / "model", args.seed, cache_dir=args.out / "cache")
+    views = {} if args.cache_views is None else {"cache_views": args.cache_views}
+    model, _, _ = train_final(train, args.out / "model", args.seed, cache_dir=args.out / "cache", **views)
     for name, s in scores(Predictor(model, backend="torch"), paths).items():
         score(f"default recipe without {heldout.kind}, {name}", name, s)
 

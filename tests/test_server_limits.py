@@ -38,15 +38,15 @@ def client_for(model):
 
 
 def slow_decoding(monkeypatch, seconds):
-    import emolens.server as server
+    from emolens.preprocessing import Preprocessing
 
-    real = server.load_image
+    real = Preprocessing.load
 
     def slow(*args, **kwargs):
         time.sleep(seconds)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(server, "load_image", slow)
+    monkeypatch.setattr(Preprocessing, "load", slow)
 
 
 def test_decoding_runs_off_the_event_loop(client_for, monkeypatch):
