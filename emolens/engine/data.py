@@ -167,9 +167,7 @@ def planned_loader(paths, transform, workers: int, pin_memory: bool = False,
     :class:`ImageFiles`."""
     plan = PlannedBatches()
     loader = DataLoader(ImageFiles(paths, transform, seeded_transform=seeded_transform, min_side=min_side),
-                        batch_sampler=plan,
-                        num_workers=workers,
-                        collate_fn=collate_images, persistent_workers=workers > 0,
+                        batch_sampler=plan, num_workers=workers, collate_fn=collate_images, persistent_workers=workers > 0,
                         prefetch_factor=4 if workers else None, pin_memory=pin_memory)
     return loader, plan
 
