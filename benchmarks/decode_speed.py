@@ -20,6 +20,7 @@ from unittest.mock import patch
 
 import numpy as np
 from PIL import Image
+from scipy.special import softmax
 
 
 def camera_jpegs(folder: Path, n: int, width: int, height: int) -> list[Path]:
@@ -68,9 +69,7 @@ def main() -> None:
         predict_rate = predict_speed(predictor, paths)
         with patch.object(Preprocessing, "load", lambda self, source, max_pixels: load_image(source, max_pixels)):
             predict_full_rate = predict_speed(predictor, paths)
-    outputs = [predictor.run(x)["logits"] for x in (full, reduced)]
-    probs = [np.exp(o - o.max(1, keepdims=True)) / np.exp(o - o.max(1, keepdims=True)).sum(1, keepdims=True)
-             for o in outputs]
+    probs = [softmax(predictor.run(x)["logits"], axis=1) for x in (full, reduced)]
     figures = {
         "photos": args.n, "size": [width, height], "mean_file_mb": round(megabytes, 2), "decoded_size": decoded_size,
         "full_decode_images_per_s": full_rate, "reduced_decode_images_per_s": reduced_rate,
