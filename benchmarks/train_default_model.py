@@ -1,6 +1,7 @@
 """Train the embedded default model and measure it.
 
-The default is a joint model (``RECIPE``) on the bundled Lite0, its last two stages tuned (``TRAINING``): one
+The default is a joint model (``RECIPE``) on a bundled EfficientNet-Lite (``--backbone``, Lite0 unless told), its
+last two stages tuned (``TRAINING``): one
 learned layer shared by a head per label space, trained on Flickr_LDL's 8-emotion votes, OASIS's valence/arousal ratings and
 Emotion6's 7-way votes and ratings. OASIS comes before Emotion6, so its valence/arousal head is the
 model's ``affect``.
@@ -39,6 +40,7 @@ from emolens.weights import load_model, save_model
 DATA = ("flickr_ldl=../shared/data/flickr_ldl", "oasis=../shared/data/oasis", "emotion6=../shared/data/emotion6")
 RECIPE = "global:affect_heads=per_dataset,embed=256,affect_weight=5"
 TRAINING = dict(optimizer="adamw", lr=1e-3, backbone_lr=1e-4, epochs=30, patience=5, tune_stages=2, cache_views=4)
+BACKBONE = "efficientnet_lite0"
 
 
 def final_fold(dataset: JointDataset, seed: int, val_fraction: float = 0.05) -> Fold:
@@ -48,11 +50,11 @@ def final_fold(dataset: JointDataset, seed: int, val_fraction: float = 0.05) -> 
 
 
 def train_final(dataset: JointDataset, out: Path, seed: int = 0, cache_dir: Path | None = None,
-                recipe: str = RECIPE, **training) -> tuple[torch.nn.Module, Fold, dict]:
+                recipe: str = RECIPE, backbone: str = BACKBONE, **training) -> tuple[torch.nn.Module, Fold, dict]:
     """The recipe trained on ``dataset``'s :func:`final_fold`; (best model, fold, validation figures)."""
     fold = final_fold(dataset, seed)
     torch.manual_seed(seed)
-    model = create_model(joint_spec(recipe, dataset), task="joint")
+    model = create_model(joint_spec(recipe, dataset), task="joint", backbone=backbone)
     result = fit(model, dataset, fold, out, TrainConfig(seed=seed, **{**TRAINING, **training}), cache_dir=cache_dir)
     return load_model(out), fold, {"val": result.val_metrics, "best_epoch": result.best_epoch}
 
@@ -88,11 +90,12 @@ def flip_averaging(model, dataset: JointDataset, rows: list[int]) -> dict[str, f
     return figures
 
 
-def same_cv(results: dict, dataset: JointDataset, spec: str, config: TrainConfig) -> dict:
+def same_cv(results: dict, dataset: JointDataset, spec: str, config: TrainConfig, backbone: str) -> dict:
     """The figures of ``spec`` in a benchmark's ``results``, which must be a 5-fold run of the same datasets
-    with the same seed and training settings (where it ran does not matter: workers, device)."""
+    with the same seed, backbone and training settings (where it ran does not matter: workers, device)."""
     ran = {k: v for k, v in results["train_config"].items() if k not in ("workers", "device")}
     ours = {k: v for k, v in json.loads(json.dumps(asdict(config))).items() if k not in ("workers", "device")}
+    ran["backbone"], ours["backbone"] = results["models"].get(spec, {}).get("backbone"), backbone
     differ = sorted(k for k in ours if ran.get(k) != ours[k])
     if results["dataset"] != dataset.spec or results["folds"] != 5 or spec not in results["models"] or differ:
         raise SystemExit(f"that benchmark is not this recipe's 5-fold CV (settings that differ: {differ or 'none'}; "
@@ -105,6 +108,7 @@ def main() -> None:
     ap.add_argument("--data", action="append", help=f"datasets, OASIS before Emotion6 (default: {' '.join(DATA)})")
     ap.add_argument("--out", type=Path, default=Path("results/default"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backbone", default=BACKBONE, help="bundled EfficientNet-Lite trunk (default: %(default)s)")
     ap.add_argument("--skip-cv", action="store_true", help="train the shipped model only")
     ap.add_argument("--cv-from", type=Path, help="take the CV figures from this benchmark's results.json instead of "
                     "running it again (refused unless it ran this recipe, data, seed and training settings)")
@@ -115,20 +119,22 @@ def main() -> None:
     dataset = open_datasets(args.data or list(DATA))
     config = TrainConfig(seed=args.seed, **TRAINING)
     spec = joint_spec(RECIPE, dataset)
-    card = {"recipe": spec, "datasets": dataset.spec, "train_config": {**TRAINING, "seed": args.seed},
+    card = {"recipe": spec, "backbone": args.backbone, "datasets": dataset.spec,
+            "train_config": {**TRAINING, "seed": args.seed},
             "valence_arousal": "common scale [-1, 1]: OASIS's 1-7 ratings mapped linearly (4 -> 0)",
             "protocol": "5-fold CV per dataset (seed 0) for the figures; shipped model trained on 95% of each "
                         "dataset, epoch chosen on the other 5%"}
     if args.cv_from:
-        cv = same_cv(json.loads(args.cv_from.read_text()), dataset, spec, config)
+        cv = same_cv(json.loads(args.cv_from.read_text()), dataset, spec, config, args.backbone)
         card["cv_mean"], card["cv_std"] = cv["mean"], cv["std"]
     elif not args.skip_cv:
         cv = run_benchmark(dataset, [spec], "joint", args.out / "cv", folds=5, seed=args.seed, config=config,
-                           retrieval=True, cache_dir=args.cache)
+                           backbone=args.backbone, retrieval=True, cache_dir=args.cache)
         card["cv_mean"], card["cv_std"] = cv["models"][spec]["mean"], cv["models"][spec]["std"]
         print(json.dumps({"mean": card["cv_mean"], "std": card["cv_std"]}, indent=2))
 
-    best, fold, final = train_final(dataset, args.out / "final", args.seed, cache_dir=args.cache or args.out / "cache")
+    best, fold, final = train_final(dataset, args.out / "final", args.seed, cache_dir=args.cache or args.out / "cache",
+                                    backbone=args.backbone)
     card.update(final_val=final["val"], best_epoch=final["best_epoch"],
                 flip_averaging_on_validation=flip_averaging(best, dataset, fold.val))
     print(json.dumps(card["flip_averaging_on_validation"], indent=2))

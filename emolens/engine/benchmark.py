@@ -154,6 +154,6 @@ def run_benchmark(dataset: EmotionDataset, specs: list[str], task: str, out_dir:
             per_fold.append(test)
             log(f"{spec} fold {k}: " + ", ".join(f"{m} {test[m]:.4f}" for m in headline_columns(test)))
         mean, std = summarise(per_fold)
-        results["models"][spec] = {"folds": per_fold, "mean": mean, "std": std}
+        results["models"][spec] = {"backbone": model.spec["backbone"], "folds": per_fold, "mean": mean, "std": std}
         atomic_write_json(out_dir / "results.json", results)
     return results

@@ -132,7 +132,9 @@ def test_data_given_twice_trains_and_benchmarks_a_joint_model(members, tmp_path)
     result = runner.invoke(app, ["benchmark", "--models", "global", "--data", ldl.spec, "--data", oasis.spec,
                                  "--folds", "2", "--out", str(tmp_path / "bench"), *tiny])
     assert result.exit_code == 0, result.output
-    fold = json.loads((tmp_path / "bench" / "results.json").read_text())["models"]["joint:trunk=global,spaces=mikels+affect"]["folds"][0]
+    bench = json.loads((tmp_path / "bench" / "results.json").read_text())["models"]["joint:trunk=global,spaces=mikels+affect"]
+    assert bench["backbone"] == TINY_BACKBONE  # what a rebuild from these figures checks it trains on
+    fold = bench["folds"][0]
     assert {"flickr_ldl.mikels_accuracy", "oasis.valence_pearson"} <= set(fold)
     assert "oasis.mikels_accuracy" not in fold  # a dataset is scored in its own spaces only
 
