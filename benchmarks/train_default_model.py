@@ -1,10 +1,9 @@
 """Train the embedded default model and measure it.
 
 The default is a joint model (``RECIPE``) on a bundled EfficientNet-Lite (``--backbone``, Lite0 unless told), its
-last two stages tuned (``TRAINING``): one
-learned layer shared by a head per label space, trained on Flickr_LDL's 8-emotion votes, OASIS's valence/arousal ratings and
-Emotion6's 7-way votes and ratings. OASIS comes before Emotion6, so its valence/arousal head is the
-model's ``affect``.
+last two stages tuned (``TRAINING``): one learned layer shared by a head per label space, trained on Flickr_LDL's
+8-emotion votes, OASIS's valence/arousal ratings and Emotion6's 7-way votes and ratings. OASIS comes before
+Emotion6, so its valence/arousal head is the model's ``affect``.
 
 1. 5-fold cross-validation of the recipe (each dataset on the folds a single-dataset run of it gets).
 2. The shipped model: the same recipe on 95% of each dataset, the epoch chosen on the other 5%; on that
