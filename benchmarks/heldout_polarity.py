@@ -23,7 +23,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from affect import pooled_features
-from train_default_model import BACKBONE, train_final
+from train_default_model import BACKBONE, TRAINING, train_final
 from emolens.data import load_dataset
 from emolens.data.joint import open_datasets
 from emolens.predict import Predictor
@@ -48,7 +48,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("results/heldout"))
     ap.add_argument("--compare", nargs="*", default=[], help="saved models to score the same way")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cache-views", type=int, help="cached random views per image (default: the default recipe's)")
+    ap.add_argument("--cache-views", type=int, default=TRAINING["cache_views"],
+                    help="cached random views per image (default: the default recipe's, %(default)s)")
     ap.add_argument("--backbone", default=BACKBONE, help="bundled EfficientNet-Lite trunk (default: %(default)s)")
     args = ap.parse_args()
 
@@ -66,9 +67,8 @@ def main() -> None:
     def score(name: str, kind: str, values: np.ndarray) -> None:
         rows[name] = (roc_auc_score(y, values), balanced_accuracy_score(y, values >= thresholds[kind]))
 
-    views = {} if args.cache_views is None else {"cache_views": args.cache_views}
     model, _, _ = train_final(train, args.out / "model", args.seed, cache_dir=args.out / "cache",
-                              backbone=args.backbone, **views)
+                              backbone=args.backbone, cache_views=args.cache_views)
     for name, s in scores(Predictor(model, backend="torch"), paths).items():
         score(f"default recipe without {heldout.kind}, {name}", name, s)
 

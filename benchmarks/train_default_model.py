@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--backbone", default=BACKBONE, help="bundled EfficientNet-Lite trunk (default: %(default)s)")
     ap.add_argument("--skip-cv", action="store_true", help="train the shipped model only")
     ap.add_argument("--cv-from", type=Path, help="take the CV figures from this benchmark's results.json instead of "
-                    "running it again (refused unless it ran this recipe, data, seed and training settings)")
+                    "running it again (refused unless it ran this recipe, data, seed, backbone and training settings)")
     ap.add_argument("--cache", type=Path, help="frozen-feature cache folder (default: OUT/cache; a benchmark's "
                     "cache of the same datasets in the same order serves)")
     args = ap.parse_args()
