@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import math
+import os
 import re
 import sqlite3
 import sys
@@ -12,9 +15,10 @@ import typer
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
 from .images import ImageLoadError, load_image
-from .storage import CheckpointError
+from .storage import CheckpointError, output_folder, writable_target
 
 app = typer.Typer(help="Visual emotion analysis: predict, train, evaluate, index and search.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -29,10 +33,15 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 3, 2, 130
 #: What stops a command with a message and exit 2: bad arguments, unreadable files and checkpoints, a disk
 #: that is full or read-only, a database that is not one.
 CANNOT_RUN = (ValueError, KeyError, OSError, CheckpointError, sqlite3.Error)  # a malformed label file is a ValueError
+#: Bounds the options share: beyond them a value is a typo, not a setting (and some would overflow SQLite or FAISS).
+MAX_BATCH, MAX_WORKERS, MAX_HITS = 1_000_000, 256, 100_000
+#: Fewer connections than this would let a handful of slow clients shut everyone else out.
+MIN_CONNECTIONS = 64
 
 
 def fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
+    """Print ``message`` literally (a path or an exception's text may hold ``[...]``) and exit 2."""
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message))
     raise typer.Exit(EXIT_ERROR)
 
 
@@ -143,27 +152,27 @@ def train_config(o: dict):
     return config
 
 
-EPOCHS = typer.Option(30, help="Training epochs.")
-BATCH = typer.Option(32, "--batch-size", help="Images per batch.")
+EPOCHS = typer.Option(30, min=1, help="Training epochs.")
+BATCH = typer.Option(32, "--batch-size", min=1, max=MAX_BATCH, help="Images per batch.")
 OPTIM = typer.Option("sgd", help="sgd (momentum 0.9, step decay, as in the papers) or adamw.")
 LR = typer.Option(None, help="Learning rate (default: 1e-3 fine-tuning, 3e-3 frozen; a tenth with adamw).")
 FREEZE = typer.Option(False, "--freeze-backbone", help="Train only the model's own layers; the backbone's features are "
                       "cached on disk once (within --cache-budget) or computed on the fly.")
-TUNE_STAGES = typer.Option(0, "--tune-stages", help="Train only the backbone's last N stages and its head conv "
+TUNE_STAGES = typer.Option(0, "--tune-stages", min=0, help="Train only the backbone's last N stages and its head conv "
                            "(EfficientNet backbones; BatchNorm statistics stay ImageNet's): the frozen stages' output "
                            "is cached like --freeze-backbone's features, so fine-tuning runs on a CPU.")
-CACHE_VIEWS = typer.Option(0, "--cache-views", help="With --freeze-backbone or --tune-stages: also cache N random "
+CACHE_VIEWS = typer.Option(0, "--cache-views", min=0, help="With --freeze-backbone or --tune-stages: also cache N random "
                           "crops and flips of each image; each training epoch takes every image from one of them "
                           "(augmentation at cache speed; evaluation keeps the plain view).")
-LIMIT = typer.Option(None, "--limit", help="Use only N images of the dataset (each class in turn), for a quick check "
+LIMIT = typer.Option(None, "--limit", min=1, help="Use only N images of the dataset (each class in turn), for a quick check "
                      "of a long run; the same as the dataset option limit=N.")
 CACHE_BUDGET = typer.Option(None, "--cache-budget", help="GiB of frozen-backbone features kept on disk (default 4 on a "
                             "CPU, 0 on a GPU); above it the frozen backbone runs on the fly.")
-WORKERS = typer.Option(2, help="Image-decoding worker processes.")
+WORKERS = typer.Option(2, min=0, max=MAX_WORKERS, help="Image-decoding worker processes.")
 SEED = typer.Option(0, help="Seed for splits, initialisation and batches.")
 SELECT = typer.Option("loss", help="Validation figure that picks the checkpoint: loss, accuracy, macro_f1, "
                      "balanced_accuracy, kl, or ccc (va: valence's and arousal's mean).")
-PATIENCE = typer.Option(10, help="Stop after this many epochs without a better validation figure (0: no early stopping).")
+PATIENCE = typer.Option(10, min=0, help="Stop after this many epochs without a better validation figure (0: no early stopping).")
 INIT = typer.Option(None, "--init", help="Start from this run's weights (transfer learning; same model and classes). "
                     "In a benchmark, {fold} in the path is replaced by the fold number.")
 INIT_PARTS = typer.Option(None, "--init-parts", help="Take only these parts (submodules, comma-separated, e.g. "
@@ -182,9 +191,9 @@ LR_STEPS = typer.Option(None, "--lr-steps", help="Epochs at which the learning r
                         "e.g. 30,60 (default: every --lr-step-every epochs).")
 LR_STEP_EVERY = typer.Option(None, "--lr-step-every", help="Decay every N epochs (default: a third of the epochs).")
 GAMMA = typer.Option(0.1, "--gamma", help="Factor of each learning-rate decay.")
-WARMUP = typer.Option(0, "--warmup", help="Epochs of linear learning-rate warm-up.")
+WARMUP = typer.Option(0, "--warmup", min=0, help="Epochs of linear learning-rate warm-up.")
 BACKBONE_LR = typer.Option(None, "--backbone-lr", help="Learning rate of the backbone when it trains (default: --lr).")
-ACCUMULATE = typer.Option(1, "--accumulate", help="Batches whose gradients make one optimizer step "
+ACCUMULATE = typer.Option(1, "--accumulate", min=1, help="Batches whose gradients make one optimizer step "
                           "(effective batch = --batch-size x this).")
 COMPILE = typer.Option(False, "--compile", help="torch.compile the training step (inductor; the first steps take "
                        "minutes to compile).")
@@ -209,8 +218,8 @@ def train(
     out: Path = typer.Option(..., help="Run folder (checkpoints, protocol, metrics)."),
     task: str = TASK,
     protocol: str = typer.Option("split", help="split (80/5/15), kfold, or official (the dataset's own split)."),
-    fold: int = typer.Option(0, help="Which fold of a k-fold protocol to train."),
-    folds: int = typer.Option(5, help="k of the k-fold protocol."),
+    fold: int = typer.Option(0, min=0, help="Which fold of a k-fold protocol to train."),
+    folds: int = typer.Option(5, min=2, help="k of the k-fold protocol."),
     backbone: str = typer.Option("efficientnet_lite0", help="timm backbone name."),
     backbone_weights: str = typer.Option("imagenet", help="'imagenet' (bundled), a local weights file, or 'none'."),
     freeze_backbone: bool = FREEZE, tune_stages: int = TUNE_STAGES, cache_views: int = CACHE_VIEWS,
@@ -235,6 +244,7 @@ def train(
     from .checkpoints import atomic_write_json
 
     try:
+        output_folder(out)
         ds = open_datasets([with_limit(d, limit) for d in data])
         if isinstance(ds, JointDataset):
             model, task = joint_spec(model, ds), "joint"
@@ -328,7 +338,7 @@ def benchmark(
     model_arg: list[str] = typer.Option(None, "--model-arg", help="KEY=VALUE set in every model spec, e.g. "
                                         "detector_weights=coco.pth (repeatable)."),
     out: Path = typer.Option(Path("results"), help="Folder for folds, runs, feature cache and results.json."),
-    task: str = TASK, folds: int = typer.Option(5, help="k of the k-fold cross-validation."),
+    task: str = TASK, folds: int = typer.Option(5, min=2, help="k of the k-fold cross-validation."),
     backbone: str = typer.Option(None, help="timm backbone for every model (default: each model's default)."),
     backbone_weights: str = typer.Option("imagenet", help="'imagenet' (bundled), a local weights file, or 'none'."),
     freeze_backbone: bool = FREEZE, tune_stages: int = TUNE_STAGES, cache_views: int = CACHE_VIEWS,
@@ -355,6 +365,7 @@ def benchmark(
     o = dict(ctx.params)
     paper = None
     try:
+        output_folder(out)
         if recipe is not None:
             paper = load_recipe(recipe)
             o = recipe_options(ctx, paper, o)
@@ -496,7 +507,8 @@ def predict(
     fmt: str = typer.Option("table", "--format", help="table, json or csv."),
     out: Path = typer.Option(None, "--out", help="Write the results to this file instead of standard output."),
     batch_size: int = BATCH,
-    workers: int = typer.Option(None, help="Decoding threads (default: CPUs, at most 4; 0 decodes in line)."),
+    workers: int = typer.Option(None, min=0, max=MAX_WORKERS,
+                                help="Decoding threads (default: CPUs, at most 4; 0 decodes in line)."),
     backend: str = typer.Option("auto", help="auto (ONNX Runtime where the model exports), onnx or torch."),
     device: str = INFER_DEVICE,
     demo: bool = typer.Option(False, "--demo", help="Run on sample photos that scikit-learn ships."),
@@ -515,6 +527,11 @@ def predict(
         inputs = [p for p in inputs if p != "-"] + [line.strip() for line in sys.stdin if line.strip()]
     if not inputs:
         fail("no images given: name files or folders, '-' for a list on stdin, or --demo")
+    if out is not None:
+        try:
+            writable_target(out)  # refused before any image is scored, not after
+        except OSError as e:
+            fail(str(e))
     scan = scan_images(inputs)
     try:
         predictor = open_predictor(model, batch_size=batch_size, workers=workers, backend=backend, device=device)
@@ -533,7 +550,7 @@ def predict(
     try:
         write_predictions(good, bad, predictor.taxonomy.classes, fmt, out)
     except OSError as e:
-        fail(f"cannot write {out}: {e}")
+        fail(f"cannot write {out or 'standard output'}: {e}")
     report_bad_files([ImageLoadError(e.source, e.reason) for e in bad])
     if interrupted:
         done = len(good) + len(bad) - len(scan.errors)
@@ -569,13 +586,26 @@ def write_predictions(good, bad, classes: list[str], fmt: str, out: Path | None)
         console.print(prediction_table(good, classes, console.width))
         return
     else:
-        Console(file=buffer, width=200).print(prediction_table(good, classes, 200))
+        buffer.write(rendered(prediction_table(good, classes, 200)))
+    write_text(out, buffer.getvalue())
+
+
+def rendered(table: Table, width: int = 200) -> str:
+    """A table as plain text, for a file."""
+    console_to_text = Console(file=io.StringIO(), width=width)
+    console_to_text.print(table)
+    return console_to_text.file.getvalue()
+
+
+def write_text(out: Path | None, text: str) -> None:
+    """``text`` on standard output, or atomically into the regular file ``out`` (a link: into its target)."""
     if out is None:
-        sys.stdout.write(buffer.getvalue())
+        sys.stdout.write(text)
+        sys.stdout.flush()  # a full or closed stream fails here, where the caller reports it
     else:
         from .storage import atomic_write_bytes
 
-        atomic_write_bytes(out, buffer.getvalue().encode())
+        atomic_write_bytes(out, text.encode())
 
 
 @app.command()
@@ -623,23 +653,26 @@ def search(
     valence: str = typer.Option(None, help="Keep to images whose valence lies in LOW:HIGH (common scale, -1 "
                                 "unpleasant to 1 pleasant; e.g. 0.5:1). Alone: the images nearest the range's centre."),
     arousal: str = typer.Option(None, help="Keep to images whose arousal lies in LOW:HIGH (-1 calm to 1 excited)."),
-    k: int = typer.Option(10, "-k", help="How many results."),
+    k: int = typer.Option(10, "-k", min=1, max=MAX_HITS, help="How many results."),
     model: str = typer.Option(None, help="The model the index was built with (default: the embedded model)."),
     fmt: str = typer.Option("table", "--format", help="table or json."),
+    out: Path = typer.Option(None, "--out", help="Write the results to this file instead of standard output."),
 ) -> None:
     """Affective search: by example image, by emotion, or by valence and arousal; ranges narrow any of them."""
     import json
 
     from .retrieval.index import AffectFilter, AffectiveIndex, AffectiveIndexError
 
+    if fmt not in ("table", "json"):
+        fail(f"unknown format {fmt!r}; use table or json")
     try:
         within = AffectFilter.parse(valence, arousal)
-    except ValueError as e:
+        if out is not None:
+            writable_target(out)  # refused before the search, not after it
+    except (ValueError, OSError) as e:
         fail(str(e))
     if query is not None and emotion is not None or not (query or emotion or within):
         fail("give a query image or --emotion (one of them), or --valence/--arousal ranges")
-    if k < 1:
-        fail(f"-k must be at least 1, got {k}")
     ranges = ", ".join(f"{name} {r.low:g} to {r.high:g}" for name, r in within.ranges())
     try:
         store = AffectiveIndex(db)
@@ -658,16 +691,23 @@ def search(
     except CANNOT_RUN as e:
         fail(f"cannot search {db}: {e}")
     if fmt == "json":
-        print(json.dumps({"hits": [h.__dict__ for h in hits]}, indent=2))
-        return
-    affect = any(h.valence is not None for h in hits)
-    table = Table(title=title + (f"; {ranges}" if ranges else ""))
-    for column in ("rank", "image", "score", "emotion", "p", "polarity", *(("valence", "arousal") if affect else ())):
-        table.add_column(column, overflow="fold" if column == "image" else "ellipsis")
-    for rank, h in enumerate(hits, 1):
-        table.add_row(str(rank), display_path(h.path), f"{h.score:.3f}", h.emotion, f"{h.probability:.2f}",
-                      h.polarity or "-", *((f"{h.valence:+.2f}", f"{h.arousal:+.2f}") if affect else ()))
-    console.print(table)
+        text = json.dumps({"hits": [h.__dict__ for h in hits]}, indent=2) + "\n"
+    else:
+        affect = any(h.valence is not None for h in hits)
+        table = Table(title=title + (f"; {ranges}" if ranges else ""))
+        for column in ("rank", "image", "score", "emotion", "p", "polarity", *(("valence", "arousal") if affect else ())):
+            table.add_column(column, overflow="fold" if column == "image" else "ellipsis")
+        for rank, h in enumerate(hits, 1):
+            table.add_row(str(rank), display_path(h.path), f"{h.score:.3f}", h.emotion, f"{h.probability:.2f}",
+                          h.polarity or "-", *((f"{h.valence:+.2f}", f"{h.arousal:+.2f}") if affect else ()))
+        if out is None:
+            console.print(table)
+            return
+        text = rendered(table)
+    try:
+        write_text(out, text)
+    except OSError as e:
+        fail(f"cannot write {out or 'standard output'}: {e}")
 
 
 @app.command()
@@ -675,12 +715,12 @@ def serve(
     model: str = typer.Option(None, help="Run folder, .safetensors or .onnx file (default: the embedded model)."),
     db: Path = typer.Option(None, help="Index folder for search (made by `emolens index`)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
-    port: int = typer.Option(8000, help="Port."),
-    max_upload_mb: float = typer.Option(20, help="Largest accepted upload per file, MiB."),
-    max_files: int = typer.Option(16, help="Most images per request."),
+    port: int = typer.Option(8000, min=0, max=65535, help="Port (0: any free one)."),
+    max_upload_mb: float = typer.Option(20, min=0.01, max=1024, help="Largest accepted upload per file, MiB."),
+    max_files: int = typer.Option(16, min=1, max=1024, help="Most images per request."),
     device: str = INFER_DEVICE,
-    max_connections: int = typer.Option(2048, help="Connections open at once (silent ones are closed after "
-                                        "10 s); more get 503."),
+    max_connections: int = typer.Option(2048, min=MIN_CONNECTIONS, max=1_000_000, help="Connections open at once "
+                                        "(silent ones are closed after 10 s, slow bodies after 60 s); more get 503."),
     allowed_host: list[str] = typer.Option(None, "--allowed-host", help="Another host name browsers may reach "
                                            "the server by (repeatable; loopback names and --host always are)."),
 ) -> None:
@@ -689,6 +729,8 @@ def serve(
 
     from .server import LOOPBACK_HOSTS, HeaderTimeoutH11, Limits, create_app
 
+    if not math.isfinite(max_upload_mb):  # click's range check lets NaN through
+        fail(f"--max-upload-mb must be a number of MiB, got {max_upload_mb}")
     hosts = (*LOOPBACK_HOSTS, *([host] if host not in ("0.0.0.0", "::") else []), *(allowed_host or []))
     try:
         api = create_app(model, db, Limits(max_upload_bytes=int(max_upload_mb * 2**20), max_files=max_files),
@@ -719,6 +761,10 @@ def explain(
     if method not in METHODS:
         fail(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     try:
+        output_folder(out)
+    except OSError as e:
+        fail(f"cannot write explanations to {out}: {e}")
+    try:
         from .engine.placement import resolve_device
 
         resolve_device(device)
@@ -730,8 +776,11 @@ def explain(
     scan = scan_images(paths)
     with Progress(console=err_console, transient=True) as progress:
         bar = progress.add_task(f"explaining ({method})", total=len(scan.files))
-        written, errors = explain_files(loaded, scan.files, out, method, target,
-                                        on_image=lambda: progress.advance(bar), device=device)
+        try:
+            written, errors = explain_files(loaded, scan.files, out, method, target,
+                                            on_image=lambda: progress.advance(bar), device=device)
+        except OSError as e:
+            fail(str(e))
     console.print(f"wrote {len(written)} explanation(s) to {out}")
     bad = list(scan.errors) + errors
     report_bad_files(bad)
@@ -807,4 +856,22 @@ def demo_images() -> list[Path]:
 
 
 def main() -> None:
-    app()
+    """The ``emolens`` command. Output that never reached standard output (a full disk, a closed stream) is
+    an error, exit 2, even after a command finished: a success is never claimed for unwritten results."""
+    try:
+        app()
+    except SystemExit as done:  # how click ends every command
+        code = done.code
+    except OSError as e:  # commands report the files they write; this is the terminal or a redirect failing
+        code = output_failed(e)
+    try:
+        sys.stdout.flush()
+    except OSError as e:
+        code = output_failed(e)
+    sys.exit(code)
+
+
+def output_failed(error: OSError) -> int:
+    err_console.print(Text.assemble(("error:", "bold red"), f" cannot write standard output: {error}"))
+    sys.stdout = open(os.devnull, "w")  # nothing more to flush into the failed stream at exit
+    return EXIT_ERROR

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError
 from .models import EmotionModel
-from .storage import atomic_write
+from .storage import OutputError, atomic_write
 
 METHODS = ("gradcam", "gradcam++", "scorecam")
 #: How each method is named on the panels it draws.
@@ -253,7 +253,11 @@ def explain_files(model: EmotionModel, sources: Sequence[str | os.PathLike], out
         except ImageLoadError as e:
             errors.append(e)
         else:
-            written.append(render(explanation, model.taxonomy, out_dir / name))
+            try:
+                written.append(render(explanation, model.taxonomy, out_dir / name))
+            except OSError as e:  # a full or read-only disk: no later image would fare better
+                raise OutputError(f"cannot write the explanation of {source} to {out_dir / name} "
+                                  f"({len(written)} written before): {e}") from e
         if on_image:
             on_image()
     return written, errors
