@@ -19,6 +19,9 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 #: The only formats decoded (Pillow's names). Others are refused unread: EPS/PS/PDF hand the file to
 #: Ghostscript, which can hang or run the file's code.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+#: What Pillow calls the JPEG files it opens: MPO is a JPEG followed by more JPEGs (a phone's depth map, a
+#: camera's preview), opened by the JPEG reader.
+JPEG_FORMATS = ("JPEG", "MPO")
 ACCEPTED_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
 
 #: Largest image (in pixels) we decode; a header that declares more is a decompression bomb.
@@ -98,15 +101,16 @@ def _draft_jpeg(img: Image.Image, min_side: int) -> None:
     least ``min_side``: a 12-megapixel photo then decodes several times faster."""
     w, h = img.size
     scale = min_side / min(w, h)
-    if img.format == "JPEG" and scale <= 0.5:
+    if img.format in JPEG_FORMATS and scale <= 0.5:
         img.draft(None, (math.ceil(w * scale), math.ceil(h * scale)))
 
 
 def normalise_image(img: Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS, path=None,
                     min_side: int | None = None) -> Image.Image:
-    """First frame, EXIF orientation applied, RGB; the format and size are checked before pixels are decoded.
+    """First frame (of an MPO JPEG, the main image), EXIF orientation applied, RGB; the format and size are
+    checked before pixels are decoded.
     With ``min_side``, a JPEG may come back smaller, its shorter side no shorter than ``min_side``."""
-    if img.format is not None and img.format not in ACCEPTED_FORMATS:
+    if img.format is not None and img.format not in (*ACCEPTED_FORMATS, *JPEG_FORMATS):
         raise ImageLoadError(path, f"{img.format} images are not accepted (only {ACCEPTED_NAMES})")
     _check_size(img.size, max_pixels, path)
     if getattr(img, "is_animated", False):

@@ -102,7 +102,7 @@ def test_broken_and_pickled_weight_files(setup, tmp_path):
 @pytest.mark.parametrize("args", [["-k", "0"], ["-k", "-1"], ["--emotion", "awe", "-k", "-5"]])
 def test_search_needs_a_positive_k(setup, args):
     query = [] if "--emotion" in args else [setup / "photos" / "0.png", "--model", setup / "m.onnx"]
-    cannot_run(["search", *query, "--db", setup / "db", *args], "-k must be at least 1")
+    cannot_run(["search", *query, "--db", setup / "db", *args], "-k", "greater than or equal to 1")
 
 
 def test_an_unusable_onnx_cache_falls_back_to_an_export_in_memory(tmp_path):

@@ -185,3 +185,31 @@ def test_a_reduced_jpeg_still_takes_its_exif_orientation(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     smooth_photo(2048, 1024).save(tmp_path / "rotated.jpg", exif=exif)
     assert load_image(tmp_path / "rotated.jpg", min_side=256).size == (256, 512)
+
+
+def mpo_bytes(first: Image.Image, second: Image.Image) -> bytes:
+    """A multi-picture JPEG (MPO) as phones and cameras write them: the photo, then another JPEG after it."""
+    import io
+
+    buffer = io.BytesIO()
+    first.save(buffer, "MPO", save_all=True, append_images=[second])
+    return buffer.getvalue()
+
+
+def test_an_mpo_jpeg_is_read_as_its_first_frame(tmp_path):
+    from emolens.predict import Predictor
+    from helpers import tiny_model
+
+    small = np.random.default_rng(0).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    photo = Image.fromarray(small).resize((800, 600), Image.BICUBIC)  # smooth, as photos are
+    data = mpo_bytes(photo, Image.new("RGB", (160, 120), (0, 0, 255)))
+    assert Image.open(__import__("io").BytesIO(data)).format == "MPO"
+    (tmp_path / "phone.jpg").write_bytes(data)
+    photo.save(tmp_path / "plain.jpg", quality=75)  # the same photo as a plain JPEG
+    for source in (tmp_path / "phone.jpg", data):
+        img = load_image(source)
+        assert img.size == (800, 600)
+        assert np.abs(np.asarray(img, float) - np.asarray(photo, float)).mean() < 5  # the photo, not the preview
+    assert load_image(tmp_path / "phone.jpg", min_side=200).size == (400, 300)  # reduced decode, as for JPEG
+    good, bad = Predictor(tiny_model()).predict([tmp_path / "phone.jpg"])
+    assert not bad and good[0].source == str(tmp_path / "phone.jpg")
