@@ -640,6 +640,8 @@ def index(
         store.close()
     console.print(f"{db}: {report.total} image(s) indexed; {report.added} added, {report.updated} updated, "
                   f"{report.removed} removed, {report.unchanged} unchanged")
+    if report.repaired:
+        console.print(f"repaired the emotion scores of {report.repaired} row(s) of a damaged index")
     report_bad_files([ImageLoadError(e.source, e.reason) for e in report.failed])
     if report.failed:
         raise typer.Exit(EXIT_SOME_FAILED)

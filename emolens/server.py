@@ -13,7 +13,6 @@ import ctypes
 import io
 import mimetypes
 import os
-import stat
 import threading
 from contextlib import asynccontextmanager
 from functools import lru_cache
@@ -33,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .identity import model_identity
+from .retrieval.index import is_indexed_file_stat
 from .images import ImageLoadError, declared_pixels
 from .predict import Prediction, Predictor
 
@@ -396,17 +396,26 @@ def release_memory() -> None:
 
 
 def read_indexed_file(row) -> bytes | None:
-    """The bytes of an indexed image, only if the file at its path is still the regular file that was
-    indexed (device, inode, size, modification time) and not a symbolic link swapped in since."""
+    """The bytes of an indexed image, only if the file opened is still the regular file that was indexed:
+    the same identity (device, inode, size, modification and change times), reached by no link, at the real
+    path the index stored (inside the folders given to ``index``), so a folder swapped for a link since is
+    not followed out."""
     try:
         fd = os.open(row.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         return None
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != row.identity:
+        if opened_path(f.fileno(), row.path) != row.path or not is_indexed_file_stat(os.fstat(f.fileno()), row.identity):
             return None
-        return f.read(st.st_size)
+        return f.read(row.identity[2])
+
+
+def opened_path(fd: int, path: str) -> str:
+    """Where the file open as ``fd`` really lies: what the kernel says (Linux), else the real path of ``path``."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(path)
 
 
 def overlay_data_url(explanation) -> str:

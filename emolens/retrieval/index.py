@@ -1,9 +1,12 @@
 """A persistent affective image index: SQLite holds the truth, FAISS the fast copy.
 
-``INDEX_DIR/index.sqlite`` keeps one row per image (path, size, mtime, predicted emotion,
-polarity, distribution, valence and arousal where the model rates them, the L2-normalised embedding) plus the model that made them; every batch
-is one transaction, so a killed ``index`` run loses at most the batch in flight and a re-run skips
-what is done. ``INDEX_DIR/vectors.faiss`` is rebuilt from SQLite whenever the rows changed (written
+``INDEX_DIR/index.sqlite`` keeps one row per image (its real path, inside the folders given to ``index``;
+the file's identity: device, inode, size, modification and change times; predicted emotion, polarity,
+distribution, valence and arousal where the model rates them, the L2-normalised embedding) plus the
+model that made them; every batch is one transaction, so a killed ``index`` run loses at most the batch
+in flight and a re-run skips what is done. A search returns only rows whose file is still the one
+indexed (a rewrite in place changes the change time, even with size and modification time restored);
+the others wait for the next ``index`` run. ``INDEX_DIR/vectors.faiss`` is rebuilt from SQLite whenever the rows changed (written
 to a temporary file and renamed): exact inner-product search below ``APPROXIMATE_FROM`` images;
 above, a 4-bit product-quantisation fast scan shortlists candidates that exact inner products re-rank.
 Re-running ``index`` embeds new and changed files and drops deleted ones.
@@ -16,6 +19,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import stat
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +54,8 @@ CREATE TABLE IF NOT EXISTS images (
     device INTEGER,
     inode INTEGER,
     valence REAL,
-    arousal REAL
+    arousal REAL,
+    ctime_ns INTEGER
 );
 CREATE TABLE IF NOT EXISTS scores (
     image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
@@ -58,9 +63,42 @@ CREATE TABLE IF NOT EXISTS scores (
     probability REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS scores_by_emotion ON scores (emotion, probability DESC);
-CREATE TABLE IF NOT EXISTS failures (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, reason TEXT);
+CREATE INDEX IF NOT EXISTS scores_by_image ON scores (image_id);
+CREATE TABLE IF NOT EXISTS failures (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, reason TEXT,
+                                     device INTEGER, inode INTEGER, ctime_ns INTEGER);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+
+#: The tables every index has; columns added since the first release, which older indexes gain on opening.
+TABLES = ("images", "scores", "failures", "meta")
+ADDED_COLUMNS = {"images": (("device", "INTEGER"), ("inode", "INTEGER"), ("valence", "REAL"), ("arousal", "REAL"),
+                            ("ctime_ns", "INTEGER")),
+                 "failures": (("device", "INTEGER"), ("inode", "INTEGER"), ("ctime_ns", "INTEGER"))}
+
+
+#: The columns that identify a file: a rewrite in place changes at least the change time.
+IDENTITY = "device, inode, size, mtime_ns, ctime_ns"
+
+
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def is_indexed_file(path: str, identity: Sequence) -> bool:
+    """Whether ``path`` is still the regular file that was indexed there: reached by no link (the real path
+    is the path), with the same identity."""
+    try:
+        return os.path.realpath(path) == path and is_indexed_file_stat(os.lstat(path), identity)
+    except (OSError, ValueError):
+        return False
+
+
+def is_indexed_file_stat(st: os.stat_result, identity: Sequence) -> bool:
+    """Whether ``st`` is a regular file of the indexed ``identity`` (a change time that an older index did
+    not record is not compared)."""
+    return stat.S_ISREG(st.st_mode) and all(
+        stored is None or stored == now for stored, now in zip(identity, file_identity(st)))
 
 
 class AffectiveIndexError(Exception):
@@ -132,7 +170,7 @@ class AffectFilter:
 @dataclass
 class ImageRow:
     path: str
-    identity: tuple  # (device, inode, size, mtime_ns) of the file when it was indexed
+    identity: tuple  # (device, inode, size, mtime_ns, ctime_ns) of the file when it was indexed
 
 
 @dataclass
@@ -143,33 +181,49 @@ class IndexReport:
     unchanged: int
     failed: list[PredictionError]
     total: int
+    repaired: int = 0  # rows whose emotion scores were missing and were rewritten from the row
 
 
 class AffectiveIndex:
     """``AffectiveIndex(folder)``: ``update(paths, predictor)`` embeds, ``search(...)`` ranks."""
 
     def __init__(self, folder: str | os.PathLike, create: bool = False):
+        """Open the index in ``folder``; ``create`` (the ``index`` command) makes it, or the tables it lacks.
+        Without ``create`` nothing is written to a broken index: it is refused with the way to rebuild it."""
         self.folder = Path(folder)
         self.db_path = self.folder / "index.sqlite"
         self.faiss_path = self.folder / "vectors.faiss"
+        rebuild = f"`emolens index PATHS --db {self.folder}`"
+        if os.path.lexists(self.folder) and not self.folder.is_dir():
+            raise AffectiveIndexError(f"{self.folder}: not a folder (an index is a folder)")
         if not create and not self.db_path.is_file():
             raise AffectiveIndexError(f"{self.folder}: no index here (run `emolens index DIR --db {self.folder}` first)")
         self.folder.mkdir(parents=True, exist_ok=True)
         try:
             # Usable from the thread a server runs it on; callers keep to one operation at a time.
             self.db = sqlite3.connect(self.db_path, check_same_thread=False)
+            found = {name for (name,) in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            missing = [t for t in TABLES if t not in found]
+            if missing and not create:
+                what = "it holds no index (an empty database)" if len(missing) == len(TABLES) else \
+                    f"table(s) {', '.join(missing)} missing"
+                raise AffectiveIndexError(f"{self.db_path}: the index is broken: {what}; run {rebuild} again to "
+                                          "repair it")
             self.db.execute("PRAGMA foreign_keys = ON")
-            self.db.execute("PRAGMA journal_mode = WAL")
-            self.db.executescript(SCHEMA)
-            columns = {row[1] for row in self.db.execute("PRAGMA table_info(images)")}
-            # Indexes made before files were identified by inode, or before models rated valence and arousal.
-            for column, kind in (("device", "INTEGER"), ("inode", "INTEGER"), ("valence", "REAL"), ("arousal", "REAL")):
-                if column not in columns:
-                    self.db.execute(f"ALTER TABLE images ADD COLUMN {column} {kind}")
+            if create:
+                self.db.execute("PRAGMA journal_mode = WAL")
+                self.db.executescript(SCHEMA)
+            for table, added in ADDED_COLUMNS.items():  # indexes made by an earlier emolens
+                columns = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+                for column, kind in added:
+                    if column not in columns:
+                        self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         except sqlite3.OperationalError as e:  # locked, read-only, unopenable
             raise AffectiveIndexError(f"{self.db_path}: cannot open the index ({e})") from e
         except sqlite3.DatabaseError as e:
-            raise AffectiveIndexError(f"{self.db_path}: not an emolens index ({e})") from e
+            raise AffectiveIndexError(f"{self.db_path}: not an emolens index ({e}): the index is broken; move "
+                                      f"{self.folder} away (or choose another --db) and run {rebuild} to rebuild "
+                                      "it") from e
         self._faiss, self._faiss_generation = None, None
 
     def close(self) -> None:
@@ -221,19 +275,26 @@ class AffectiveIndex:
             self._set_meta("model_name", predictor.identity.name)
             self._set_meta("classes", json.dumps(predictor.taxonomy.classes))
         scan = scan_images(paths)
-        current, inodes = {}, {}
         failures = [PredictionError(e.path, e.reason) for e in scan.errors]
+        roots = [Path(os.path.realpath(p)) for p in paths]
+        current: dict[str, tuple] = {}  # real path -> the file's identity now
         for f in scan.files:
             try:  # a dangling or looping link is listed by the scan but cannot be opened
-                st = Path(f).stat()
-                resolved = str(Path(f).resolve())
-                current[resolved] = (st.st_size, st.st_mtime_ns)
-                inodes[resolved] = (st.st_dev, st.st_ino)
+                real = Path(os.path.realpath(f))
+                if not any(real.is_relative_to(root) for root in roots):
+                    failures.append(PredictionError(str(f), "a link to a file outside the indexed folders (skipped)"))
+                    continue
+                st = os.stat(real)
             except (OSError, RuntimeError) as e:
                 failures.append(PredictionError(str(f), f"cannot access file: {getattr(e, 'strerror', None) or e}"))
-        rows = {_from_db(p): (s, m) for p, s, m in self.db.execute("SELECT path, size, mtime_ns FROM images")}
-        failed_before = {_from_db(p): (s, m) for p, s, m in self.db.execute("SELECT path, size, mtime_ns FROM failures")}
-        roots = [Path(p).resolve() for p in paths]
+                continue
+            if not stat.S_ISREG(st.st_mode):  # a FIFO, device or socket named like a photo: never opened
+                failures.append(PredictionError(str(f), "not a regular file"))
+                continue
+            current[str(real)] = file_identity(st)
+        rows = {_from_db(p): tuple(stamp) for p, *stamp in self.db.execute(f"SELECT path, {IDENTITY} FROM images")}
+        failed_before = {_from_db(p): tuple(stamp) for p, *stamp in
+                         self.db.execute(f"SELECT path, {IDENTITY} FROM failures")}
         # Only files under the roots given this time can have vanished; other indexed folders stay.
         gone = [p for p in rows if p not in current and any(Path(p).is_relative_to(r) for r in roots)]
         todo = sorted(p for p, stamp in current.items() if rows.get(p) != stamp and failed_before.get(p) != stamp)
@@ -244,19 +305,19 @@ class AffectiveIndex:
                                 [(_to_db(p),) for p in failed_before if p not in current])
             if gone:
                 self._bump()
+            repaired = self._repair_scores()
         for results in predictor.predict_iter(todo):
             with self.db:  # one transaction per batch: a kill loses at most this batch
                 self._bump()
                 for r in results:
                     if isinstance(r, Prediction):
-                        self._store(r, current[r.source], inodes[r.source])
+                        self._store(r, current[r.source])
                         updated += r.source in rows
                         added += r.source not in rows
                     else:
                         failures.append(r)
-                        size, mtime = current[r.source]
-                        self.db.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?)",
-                                        (_to_db(r.source), size, mtime, r.reason))
+                        self.db.execute(f"INSERT OR REPLACE INTO failures (path, reason, {IDENTITY}) "
+                                        "VALUES (?, ?, ?, ?, ?, ?, ?)", (_to_db(r.source), r.reason, *current[r.source]))
             if on_batch:
                 on_batch(len(results))
         failures += [PredictionError(p, reason) for p, reason in
@@ -265,18 +326,26 @@ class AffectiveIndex:
         if self._meta("vectors_for") != (self._meta("generation") or "0") or not self.faiss_path.is_file():
             self.rebuild_vectors()  # searches check the file itself (hash) when they load it
         unchanged = len(current) - len(todo)
-        return IndexReport(added, updated, len(gone), unchanged, failures, len(self))
+        return IndexReport(added, updated, len(gone), unchanged, failures, len(self), repaired)
 
-    def _store(self, p: Prediction, stamp: tuple[int, int], inode: tuple[int, int]) -> None:
+    def _repair_scores(self) -> int:
+        """Rewrite the per-emotion scores of rows that lack them (a damaged table) from the rows' distributions."""
+        damaged = self.db.execute("SELECT id, distribution FROM images WHERE NOT EXISTS "
+                                  "(SELECT 1 FROM scores WHERE scores.image_id = images.id)").fetchall()
+        self.db.executemany("INSERT INTO scores VALUES (?, ?, ?)",
+                            [(i, c, v) for i, distribution in damaged for c, v in json.loads(distribution).items()])
+        return len(damaged)
+
+    def _store(self, p: Prediction, identity: tuple) -> None:
         vector = np.asarray(p.outputs["embedding"], dtype=np.float32)
         vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
         self.db.execute("DELETE FROM images WHERE path = ?", (_to_db(p.source),))
         self.db.execute("DELETE FROM failures WHERE path = ?", (_to_db(p.source),))
         cur = self.db.execute(
-            "INSERT INTO images (path, size, mtime_ns, emotion, probability, polarity, distribution, embedding, "
-            "device, inode, valence, arousal) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (_to_db(p.source), stamp[0], stamp[1], p.emotion, p.probability, p.polarity, json.dumps(p.distribution),
-             vector.tobytes(), *inode, p.valence, p.arousal))
+            f"INSERT INTO images (path, emotion, probability, polarity, distribution, embedding, valence, arousal, "
+            f"{IDENTITY}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (_to_db(p.source), p.emotion, p.probability, p.polarity, json.dumps(p.distribution), vector.tobytes(),
+             p.valence, p.arousal, *identity))
         self.db.executemany("INSERT INTO scores VALUES (?, ?, ?)",
                             [(cur.lastrowid, c, v) for c, v in p.distribution.items()])
 
@@ -341,14 +410,28 @@ class AffectiveIndex:
         return self._faiss
 
     def _hits(self, ids: Iterable[int], scores: Iterable[float]) -> list[Hit]:
+        """The rows of ``ids`` as hits, leaving out rows whose file is no longer the one indexed (changed,
+        replaced or moved since: the next ``index`` run embeds it again)."""
         hits = []
         for i, score in zip(ids, scores):
-            row = self.db.execute("SELECT id, path, emotion, probability, polarity, distribution, valence, arousal "
-                                  "FROM images WHERE id = ?", (int(i),)).fetchone()
-            if row:
+            row = self.db.execute("SELECT id, path, emotion, probability, polarity, distribution, valence, arousal, "
+                                  f"{IDENTITY} FROM images WHERE id = ?", (int(i),)).fetchone()
+            if row and is_indexed_file(_from_db(row[1]), row[8:]):
                 hits.append(Hit(row[0], _from_db(row[1]), float(score), row[2], row[3], row[4], json.loads(row[5]),
                                 row[6], row[7]))
         return hits
+
+    def _first_hits(self, ranked: Callable[[int], tuple[list[tuple[int, float]], bool]], k: int,
+                    exclude_path: str | None = None) -> list[Hit]:
+        """The first ``k`` usable hits of ``ranked(limit)``, which gives up to ``limit`` (id, score) pairs in
+        order and whether there are no more; the limit grows while rows are left out."""
+        limit = k + (1 if exclude_path else 0)
+        while True:
+            found, exhausted = ranked(limit)
+            hits = [h for h in self._hits([i for i, _ in found], [sc for _, sc in found]) if h.path != exclude_path]
+            if len(hits) >= k or exhausted:
+                return hits[:k]
+            limit *= 4
 
     def _check_filter(self, within: AffectFilter) -> None:
         if within and self.db.execute("SELECT 1 FROM images WHERE valence IS NOT NULL LIMIT 1").fetchone() is None \
@@ -372,24 +455,23 @@ class AffectiveIndex:
         """The ``k`` images whose embeddings are closest (inner product of unit vectors) to ``vector``; with
         ``within``, the closest of those in its valence/arousal ranges (the shortlist widens until k are)."""
         self._check_filter(within)
-        if len(self) == 0:
+        total = len(self)
+        if total == 0:
             return []
         vector = np.asarray(vector, dtype=np.float32).reshape(1, -1)
         vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
         index = self._vectors_index()
-        want = k + (1 if exclude_path else 0)
-        shortlist = want * (4 if within else 1)
-        while True:
-            scores, ids = index.search(vector, min(shortlist, len(self)))
+
+        def ranked(limit: int) -> tuple[list[tuple[int, float]], bool]:
+            shortlist = min(limit * (4 if within else 1), total)
+            scores, ids = index.search(vector, shortlist)
             found = [(i, sc) for i, sc in zip(ids[0], scores[0]) if i >= 0]
             if within:
                 kept = self._within([i for i, _ in found], within)
                 found = [(i, sc) for i, sc in found if i in kept]
-            if len(found) >= want or shortlist >= len(self):
-                break
-            shortlist *= 4
-        hits = [h for h in self._hits([i for i, _ in found], [sc for _, sc in found]) if h.path != exclude_path]
-        return hits[:k]
+            return found, shortlist >= total
+
+        return self._first_hits(ranked, k, exclude_path)
 
     def search_image(self, image: str | os.PathLike, predictor: Predictor, k: int = 10,
                      within: AffectFilter = AffectFilter()) -> tuple[Prediction, list[Hit]]:
@@ -409,11 +491,15 @@ class AffectiveIndex:
         if emotion.lower() not in classes:
             raise KeyError(f"{emotion!r} is not an emotion of this index ({', '.join(self.classes)})")
         condition, params = within.where()
-        rows = self.db.execute(
-            f"SELECT scores.image_id, scores.probability FROM scores JOIN images ON images.id = scores.image_id "
-            f"WHERE scores.emotion = ? AND {condition} ORDER BY scores.probability DESC, scores.image_id LIMIT ?",
-            (classes[emotion.lower()], *params, k)).fetchall()
-        return self._hits([r[0] for r in rows], [r[1] for r in rows])
+
+        def ranked(limit: int) -> tuple[list[tuple[int, float]], bool]:
+            rows = self.db.execute(
+                f"SELECT scores.image_id, scores.probability FROM scores JOIN images ON images.id = scores.image_id "
+                f"WHERE scores.emotion = ? AND {condition} ORDER BY scores.probability DESC, scores.image_id LIMIT ?",
+                (classes[emotion.lower()], *params, limit)).fetchall()
+            return rows, len(rows) < limit
+
+        return self._first_hits(ranked, k)
 
     def search_affect(self, within: AffectFilter, k: int = 10) -> list[Hit]:
         """The ``k`` images in the valence/arousal ranges nearest their centre; the score is that distance."""
@@ -423,9 +509,13 @@ class AffectiveIndex:
         condition, params = within.where()
         distance = " + ".join(f"({name} - ?) * ({name} - ?)" for name, _ in within.ranges())
         centres = [v for _, r in within.ranges() for v in (r.centre, r.centre)]
-        rows = self.db.execute(f"SELECT id, {distance} AS d FROM images WHERE {condition} ORDER BY d, id LIMIT ?",
-                               (*centres, *params, k)).fetchall()
-        return self._hits([r[0] for r in rows], [float(np.sqrt(r[1])) for r in rows])
+
+        def ranked(limit: int) -> tuple[list[tuple[int, float]], bool]:
+            rows = self.db.execute(f"SELECT id, {distance} AS d FROM images WHERE {condition} ORDER BY d, id LIMIT ?",
+                                   (*centres, *params, limit)).fetchall()
+            return [(i, float(np.sqrt(d))) for i, d in rows], len(rows) < limit
+
+        return self._first_hits(ranked, k)
 
     def image_path(self, image_id: int) -> str | None:
         row = self.image_row(image_id)
@@ -433,8 +523,7 @@ class AffectiveIndex:
 
     def image_row(self, image_id: int) -> "ImageRow | None":
         """Where image ``image_id`` was indexed from, and the identity of the file indexed there."""
-        row = self.db.execute("SELECT path, device, inode, size, mtime_ns FROM images WHERE id = ?",
-                              (int(image_id),)).fetchone()
+        row = self.db.execute(f"SELECT path, {IDENTITY} FROM images WHERE id = ?", (int(image_id),)).fetchone()
         return ImageRow(_from_db(row[0]), tuple(row[1:])) if row else None
 
 
