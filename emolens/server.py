@@ -50,6 +50,7 @@ class Limits:
     max_queued_images: int = 64  # images waiting for the model: about a second of work on 2 cores
     busy_wait: float = 5.0
     body_timeout: float = 30.0  # seconds a client may pause while sending a body
+    body_deadline: float = 60.0  # seconds from a request's head to the end of its body
 
 
 class Busy(HTTPException):
@@ -190,7 +191,7 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
     # A page on a foreign site that rebinds its own name to this address would otherwise read the index
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     app.add_middleware(BodyLimit, max_bytes=min(limits.max_request_bytes, limits.max_files * limits.max_upload_bytes
-                                                + 2**16), timeout=limits.body_timeout)
+                                                + 2**16), timeout=limits.body_timeout, deadline=limits.body_deadline)
 
     @app.exception_handler(StarletteHTTPException)  # also the framework's own (e.g. malformed multipart)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -323,53 +324,80 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
 
 class BodyLimit:
     """ASGI middleware: a request body larger than ``max_bytes`` gets 413 before it is read (by its
-    Content-Length) or as soon as the streamed bytes pass the limit, so nothing larger lands on disk;
-    a client that pauses more than ``timeout`` seconds while sending it gets 408."""
+    Content-Length) or as soon as the streamed bytes pass the limit, so nothing larger lands on disk; a
+    client that pauses more than ``timeout`` seconds, or has not sent the whole body ``deadline`` seconds
+    after the head, gets 408. Any answer given before the body is complete closes the connection: a
+    client cannot hold it open by trickling the rest of a body nobody reads."""
 
-    def __init__(self, app, max_bytes: int, timeout: float):
-        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+    def __init__(self, app, max_bytes: int, timeout: float, deadline: float):
+        self.app, self.max_bytes, self.timeout, self.deadline = app, max_bytes, timeout, deadline
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             response = JSONResponse({"error": f"request larger than {self.max_bytes} bytes"}, status_code=413,
                                     headers={"Connection": "close"})
             return await response(scope, receive, send)
-        received, complete = 0, False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.deadline
+        received = 0
+        complete = b"transfer-encoding" not in headers and int(length or 0) == 0  # no body to wait for
 
         async def limited_receive():
             nonlocal received, complete
             if complete:  # after the body only a disconnect can come, whenever it does
                 return await receive()
+            left = deadline - loop.time()
             try:
-                message = await asyncio.wait_for(receive(), self.timeout)
+                message = await asyncio.wait_for(receive(), max(min(self.timeout, left), 0))
             except asyncio.TimeoutError:
-                raise HTTPException(408, f"no request data for {self.timeout:g} s") from None
+                why = f"no request data for {self.timeout:g} s" if left > self.timeout else \
+                    f"request body not complete within {self.deadline:g} s"
+                raise HTTPException(408, why, headers={"Connection": "close"}) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 complete = not message.get("more_body", False)
                 if received > self.max_bytes:
-                    raise HTTPException(413, f"request larger than {self.max_bytes} bytes")
+                    raise HTTPException(413, f"request larger than {self.max_bytes} bytes",
+                                        headers={"Connection": "close"})
             return message
 
-        await self.app(scope, limited_receive, send)
+        async def closing_send(message):
+            if message["type"] == "http.response.start" and not complete:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, limited_receive, closing_send)
 
 
 class HeaderTimeoutH11(H11Protocol):
     """uvicorn's HTTP/1.1 protocol, closing a connection that has not sent a whole request head within
-    ``HEADER_TIMEOUT`` seconds of opening: half-open connections cannot pile up to the connection limit."""
+    ``HEADER_TIMEOUT`` seconds of opening, or of the previous response on a kept-alive connection: half-open
+    and trickling connections cannot pile up to the connection limit."""
 
     HEADER_TIMEOUT = 10.0
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        self._time_head()
+
+    def _time_head(self) -> None:
+        self._awaited_after = self.cycle  # a head has arrived once a new cycle stands in its place
         self._head_timer = self.loop.call_later(self.HEADER_TIMEOUT, self._head_timeout)
 
     def _head_timeout(self) -> None:
-        if self.cycle is None and not self.transport.is_closing():  # no request began on this connection
+        idle = self.cycle is None or self.cycle.response_complete  # no request is being answered
+        if self.cycle is self._awaited_after and idle and not self.transport.is_closing():
             self.transport.close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._head_timer.cancel()
+            self._time_head()
 
     def connection_lost(self, exc) -> None:
         self._head_timer.cancel()

@@ -5,11 +5,13 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 from fastapi.testclient import TestClient
 
 from helpers import png, tiny_model
+from emolens.cli import MIN_CONNECTIONS
 from emolens.runtime import export_onnx
 from emolens.server import HeaderTimeoutH11, Limits, create_app
 
@@ -97,28 +99,35 @@ def test_a_full_model_queue_answers_503_not_a_long_wait(client_for, monkeypatch)
     assert client.post("/api/predict", files=files[:1]).status_code == 200  # served again once the queue drains
 
 
-@pytest.fixture
-def live(model):
-    """A real uvicorn server with the protocol and limits `emolens serve` sets (short header timeout)."""
+@contextmanager
+def serving(model, limits: Limits, header_timeout: float = 0.5, connections: int = 40):
+    """A real uvicorn server with the protocol `emolens serve` sets (a short header timeout); yields its port."""
     import uvicorn
 
     class QuickHeaderTimeout(HeaderTimeoutH11):
-        HEADER_TIMEOUT = 0.5
+        HEADER_TIMEOUT = header_timeout
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(model, None, Limits(max_upload_bytes=100_000, max_files=2, body_timeout=0.5))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=QuickHeaderTimeout,
-                                           limit_concurrency=40, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(model, None, limits), host="127.0.0.1", port=port,
+                                           http=QuickHeaderTimeout, limit_concurrency=connections, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not server.started and time.time() < deadline:
         time.sleep(0.05)
-    yield port
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def live(model):
+    with serving(model, Limits(max_upload_bytes=100_000, max_files=2, body_timeout=0.5)) as port:
+        yield port
 
 
 def request_head(port, head: bytes, body: bytes = b"", timeout: float = 5.0) -> bytes:
@@ -187,3 +196,45 @@ def test_a_client_that_stops_sending_its_body_gets_408(live):
     started = time.perf_counter()
     answer = request_head(live, head, b"--x\r\n")  # then nothing more
     assert answer.startswith(b"HTTP/1.1 408") and time.perf_counter() - started < 3
+
+
+def test_slow_bodies_beyond_the_connection_limit_are_cut_and_health_is_answered(model):
+    """Clients that send a body one byte at a time, each pause under the read timeout, more of them than the
+    server takes connections: each is cut at the body deadline, and health is answered again after it."""
+    limit, deadline = MIN_CONNECTIONS, 2.0
+    with serving(model, Limits(body_timeout=1.0, body_deadline=deadline), connections=limit) as port:
+        head = (b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+                b"Content-Length: 100000\r\n\r\n--x\r\n")
+        slow = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(limit + 6)]
+        started = time.perf_counter()
+        for s in slow:
+            s.sendall(head)
+            s.setblocking(False)
+        open_since, probes = {s: started for s in slow}, []
+        while time.perf_counter() - started < deadline + 3:
+            for s in list(open_since):
+                try:
+                    s.recv(65536)  # an answer (408, or 503 beyond the limit) or a close: the server let go
+                    del open_since[s]
+                    continue
+                except BlockingIOError:  # nothing yet: trickle on
+                    pass
+                except OSError:  # reset by the server
+                    del open_since[s]
+                    continue
+                try:
+                    s.send(b"a")
+                except OSError:
+                    del open_since[s]
+            try:
+                answer = request_head(port, b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", timeout=2)
+            except OSError:
+                answer = b""
+            probes.append((time.perf_counter() - started, answer.startswith(b"HTTP/1.1 200")))
+            time.sleep(0.3)
+        held = len(open_since)
+        for s in slow:
+            s.close()
+    assert held == 0, f"{held} slow clients still held after {deadline + 3:g} s"
+    late = [ok for t, ok in probes if t > deadline + 1]
+    assert late and all(late), probes
