@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .storage import CheckpointError, atomic_write, atomic_write_json
@@ -45,16 +46,37 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, torch.Tensor], met
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors (as float32) and metadata of a checkpoint written by :func:`save_checkpoint`."""
+def read_meta(path: str | os.PathLike) -> dict:
+    """The metadata (the model card) beside the checkpoint ``path``."""
     path = Path(path).with_suffix(".safetensors")
     meta_path = path.with_suffix(".json")
     if not meta_path.is_file():
         raise CheckpointError(f"{path}: its metadata {meta_path.name} is missing")
     try:
         meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{meta_path}: unreadable metadata ({e})") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: metadata is not a JSON object")
+    return meta
+
+
+def header_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape as a ``.safetensors`` file's header lists it; no tensor is read."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such weights file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # a foreign file can fail in many ways; all mean "not usable"
+        raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from e
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors (as float32) and metadata of a checkpoint written by :func:`save_checkpoint`."""
+    path = Path(path).with_suffix(".safetensors")
+    meta = read_meta(path)
     state = read_state_dict(path)
     return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}, meta
 

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from .checkpoints import CheckpointError, load_checkpoint, load_into, save_checkpoint
+from .checkpoints import CheckpointError, header_shapes, load_checkpoint, load_into, read_meta, save_checkpoint
 from .storage import DEFAULT_MODEL, resolve_weights
 from .models import EmotionModel, create_model
 from .models.base import WEIGHTS_IN_CHECKPOINT
@@ -75,10 +75,14 @@ def model_from_meta(meta: dict, backbone_weights: str | None = None) -> EmotionM
 
 
 def load_model(source: str | Path = DEFAULT_MODEL) -> EmotionModel:
-    """Rebuild a saved model exactly from its metadata and load its tensors (no partial loads)."""
+    """Rebuild a saved model exactly from its metadata and load its tensors (no partial loads). The
+    metadata is checked against the tensor shapes in the weights file's header before anything is
+    allocated, so a card that describes another (say, far larger) model is refused at no cost."""
     path = resolve_weights(source)
-    state, meta = load_checkpoint(path)
+    meta = read_meta(path)
     with_backbone = meta.get("include_backbone", True)
+    check_card(meta, path, with_backbone)
+    state, _ = load_checkpoint(path)
     model = model_from_meta(meta, backbone_weights=None if with_backbone is True else meta["spec"].get("backbone_weights"))
     expected = model_state(model, with_backbone)
     load_into(_Subset(model, expected.keys()), state, source=str(path))
@@ -108,6 +112,24 @@ def init_from(model: EmotionModel, source: str | Path, parts: Sequence[str] | No
     if unknown:
         raise CheckpointError(f"{source}: {len(unknown)} tensor(s) the model does not have, e.g. {unknown[0]}")
     load_into(_Subset(model, state.keys()), state, source=str(source))
+
+
+def check_card(meta: dict, path: Path, with_backbone) -> None:
+    """Raise :class:`CheckpointError` unless the model ``meta`` describes has exactly the tensors, of the
+    shapes, that the header of the weights file ``path`` lists: the model is built on the meta device
+    (no memory), the file's tensors are not read."""
+    shapes = header_shapes(path)
+    with torch.device("meta"):
+        skeleton = model_from_meta(meta)
+    expected = {k: tuple(v.shape) for k, v in model_state(skeleton, with_backbone).items()}
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    wrong = [f"{k}: card {expected[k]}, weights {shapes[k]}" for k in expected if k in shapes and shapes[k] != expected[k]]
+    if missing or unexpected or wrong:
+        found = [f"{len(names)} {what} (e.g. {', '.join(names[:2])})" for what, names in
+                 (("of another shape", wrong), ("missing", missing), ("unexpected", unexpected)) if names]
+        raise CheckpointError(f"{path}: its card {path.with_suffix('.json').name} does not fit these weights, "
+                              f"tensors {'; '.join(found)}")
 
 
 class _Subset:

@@ -253,3 +253,23 @@ def test_every_path_sees_a_large_jpeg_as_predict_does(tmp_path):
     client = TestClient(create_app(tmp_path / "m.onnx", None), base_url="http://127.0.0.1")
     served = client.post("/api/predict", files=[("files", ("a.jpg", Path(paths[0]).read_bytes(), "image/jpeg"))])
     assert served.json()["results"][0]["distribution"] == pytest.approx(predictions[0].distribution, abs=1e-3)
+
+
+def test_a_card_that_describes_a_huge_model_is_refused_before_any_allocation(tmp_path):
+    """The card is checked against the weight file's header on the meta device: no memory is taken."""
+    import subprocess
+    import sys
+
+    from helpers import rated_model
+
+    save_model(rated_model(), tmp_path / "m.safetensors")
+    meta = json.loads((tmp_path / "m.json").read_text())
+    meta["spec"]["args"]["embed"] = 2_000_000  # 4 GB of head weights at least, were they built
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    script = ("import resource, sys\nfrom emolens.weights import load_model\nfrom emolens.storage import CheckpointError\n"
+              f"try:\n    load_model({str(tmp_path / 'm.safetensors')!r})\nexcept CheckpointError as e:\n    print(e)\n"
+              "print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    said, peak = done.stdout.rsplit("peak", 1)
+    assert "does not fit these weights" in said and "of another shape" in said, done.stdout + done.stderr
+    assert int(peak) < 2 * 2**20, f"peak RSS {int(peak) / 2**20:.1f} GiB"  # KiB: importing torch takes ~0.5 GiB
