@@ -1,9 +1,7 @@
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 SHARED_DATA = Path(os.environ.get("EMOLENS_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")).resolve()
 
@@ -13,18 +11,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "shared_data" in item.keywords and not SHARED_DATA.is_dir():
             item.add_marker(skip)
-
-
-def write_image(path: Path, color=(200, 30, 30), size=(16, 12), seed: int | None = None) -> Path:
-    """A small synthetic image; with ``seed``, random noise instead of a flat colour."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if seed is None:
-        img = Image.new("RGB", size, color)
-    else:
-        rng = np.random.default_rng(seed)
-        img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-    img.save(path)
-    return path
 
 
 @pytest.fixture

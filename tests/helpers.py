@@ -5,9 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from conftest import write_image
 from emolens.taxonomy import MIKELS
+
+
+def write_image(path: Path, color=(200, 30, 30), size=(16, 12), seed: int | None = None) -> Path:
+    """A small synthetic image; with ``seed``, random noise instead of a flat colour."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if seed is None:
+        img = Image.new("RGB", size, color)
+    else:
+        rng = np.random.default_rng(seed)
+        img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    img.save(path)
+    return path
+
 
 TINY_BACKBONE = "test_efficientnet"
 COLOURS = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 220, 40)]

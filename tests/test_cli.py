@@ -1,6 +1,6 @@
 from typer.testing import CliRunner
 
-from conftest import write_image
+from helpers import write_image
 from corpus import make_bad_images
 from emolens.cli import EXIT_ERROR, EXIT_SOME_FAILED, app
 from emolens.taxonomy import MIKELS

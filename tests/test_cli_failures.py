@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import write_image
+from helpers import write_image
 from helpers import tiny_model
 from emolens.cli import EXIT_ERROR, EXIT_INTERRUPTED, app
 from emolens.runtime import export_onnx

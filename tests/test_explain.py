@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import write_image
+from helpers import write_image
 from helpers import tiny_model
 from emolens.cli import EXIT_ERROR, EXIT_SOME_FAILED, app
 from emolens.explain import Explainer, explain_files, output_names, render

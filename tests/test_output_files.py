@@ -12,7 +12,7 @@ import threading
 import pytest
 from typer.testing import CliRunner
 
-from conftest import write_image
+from helpers import write_image
 from helpers import TINY_BACKBONE, make_ldl_dataset, tiny_model
 from emolens import cli
 from emolens.cli import EXIT_ERROR, app

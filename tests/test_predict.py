@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import write_image
+from helpers import write_image
 from corpus import make_bad_images, make_good_images
 from helpers import tiny_model
 from emolens.checkpoints import CheckpointError

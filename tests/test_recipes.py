@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import write_image
+from helpers import write_image
 from emolens.backbones import create_backbone
 from emolens.cli import EXIT_ERROR, app
 from emolens.recipes import load_recipe, with_model_args

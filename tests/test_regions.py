@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_image
+from helpers import write_image
 from emolens.data import load_dataset
 from emolens.preprocessing import Preprocessing
 from emolens.regions import dataset_region_boxes, map_boxes, padded_boxes, stimuli_boxes

@@ -158,3 +158,17 @@ def test_server_never_reads_a_client_named_path(corpus, tmp_path):
     r = client.post("/api/predict", files=[("files", ("../../" + secret.name, b"not an image", "image/png"))])
     assert r.status_code == 400 and "not an image" in r.json()["error"]
     assert client.get("/api/images/..%2F..%2Fetc%2Fpasswd").status_code in (404, 422)
+
+
+def test_the_robustness_report_runs_without_pytest():
+    """`benchmarks/robustness.py` takes the corpus and the tiny datasets from tests/, on a plain install."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    script = ("import runpy, sys\nsys.modules['pytest'] = None  # as on an install without the test extra\n"
+              "sys.argv = ['robustness.py', '--help']\n"
+              "try:\n    runpy.run_path('benchmarks/robustness.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+              "import helpers\nprint('imported', helpers.make_ldl_dataset.__name__)")
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "imported make_ldl_dataset" in done.stdout, done.stderr

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import write_image
+from helpers import write_image
 from helpers import tiny_model
 from emolens.cli import app
 from emolens.predict import Predictor

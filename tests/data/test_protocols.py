@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from conftest import write_image
+from helpers import write_image
 from emolens.data import Protocol, load_dataset, make_protocol, stratified_kfold, stratified_split
 
 

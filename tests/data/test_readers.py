@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from conftest import write_image
+from helpers import write_image
 from emolens.data import LabelFileError, load_dataset, parse_spec
 from emolens.taxonomy import EMOTION6, EMOTIONROI, MIKELS, POLARITY
 

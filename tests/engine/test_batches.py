@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_image
+from helpers import write_image
 from emolens.data.transforms import train_transform
 from emolens.engine.data import ImageFiles, epoch_batches, planned_loader
 from emolens.preprocessing import Preprocessing

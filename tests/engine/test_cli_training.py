@@ -91,7 +91,7 @@ def test_a_fold_that_does_not_exist_is_one_error(tmp_path):
 def test_evaluate_refuses_a_dataset_of_other_classes_before_any_work(tmp_path, monkeypatch):
     import emolens.engine.trainer as trainer
     from helpers import tiny_model
-    from conftest import write_image
+    from helpers import write_image
     from emolens.taxonomy import EMOTION6
     from emolens.weights import save_model
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_image
+from helpers import write_image
 from helpers import make_ldl_dataset, tiny_model
 from emolens import create_model
 from emolens.data import load_dataset, make_protocol
