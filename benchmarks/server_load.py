@@ -135,9 +135,18 @@ def start_server(root: Path, port: int) -> subprocess.Popen:
     raise SystemExit("emolens serve did not start in 180 s")
 
 
-def faults(root: Path, port: int, pid: int) -> list[tuple[str, str]]:
+def faults(root: Path, port: int, pid: int, indexed: subprocess.CompletedProcess) -> list[tuple[str, str]]:
     rows = []
     client = Client(port)
+
+    secret = (root / "outside" / "secret.jpg").read_bytes()
+    reported = "link-out.jpg" in indexed.stderr and "outside the indexed folders" in " ".join(indexed.stderr.split())
+    total = client.request("GET", "/api/health")[1]
+    ids = range(1, json.loads(total)["index"] + 20)
+    served = sum(client.request("GET", f"/api/images/{i}")[1] == secret for i in ids)
+    rows.append(("a link in the indexed folder to a file outside it",
+                 f"index exit {indexed.returncode}, link {'reported as outside' if reported else 'NOT reported'}; "
+                 f"{served} of {len(ids)} image ids serve the outside file"))
 
     body, ctype = multipart([("photo.jpg", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")])
     start = time.perf_counter()
@@ -182,6 +191,8 @@ def faults(root: Path, port: int, pid: int) -> list[tuple[str, str]]:
         for s in silent:
             s.close()
 
+    rows.append(slow_bodies(port, SLOW_CLIENTS))
+
     big = np.zeros((5000, 8000), dtype=np.uint16)  # 40 megapixels, 16-bit: 80 MB decoded as it is
     big[::7] = 40000
     buf = io.BytesIO()
@@ -211,6 +222,66 @@ def faults(root: Path, port: int, pid: int) -> list[tuple[str, str]]:
     return rows
 
 
+#: Slow-body clients: more than `serve`'s default --max-connections (2048).
+SLOW_CLIENTS = 2100
+
+
+def slow_bodies(port: int, clients: int, pause: float = 20.0, watch: float = 75.0) -> tuple[str, str]:
+    """``clients`` connections that each announce a 100 kB upload and send it one byte every ``pause``
+    seconds (under the per-read timeout), while /api/health is probed every second for ``watch`` seconds."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, clients + 512)), hard))
+    head = (b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+            b"Content-Length: 100000\r\n\r\n--x\r\n")
+    started = time.perf_counter()
+    held, released, answers = {}, [], {}  # socket -> next byte due; when the server let go; status lines
+    for _ in range(clients):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(head)
+        s.setblocking(False)
+        held[s] = time.perf_counter() + pause
+    probes = []
+    try:
+        while time.perf_counter() - started < watch:
+            now = time.perf_counter()
+            for s in list(held):
+                try:
+                    status = s.recv(4096).split(b"\r\n", 1)[0][9:12].decode() or "closed"  # 408, 503, or a close
+                except BlockingIOError:
+                    if now >= held[s]:
+                        try:
+                            s.send(b"a")
+                            held[s] = now + pause
+                        except OSError:
+                            pass
+                    continue
+                except OSError:
+                    status = "reset"
+                answers[status] = answers.get(status, 0) + 1
+                released.append(now - started)
+                del held[s]
+            probe = time.perf_counter()
+            try:
+                status = Client(port, timeout=5).request("GET", "/api/health")[0]
+            except OSError:
+                status = 0
+            probes.append((probe - started, status))
+            time.sleep(max(0.0, 1.0 - (time.perf_counter() - probe)))
+    finally:
+        for s in held:
+            s.close()
+    first_ok = next((t for t, status in probes if status == 200), None)
+    answered = sum(status == 200 for _, status in probes)
+    late = [t for t in released if t > 5]
+    return (f"{clients} clients sending a body 1 byte / {pause:g} s",
+            f"{len(released) - len(late)} let go within 5 s, the other {len(late)} cut at {min(late, default=0):.0f}-"
+            f"{max(late, default=0):.0f} s (answers {dict(sorted(answers.items()))}), {len(held)} still held after "
+            f"{watch:g} s; "
+            f"health 200 to {answered} of {len(probes)} probes, first at {first_ok if first_ok is None else round(first_ok)} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=8.0, help="length of each load phase")
@@ -224,8 +295,13 @@ def main() -> None:
         for i in range(args.gallery):
             (root / "photos" / f"{i}.jpg").write_bytes(photo(i))
         env_cache = os.environ.setdefault("EMOLENS_CACHE", str(root / "cache"))
-        subprocess.run([sys.executable, "-m", "emolens", "index", str(root / "photos"), "--db", str(root / "db")],
-                       check=True, capture_output=True)
+        (root / "outside").mkdir()
+        (root / "outside" / "secret.jpg").write_bytes(photo(99_999))
+        (root / "photos" / "link-out.jpg").symlink_to(root / "outside" / "secret.jpg")  # must not be indexed
+        indexed = subprocess.run([sys.executable, "-m", "emolens", "index", str(root / "photos"), "--db",
+                                  str(root / "db")], capture_output=True, text=True, env={**os.environ, "COLUMNS": "400"})
+        if indexed.returncode not in (0, 3):
+            raise SystemExit(f"emolens index failed: {indexed.stderr[-2000:]}")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -273,7 +349,7 @@ def main() -> None:
             print(f"heat maps, 6 concurrent clients: {heat['requests_per_s']:.1f} req/s, p50 {heat['p50']:.0f} ms, "
                   f"statuses {heat['statuses']}; {same}/{len(maps)} answers identical to a lone request's")
             print("faults:")
-            for case, outcome in faults(root, port, server.pid):
+            for case, outcome in faults(root, port, server.pid, indexed):
                 print(f"  {case}: {outcome}")
         finally:
             server.terminate()

@@ -150,3 +150,18 @@ def test_ctrl_c_during_index_says_how_to_resume(setup, tmp_path, monkeypatch):
     result = runner.invoke(app, ["index", str(setup / "photos"), "--db", str(tmp_path / "db"), "--model",
                                  str(setup / "m.onnx")])
     assert result.exit_code == EXIT_INTERRUPTED and "run the same command again" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("args, words", [
+    (["predict", "{photos}", "--workers", "-1"], ["--workers"]),
+    (["search", "--emotion", "awe", "--db", "{db}", "-k", str(10**30)], ["-k"]),
+    (["serve", "--port", "70000"], ["--port"]),
+    (["serve", "--port", "-1"], ["--port"]),
+    (["serve", "--max-connections", "0"], ["--max-connections"]),
+    (["serve", "--max-files", "0"], ["--max-files"]),
+    (["serve", "--max-upload-mb", "-1"], ["--max-upload-mb"]),
+    (["serve", "--max-upload-mb", "nan"], ["--max-upload-mb"]),
+])
+def test_option_ranges_are_checked_by_the_cli(setup, monkeypatch, args, words):
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("serve started with a bad option"))
+    cannot_run([a.format(photos=setup / "photos", db=setup / "db") for a in args], *words)
