@@ -78,6 +78,9 @@ def make_good_images(folder: Path) -> dict[str, tuple[int, int]]:
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     save("exif_rotated.jpg", Image.new("RGB", (40, 20), (0, 128, 0)), size=(20, 40), exif=exif.tobytes())
+    # a phone photo with a depth map after it (MPO): read as its first frame
+    save("phone_depth.jpg", Image.new("RGB", (32, 24), (200, 90, 10)), format="MPO", save_all=True,
+         append_images=[Image.new("L", (16, 12), 77).convert("RGB")])
     return sizes
 
 
