@@ -192,11 +192,14 @@ def test_an_index_made_before_ratings_gains_their_columns(tmp_path):
     db.execute("CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, size INTEGER NOT NULL, "
                "mtime_ns INTEGER NOT NULL, emotion TEXT NOT NULL, probability REAL NOT NULL, polarity TEXT, "
                "distribution TEXT NOT NULL, embedding BLOB NOT NULL)")
+    db.execute("CREATE TABLE scores (image_id INTEGER NOT NULL, emotion TEXT NOT NULL, probability REAL NOT NULL)")
+    db.execute("CREATE TABLE failures (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, reason TEXT)")
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
     db.commit()
     db.close()
     store = AffectiveIndex(tmp_path)
     columns = {row[1] for row in store.db.execute("PRAGMA table_info(images)")}
-    assert {"valence", "arousal", "device", "inode"} <= columns
+    assert {"valence", "arousal", "device", "inode", "ctime_ns"} <= columns
     assert store.search_affect(AffectFilter(valence=AffectRange(0, 1))) == []  # an empty index: nothing to refuse
 
 
