@@ -81,8 +81,8 @@ def export_onnx(model: "EmotionModel", path: str | os.PathLike | None = None) ->
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]  # its message holds the whole graph
         raise ExportError(f"{model.spec.get('name', type(model).__name__)}: cannot export to ONNX: {reason}") from e
     data, meta = buffer.getvalue(), onnx_meta(model, outputs)
-    if path is not None:
-        path = Path(path).with_suffix(".onnx")
+    if path is not None:  # through a link, to its target, with the metadata beside the target
+        path = Path(os.path.realpath(Path(path).with_suffix(".onnx")))
         atomic_write_bytes(path, data)
         atomic_write_json(path.with_suffix(".json"), meta)
     return data, meta
@@ -148,7 +148,8 @@ class OnnxModel:
 
 
 def read_onnx_meta(path: str | os.PathLike) -> dict:
-    meta_path = Path(path).with_suffix(".json")
+    """The metadata beside an exported model (beside a link's target, where `export` writes it)."""
+    meta_path = Path(os.path.realpath(path)).with_suffix(".json")
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as e:

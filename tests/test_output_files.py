@@ -70,6 +70,10 @@ def test_a_link_is_written_through_to_its_target(setup, tmp_path, command):
     assert result.exit_code == 0, said
     assert link.is_symlink() and os.readlink(link) == str(target)
     assert target.read_bytes() != b"old" and target.stat().st_size > 10
+    if command == "export":  # the model's metadata lies beside the file it describes, and the link runs
+        assert (tmp_path / "real" / "results.json").is_file() and not (tmp_path / "link.json").exists()
+        result, said = invoke(["predict", setup / "photos", "--model", link, "--format", "json"])
+        assert result.exit_code == 0, said
 
 
 @pytest.mark.parametrize("command", ["predict", "search", "export"])
