@@ -46,6 +46,7 @@ def world(tmp_path_factory):
     os.mkfifo(root / "fifo.png")
     os.mkfifo(root / "fifo.onnx")
     (root / "link.png").symlink_to(root / "photos" / "0.png")
+    (root / "out-link.json").symlink_to(root / "a-folder" / "linked.json")  # an output written through a link
     (root / "dangling.png").symlink_to(root / "nowhere.png")
     (root / "a-folder").mkdir()
     (root / "a-file.txt").write_text("keep")
@@ -66,7 +67,7 @@ INPUTS = ("photos", "photos/0.png", "link.png", "empty.png", "garbage.png", "fif
           "a-folder")
 MODELS = ("tiny.onnx", "torch.safetensors", "run", "garbage.onnx", "garbage.safetensors", "fifo.onnx", "missing.onnx",
           "a-folder")
-OUTPUTS = ("new/out.json", "out.json", "link.png", "dangling.png", "a-file.txt", "a-folder", "fifo.png")
+OUTPUTS = ("new/out.json", "out.json", "out-link.json", "dangling.png", "a-file.txt", "a-folder", "fifo.png")
 DBS = ("db", "missing-db", "empty-db", "garbage-db", "a-file.txt", "fifo.png")
 
 
