@@ -56,6 +56,20 @@ def report_bad_files(errors: list[ImageLoadError]) -> None:
     err_console.print(table)
 
 
+def report_skipped(skipped: list[ImageLoadError]) -> None:
+    """One line for the files a folder scan passed over (not image names): how many of each extension, with
+    a few names; they are no failure, but never pass silently."""
+    if not skipped:
+        return
+    by_extension: dict[str, list[str]] = {}
+    for e in skipped:
+        by_extension.setdefault(Path(e.path).suffix.lower() or "(none)", []).append(Path(e.path).name)
+    kinds = "; ".join(f"{ext} {len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                      for ext, names in sorted(by_extension.items(), key=lambda item: -len(item[1])))
+    err_console.print(f"skipped {len(skipped)} file(s) whose names are not image names: {kinds}; name a file "
+                      "itself to read it anyway", highlight=False, markup=False)
+
+
 @app.command("list-models")
 def list_models_cmd() -> None:
     """List the registered models."""
@@ -548,10 +562,11 @@ def predict(
     except KeyboardInterrupt:
         interrupted = True
     try:
-        write_predictions(good, bad, predictor.taxonomy.classes, fmt, out)
+        write_predictions(good, bad, predictor.taxonomy.classes, fmt, out, skipped=scan.skipped)
     except OSError as e:
         fail(f"cannot write {out or 'standard output'}: {e}")
     report_bad_files([ImageLoadError(e.source, e.reason) for e in bad])
+    report_skipped(scan.skipped)
     if interrupted:
         done = len(good) + len(bad) - len(scan.errors)
         err_console.print(f"interrupted: results for the {done} of {len(scan.files)} image(s) finished"
@@ -561,8 +576,10 @@ def predict(
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
-def write_predictions(good, bad, classes: list[str], fmt: str, out: Path | None) -> None:
-    """Predictions (and the inputs that failed) as a table, JSON or CSV, on stdout or atomically into ``out``."""
+def write_predictions(good, bad, classes: list[str], fmt: str, out: Path | None,
+                      skipped: list[ImageLoadError] = ()) -> None:
+    """Predictions (and the inputs that failed; in JSON, the files a folder scan skipped too) as a table,
+    JSON or CSV, on stdout or atomically into ``out``."""
     import csv
     import io
     import json
@@ -570,7 +587,8 @@ def write_predictions(good, bad, classes: list[str], fmt: str, out: Path | None)
     buffer = io.StringIO()
     if fmt == "json":
         json.dump({"predictions": [p.to_dict() for p in good],
-                   "errors": [{"source": e.source, "reason": e.reason} for e in bad]}, buffer, indent=2)
+                   "errors": [{"source": e.source, "reason": e.reason} for e in bad],
+                   "skipped": [{"source": e.path, "reason": e.reason} for e in skipped]}, buffer, indent=2)
         buffer.write("\n")
     elif fmt == "csv":
         writer = csv.writer(buffer)
@@ -643,6 +661,7 @@ def index(
     if report.repaired:
         console.print(f"repaired the emotion scores of {report.repaired} row(s) of a damaged index")
     report_bad_files([ImageLoadError(e.source, e.reason) for e in report.failed])
+    report_skipped(report.skipped)
     if report.failed:
         raise typer.Exit(EXIT_SOME_FAILED)
 
@@ -786,6 +805,7 @@ def explain(
     console.print(f"wrote {len(written)} explanation(s) to {out}")
     bad = list(scan.errors) + errors
     report_bad_files(bad)
+    report_skipped(scan.skipped)
     if bad:
         raise typer.Exit(EXIT_SOME_FAILED)
 

@@ -13,16 +13,22 @@ from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pillow_heif import register_heif_opener
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+register_heif_opener()  # HEIC/HEIF, the iPhone's default, through libheif; AVIF is Pillow's own
+
+#: The file names a folder scan takes (.jfif and .jpe are JPEG, .heic and .hif HEIF); named files are
+#: taken whatever their name.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
+                              ".heic", ".heif", ".hif", ".avif"})
 
 #: The only formats decoded (Pillow's names). Others are refused unread: EPS/PS/PDF hand the file to
 #: Ghostscript, which can hang or run the file's code.
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "AVIF")
 #: What Pillow calls the JPEG files it opens: MPO is a JPEG followed by more JPEGs (a phone's depth map, a
 #: camera's preview), opened by the JPEG reader.
 JPEG_FORMATS = ("JPEG", "MPO")
-ACCEPTED_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+ACCEPTED_NAMES = "JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC/HEIF or AVIF"
 
 #: Largest image (in pixels) we decode; a header that declares more is a decompression bomb.
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -168,13 +174,15 @@ def declared_pixels(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
 
 @dataclass
 class ScanResult:
-    """Image files found under some paths, and the paths that could not be read."""
+    """Image files found under some paths, the paths that could not be read, and the files a folder scan
+    passed over because their names are not image names (each with its reason)."""
 
     files: list[Path] = field(default_factory=list)
     errors: list[ImageLoadError] = field(default_factory=list)
+    skipped: list[ImageLoadError] = field(default_factory=list)
 
 
-def _walk_images(root: Path, errors: list[ImageLoadError]) -> Iterator[Path]:
+def _walk_images(root: Path, errors: list[ImageLoadError], skipped: list[ImageLoadError]) -> Iterator[Path]:
     def onerror(e: OSError) -> None:
         errors.append(ImageLoadError(e.filename or root, f"cannot read folder: {e.strerror or e}"))
 
@@ -184,6 +192,9 @@ def _walk_images(root: Path, errors: list[ImageLoadError]) -> Iterator[Path]:
             p = Path(dirpath) / name
             if p.suffix.lower() in IMAGE_EXTENSIONS:
                 yield p
+            else:
+                skipped.append(ImageLoadError(p, f"not an image file name ({p.suffix.lower() or 'no extension'}); "
+                                                 "name the file itself to read it anyway"))
 
 
 def scan_images(paths: Iterable[str | os.PathLike]) -> ScanResult:
@@ -196,7 +207,7 @@ def scan_images(paths: Iterable[str | os.PathLike]) -> ScanResult:
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            found: Iterable[Path] = _walk_images(p, result.errors)
+            found: Iterable[Path] = _walk_images(p, result.errors, result.skipped)
         elif p.exists() or p.is_symlink():
             found = [p]
         else:

@@ -213,3 +213,53 @@ def test_an_mpo_jpeg_is_read_as_its_first_frame(tmp_path):
     assert load_image(tmp_path / "phone.jpg", min_side=200).size == (400, 300)  # reduced decode, as for JPEG
     good, bad = Predictor(tiny_model()).predict([tmp_path / "phone.jpg"])
     assert not bad and good[0].source == str(tmp_path / "phone.jpg")
+
+
+def test_phone_and_camera_formats_are_read_and_scanned(tmp_path):
+    """HEIC (an iPhone's default, its orientation applied by the decoder), AVIF, and JPEGs named .jfif/.jpe."""
+    import io
+
+    from PIL import ImageOps
+
+    from emolens.cli import app
+    from typer.testing import CliRunner
+
+    small = np.random.default_rng(1).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    photo = Image.fromarray(small).resize((80, 60), Image.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise
+    photo.save(tmp_path / "iphone.heic", "HEIF", quality=95, exif=exif.tobytes())
+    photo.save(tmp_path / "pixel.avif", "AVIF", quality=95, exif=exif.tobytes())
+    photo.save(tmp_path / "old.jfif", "JPEG", quality=95)
+    photo.save(tmp_path / "older.jpe", "JPEG", quality=95)
+    (tmp_path / "notes.txt").write_text("not a photo")
+    (tmp_path / "clip.mov").write_bytes(b"\0" * 64)
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(_jpeg(photo, exif))))).astype(float)
+    for name in ("iphone.heic", "pixel.avif"):
+        img = load_image(tmp_path / name)
+        assert img.size == (60, 80), name  # turned upright, once
+        assert np.abs(np.asarray(img, float) - upright).mean() < 8, name
+        assert load_image((tmp_path / name).read_bytes()).size == (60, 80)  # an upload
+    scan = scan_images([tmp_path])
+    assert sorted(p.name for p in scan.files) == ["iphone.heic", "old.jfif", "older.jpe", "pixel.avif"]
+    assert {Path(e.path).name: e.reason for e in scan.skipped} == {
+        "clip.mov": "not an image file name (.mov); name the file itself to read it anyway",
+        "notes.txt": "not an image file name (.txt); name the file itself to read it anyway"}
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["predict", str(tmp_path), "--format", "json",
+                                                           "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.stderr.split())
+    assert "skipped 2 file(s)" in said and "clip.mov" in said and "notes.txt" in said
+    import json
+
+    payload = json.loads(result.stdout)
+    assert len(payload["predictions"]) == 4 and {Path(e["source"]).name for e in payload["skipped"]} == {
+        "clip.mov", "notes.txt"}
+
+
+def _jpeg(img: Image.Image, exif: Image.Exif) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    img.save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+    return buffer.getvalue()

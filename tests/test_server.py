@@ -196,3 +196,13 @@ def test_an_indexed_file_swapped_for_a_link_to_a_secret_is_not_served(tmp_path):
     other = tmp_path / "gallery" / "1.png"
     other.write_bytes(png(5))  # replaced in place: another file now
     assert client.get(f"/api/images/{ids['1.png']}").status_code == 404
+
+
+def test_a_heic_upload_is_predicted(served):
+    """An iPhone photo posted as it is (HEIC), as the page's file picker offers it."""
+    client, _ = served
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(png(3))).save(buffer, "HEIF")
+    r = client.post("/api/predict", files=[("files", ("IMG_0001.HEIC", buffer.getvalue(), "image/heic"))])
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["filename"] == "IMG_0001.HEIC"

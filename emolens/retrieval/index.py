@@ -21,7 +21,7 @@ import os
 import sqlite3
 import stat
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -182,6 +182,7 @@ class IndexReport:
     failed: list[PredictionError]
     total: int
     repaired: int = 0  # rows whose emotion scores were missing and were rewritten from the row
+    skipped: list[ImageLoadError] = field(default_factory=list)  # files the scan passed over: not image names
 
 
 class AffectiveIndex:
@@ -326,7 +327,7 @@ class AffectiveIndex:
         if self._meta("vectors_for") != (self._meta("generation") or "0") or not self.faiss_path.is_file():
             self.rebuild_vectors()  # searches check the file itself (hash) when they load it
         unchanged = len(current) - len(todo)
-        return IndexReport(added, updated, len(gone), unchanged, failures, len(self), repaired)
+        return IndexReport(added, updated, len(gone), unchanged, failures, len(self), repaired, scan.skipped)
 
     def _repair_scores(self) -> int:
         """Rewrite the per-emotion scores of rows that lack them (a damaged table) from the rows' distributions."""

@@ -101,7 +101,7 @@ def test_bad_images_are_left_out_and_reported(tiny, tmp_path):
     bad = ds.samples[fold.train[0]].path
     bad.write_bytes(b"broken")
     result = fit(tiny_model(), ds, fold, tmp_path / "run", config(epochs=1), progress=False)
-    assert result.bad_images == {fold.train[0]: "not an image file in an accepted format (JPEG, PNG, WebP, GIF, BMP or TIFF)"}
+    assert result.bad_images == {fold.train[0]: "not an image file in an accepted format (JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC/HEIF or AVIF)"}
 
 
 def test_polarity_and_distribution_tasks(tiny, tmp_path):
