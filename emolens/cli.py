@@ -19,6 +19,7 @@ from rich.text import Text
 
 from .images import ImageLoadError, load_image
 from .storage import CheckpointError, output_folder, writable_target
+from .terminal import MIN_PATH_WIDTH, display_path, fitted_table, result_table, room_for_paths, shortened
 
 app = typer.Typer(help="Visual emotion analysis: predict, train, evaluate, index and search.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -48,11 +49,14 @@ def fail(message: str) -> None:
 def report_bad_files(errors: list[ImageLoadError]) -> None:
     if not errors:
         return
-    table = Table(title=f"{len(errors)} file(s) could not be used", title_style="bold yellow")
-    table.add_column("path", overflow="fold")
+    paths = [display_path(e.path) for e in errors]
+    room = min(max(map(len, paths)), max(MIN_PATH_WIDTH, err_console.width // 2))  # the reason folds beside it
+    table = result_table(f"{len(errors)} file(s) could not be used")
+    table.title_style = "bold yellow"
+    table.add_column("path", overflow="fold", width=room)
     table.add_column("reason", overflow="fold")
-    for e in errors:
-        table.add_row(display_path(e.path), e.reason)
+    for path, e in zip(paths, errors):
+        table.add_row(shortened(path, room), e.reason)
     err_console.print(table)
 
 
@@ -459,36 +463,21 @@ def has_affect(predictions) -> bool:
 
 def prediction_table(predictions, classes: list[str], width: int) -> Table:
     """One row per image with every class's probability where the terminal is wide enough; otherwise the
-    top emotion and the next two, so the table fits (80 columns and up). Valence and arousal (common
-    scale, -1 to 1) follow polarity where the model rates them (narrow: in place of the next two)."""
-    table = Table(title=f"emolens: {len(predictions)} image(s)")
-    table.add_column("image", overflow="fold", min_width=12)
-    table.add_column("emotion", no_wrap=True)
-    table.add_column("p", justify="right", no_wrap=True)
-    table.add_column("polarity", no_wrap=True)
+    top emotion, its probability, polarity, and valence and arousal (common scale, -1 to 1) where the model
+    rates them, else the next two emotions. Paths are shortened to fit (file names whole)."""
     affect = has_affect(predictions)
-    fixed = 12 + max(map(len, classes)) + 4 + len("polarity") + 4 * 3 + 1  # the four columns and their borders
-    with_affect = fixed + (2 * (len("valence") + 3) if affect else 0)
-    every_class = width >= with_affect + sum(max(len(c), 4) + 3 for c in classes)
+    columns = {"emotion": [p.emotion for p in predictions], "p": [f"{p.probability:.2f}" for p in predictions],
+               "polarity": [p.polarity or "-" for p in predictions]}
     if affect:
-        table.add_column("valence", justify="right", no_wrap=True)
-        table.add_column("arousal", justify="right", no_wrap=True)
-    if every_class:
-        for c in classes:
-            table.add_column(c, justify="right", no_wrap=True)
-    elif not affect:  # beside the ratings there is no room left for the runners-up
-        table.add_column("then", overflow="fold")
-    for p in predictions:
-        row = [display_path(p.source), p.emotion, f"{p.probability:.2f}", p.polarity or "-"]
-        if affect:
-            row += [f"{p.valence:+.2f}", f"{p.arousal:+.2f}"]
-        if every_class:
-            row += [f"{p.distribution[c]:.2f}" for c in classes]
-        elif not affect:
-            following = sorted((c for c in classes if c != p.emotion), key=lambda c: -p.distribution[c])[:2]
-            row.append(", ".join(f"{c} {p.distribution[c]:.2f}" for c in following))
-        table.add_row(*row)
-    return table
+        columns |= {"valence": [f"{p.valence:+.2f}" for p in predictions],
+                    "arousal": [f"{p.arousal:+.2f}" for p in predictions]}
+    every_class = {**columns, **{c: [f"{p.distribution[c]:.2f}" for p in predictions] for c in classes}}
+    runners_up = {**columns, "then": [", ".join(f"{c} {p.distribution[c]:.2f}" for c in sorted(
+        (c for c in classes if c != p.emotion), key=lambda c: -p.distribution[c])[:2]) for p in predictions]}
+    chosen = next((c for c in (every_class, *([] if affect else [runners_up])) if room_for_paths(width, c) >=
+                   MIN_PATH_WIDTH), columns)
+    return fitted_table(f"emolens: {len(predictions)} image(s)", [p.source for p in predictions], chosen, width,
+                        left=("emotion", "polarity", "then"))
 
 
 def open_predictor(model: str | None, **options):
@@ -600,6 +589,8 @@ def write_predictions(good, bad, classes: list[str], fmt: str, out: Path | None,
                              "" if p.positive_probability is None else f"{p.positive_probability:.4f}",
                              *([f"{p.valence:.4f}", f"{p.arousal:.4f}"] if affect else []),
                              *[f"{p.distribution[c]:.4f}" for c in classes]])
+    elif not good:  # the table of the files that failed says it all
+        pass
     elif out is None:
         console.print(prediction_table(good, classes, console.width))
         return
@@ -714,13 +705,7 @@ def search(
     if fmt == "json":
         text = json.dumps({"hits": [h.__dict__ for h in hits]}, indent=2) + "\n"
     else:
-        affect = any(h.valence is not None for h in hits)
-        table = Table(title=title + (f"; {ranges}" if ranges else ""))
-        for column in ("rank", "image", "score", "emotion", "p", "polarity", *(("valence", "arousal") if affect else ())):
-            table.add_column(column, overflow="fold" if column == "image" else "ellipsis")
-        for rank, h in enumerate(hits, 1):
-            table.add_row(str(rank), display_path(h.path), f"{h.score:.3f}", h.emotion, f"{h.probability:.2f}",
-                          h.polarity or "-", *((f"{h.valence:+.2f}", f"{h.arousal:+.2f}") if affect else ()))
+        table = search_table(title + (f"; {ranges}" if ranges else ""), hits, console.width if out is None else 200)
         if out is None:
             console.print(table)
             return
@@ -729,6 +714,16 @@ def search(
         write_text(out, text)
     except OSError as e:
         fail(f"cannot write {out or 'standard output'}: {e}")
+
+
+def search_table(title: str, hits, width: int) -> Table:
+    """Ranked hits: score, top emotion, its probability, polarity, and valence and arousal where rated."""
+    columns = {"score": [f"{h.score:.3f}" for h in hits], "emotion": [h.emotion for h in hits],
+               "p": [f"{h.probability:.2f}" for h in hits], "polarity": [h.polarity or "-" for h in hits]}
+    if any(h.valence is not None for h in hits):
+        columns |= {"valence": [f"{h.valence:+.2f}" for h in hits], "arousal": [f"{h.arousal:+.2f}" for h in hits]}
+    return fitted_table(title, [h.path for h in hits], columns, width,
+                        before={"#": [str(rank) for rank in range(1, len(hits) + 1)]}, left=("emotion", "polarity"))
 
 
 @app.command()
@@ -857,16 +852,6 @@ def raise_open_file_limit(wanted: int) -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard))
     except (ImportError, ValueError, OSError):  # not POSIX, or not allowed: the system's limit stays
         pass
-
-
-def display_path(source: str) -> str:
-    """A path relative to the working folder where it lies below it, else as given; bytes of a name
-    that are not UTF-8 shown as U+FFFD, since a strict terminal encoding would refuse them."""
-    try:
-        shown = str(Path(source).resolve().relative_to(Path.cwd()))
-    except (ValueError, OSError, RuntimeError):
-        shown = source
-    return shown.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def demo_images() -> list[Path]:

@@ -209,6 +209,6 @@ def test_the_table_with_ratings_fits_an_80_column_terminal(saved):
     assert out.exit_code == 0, out.output
     lines = out.stdout.splitlines()
     assert max(len(line) for line in lines) <= 80, out.stdout
-    rows = [line for line in lines if line[:1] in "┏┃┡│└"]
-    assert rows and all(line[-1] in "┓┃┩│┘" for line in rows), out.stdout  # no column cropped off the right
-    assert "valence" in out.stdout and "0.png" in out.stdout
+    header = next(line for line in lines if line.startswith("image"))
+    assert header.split()[-2:] == ["valence", "arousal"], out.stdout  # no column cropped off the right
+    assert "0.png" in out.stdout
