@@ -647,8 +647,9 @@ def index(
         fail(f"cannot write the index in {db}: {e}")
     finally:
         store.close()
-    console.print(f"{db}: {report.total} image(s) indexed; {report.added} added, {report.updated} updated, "
-                  f"{report.removed} removed, {report.unchanged} unchanged")
+    console.print(f"{db}: {report.total} image(s) in the index; this run: {report.added} added, {report.updated} "
+                  f"updated, {report.removed} removed, {report.unchanged} unchanged, {len(report.failed)} could not "
+                  "be used", highlight=False)
     if report.repaired:
         console.print(f"repaired the emotion scores of {report.repaired} row(s) of a damaged index")
     report_bad_files([ImageLoadError(e.source, e.reason) for e in report.failed])
@@ -766,12 +767,12 @@ def explain(
     model: str = typer.Option("default", help="Run folder, .safetensors file, 'default', or a registered model "
                                               "spec (its head untrained: for looking at the architecture only)."),
     method: str = typer.Option("gradcam", help="gradcam or gradcam++ (seconds an image on a CPU), or scorecam "
-                                               "(one forward pass per channel: about a minute an image on a CPU)."),
+                                               "(one forward pass per channel: minutes an image on a CPU)."),
     target: str = typer.Option(None, help="Explain this emotion instead of the predicted one."),
     device: str = INFER_DEVICE,
 ) -> None:
     """Where the emotion comes from: class-activation maps and the model's own maps over each image, with its distribution."""
-    from .explain import METHODS, explain_files
+    from .explain import MANIFEST, METHODS, explain_files, output_names
     from .images import scan_images
 
     if method not in METHODS:
@@ -788,16 +789,21 @@ def explain(
         if target is not None:
             loaded.taxonomy.index(target)
     except Exception as e:  # any failure to build the model means nothing can run
-        fail(f"cannot explain with {model}: {e}")
+        fail(f"cannot explain with {model}: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
     scan = scan_images(paths)
     with Progress(console=err_console, transient=True) as progress:
-        bar = progress.add_task(f"explaining ({method})", total=len(scan.files))
+        bar = progress.add_task(f"explaining {len(scan.files)} image(s) with {method}", total=len(scan.files))
         try:
             written, errors = explain_files(loaded, scan.files, out, method, target,
                                             on_image=lambda: progress.advance(bar), device=device)
         except OSError as e:
             fail(str(e))
-    console.print(f"wrote {len(written)} explanation(s) to {out}")
+    console.print(f"wrote {len(written)} explanation(s) to {out}; which image each explains: {out / MANIFEST}",
+                  highlight=False, soft_wrap=True)  # paths unbroken, for copying
+    renamed = [(source, png) for source, png in zip(scan.files, output_names([str(f) for f in scan.files]))
+               if png != f"{Path(source).stem}.png" and (out / png) in written]
+    for source, png in renamed:  # same-named images from different folders, or names made file-system safe
+        console.print(f"  {display_path(str(source))} -> {png}", highlight=False, markup=False, soft_wrap=True)
     bad = list(scan.errors) + errors
     report_bad_files(bad)
     report_skipped(scan.skipped)
@@ -810,6 +816,9 @@ def load_any_model(source: str):
     from .models import create_model, list_models
     from .weights import load_model
 
+    if str(source).endswith(".onnx"):
+        raise CheckpointError("an ONNX export cannot be explained (Grad-CAM needs the network's gradients): "
+                              "give the run folder or .safetensors file it was exported from")
     if source == "default" or Path(source).exists():
         return load_model(source)
     if source.split(":", 1)[0] not in list_models():

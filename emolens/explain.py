@@ -18,7 +18,7 @@ from PIL import Image
 
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError
 from .models import EmotionModel
-from .storage import OutputError, atomic_write
+from .storage import OutputError, atomic_write, atomic_write_json
 
 METHODS = ("gradcam", "gradcam++", "scorecam")
 #: How each method is named on the panels it draws.
@@ -240,13 +240,14 @@ def output_names(sources: Sequence[str]) -> list[str]:
 def explain_files(model: EmotionModel, sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                   method: str = "gradcam", target: str | None = None, on_image: Callable[[], None] | None = None,
                   device: str = "cpu") -> tuple[list[Path], list[ImageLoadError]]:
-    """Write one PNG per usable image into ``out_dir``; unusable images come back as errors;
+    """Write one PNG per usable image into ``out_dir``, and ``explanations.json`` there: which image each PNG
+    explains (same-named images get numbered names) and its emotion. Unusable images come back as errors;
     ``on_image`` is called after each image, done or failed."""
     explainer = Explainer(model, method, device=device)
     if target is not None:
         model.taxonomy.index(target)  # an unknown emotion stops the run before any work
     out_dir = Path(out_dir)
-    written, errors = [], []
+    written, errors, manifest = [], [], []
     for source, name in zip(sources, output_names([str(s) for s in sources])):
         try:
             explanation = explainer.explain(source, target)
@@ -258,6 +259,12 @@ def explain_files(model: EmotionModel, sources: Sequence[str | os.PathLike], out
             except OSError as e:  # a full or read-only disk: no later image would fare better
                 raise OutputError(f"cannot write the explanation of {source} to {out_dir / name} "
                                   f"({len(written)} written before): {e}") from e
+            manifest.append({"source": str(source), "png": name, "emotion": explanation.emotion})
         if on_image:
             on_image()
+    atomic_write_json(out_dir / MANIFEST, {"method": method, "target": target, "explanations": manifest})
     return written, errors
+
+
+#: The file beside the PNGs that says which image each explains.
+MANIFEST = "explanations.json"

@@ -77,5 +77,5 @@ def test_a_failed_export_leaves_stdout_to_the_results(tmp_path):
     done = emolens("index", str(tmp_path / "in"), "--db", str(tmp_path / "db"), "--model",
                    str(tmp_path / "apse.safetensors"))
     assert done.returncode == 0, done.stderr
-    assert len(done.stdout.splitlines()) == 1 and "1 image(s) indexed" in done.stdout
+    assert len(done.stdout.splitlines()) == 1 and "1 image(s) in the index" in done.stdout
     assert len([line for line in done.stderr.splitlines() if line.strip()]) == 2

@@ -155,3 +155,28 @@ def test_the_explanation_keeps_the_images_name(tmp_path):
     photo = write_image(tmp_path / "kept.png", seed=5, size=(40, 30))
     result = Explainer(tiny_model("maiafa:width=16,groups=2").eval()).explain(photo)  # a model with its own maps
     assert result.source == str(photo) and "region map D" in result.maps
+
+
+def test_the_cli_says_which_image_each_png_explains_and_words_its_refusals(tmp_path):
+    import json
+
+    from emolens.runtime import export_onnx
+
+    model = tiny_model().eval()
+    save_model(model, tmp_path / "m.safetensors")
+    export_onnx(model, tmp_path / "export" / "m.onnx")
+    for folder, seed in (("a", 1), ("b", 2)):
+        write_image(tmp_path / folder / "same.png", seed=seed, size=(40, 30))
+    args = ["explain", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "why")]
+    result = runner.invoke(app, [*args, "--model", str(tmp_path / "m.safetensors")])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and "b/same.png -> same-2.png" in said and "explanations.json" in said, said
+    manifest = json.loads((tmp_path / "why" / "explanations.json").read_text())
+    assert [(e["source"].split("/")[-2], e["png"]) for e in manifest["explanations"]] == [
+        ("a", "same.png"), ("b", "same-2.png")]
+    onnx = runner.invoke(app, [*args, "--model", str(tmp_path / "export" / "m.onnx")])
+    said = " ".join(onnx.output.split())
+    assert onnx.exit_code == EXIT_ERROR and "an ONNX export cannot be explained" in said and ".safetensors" in said
+    joy = runner.invoke(app, [*args, "--model", str(tmp_path / "m.safetensors"), "--target", "joy"])
+    said = " ".join(joy.output.split())
+    assert joy.exit_code == EXIT_ERROR and "'joy' is not a class" in said and "\"'joy'" not in said, said

@@ -64,10 +64,12 @@ def test_index_and_search(corpus, tmp_path):
     folder, good, bad, models = corpus
     result = runner.invoke(app, ["index", str(folder), "--db", str(tmp_path / "db"), "--model", str(models / "m.onnx")])
     assert result.exit_code == EXIT_SOME_FAILED
-    assert f"{len(good)} image(s) indexed" in result.output
+    assert f"{len(good)} image(s) in the index" in result.output
     assert_reported(result.output, bad)
     again = runner.invoke(app, ["index", str(folder), "--db", str(tmp_path / "db"), "--model", str(models / "m.onnx")])
     assert again.exit_code == EXIT_SOME_FAILED and "0 added, 0 updated" in again.output
+    # the summary adds up: every file is either in the index unchanged or one that could not be used
+    assert f"0 removed, {len(good)} unchanged, {len(bad)} could not be used" in " ".join(again.output.split())
     assert_reported(again.output, bad)  # failures remembered and reported again, not retried
     for name, word in bad.items():
         path = folder / ("bad" if os.path.lexists(folder / "bad" / name) else "odd") / name

@@ -326,7 +326,7 @@ class AffectiveIndex:
                      if p in current and p not in todo]
         if self._meta("vectors_for") != (self._meta("generation") or "0") or not self.faiss_path.is_file():
             self.rebuild_vectors()  # searches check the file itself (hash) when they load it
-        unchanged = len(current) - len(todo)
+        unchanged = sum(p in rows for p in current if p not in todo)  # failing files stay failures, not "unchanged"
         return IndexReport(added, updated, len(gone), unchanged, failures, len(self), repaired, scan.skipped)
 
     def _repair_scores(self) -> int:
