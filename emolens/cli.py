@@ -697,6 +697,8 @@ def search(
             title = f"feels like {query} ({found.emotion} {found.probability:.2f})"
         else:
             hits, title = store.search_affect(within, k), "images nearest the centre of the ranges (score: distance)"
+        if not hits:
+            err_console.print(f"no image found: {why_empty(store, within)}", highlight=False, markup=False)
     except ImageLoadError as e:
         fail(f"{e.path}: {e.reason}")
     except (AffectiveIndexError, KeyError) as e:
@@ -708,13 +710,25 @@ def search(
     else:
         table = search_table(title + (f"; {ranges}" if ranges else ""), hits, console.width if out is None else 200)
         if out is None:
-            console.print(table)
+            if hits:  # with none, the line on stderr says why
+                console.print(table)
             return
         text = rendered(table)
     try:
         write_text(out, text)
     except OSError as e:
         fail(f"cannot write {out or 'standard output'}: {e}")
+
+
+def why_empty(store, within) -> str:
+    """Why a search of ``store`` found nothing: an empty index, or ranges that hold no image of it."""
+    if len(store) == 0:
+        return "the index holds no image"
+    if not within:
+        return "no indexed image is still the file it was (run `emolens index` again)"
+    spans = store.affect_spans()
+    held = "; ".join(f"its {name} spans {low:+.2f} to {high:+.2f}" for name, (low, high) in spans.items())
+    return f"no image of the {len(store)} in the index lies in the ranges ({held})"
 
 
 def search_table(title: str, hits, width: int) -> Table:

@@ -42,7 +42,7 @@ def result_table(title: str) -> Table:
 def room_for_paths(width: int, columns: dict[str, list[str]]) -> int:
     """The characters left for the path column of a :func:`result_table` ``width`` wide whose other
     ``columns`` (name -> cells) are shown whole."""
-    return width - sum(max(len(name), *map(len, cells)) for name, cells in columns.items()) - len(columns)
+    return width - sum(max([len(name), *map(len, cells)]) for name, cells in columns.items()) - len(columns)
 
 
 def fitted_table(title: str, paths: list[str], columns: dict[str, list[str]], width: int,

@@ -212,3 +212,16 @@ def test_the_table_with_ratings_fits_an_80_column_terminal(saved):
     header = next(line for line in lines if line.startswith("image"))
     assert header.split()[-2:] == ["valence", "arousal"], out.stdout  # no column cropped off the right
     assert "0.png" in out.stdout
+
+
+def test_a_range_that_holds_no_image_says_where_the_collection_lies(saved, tmp_path):
+    db = tmp_path / "db"
+    assert CliRunner().invoke(app, ["index", str(saved / "photos"), "--db", str(db), "--model",
+                                    str(saved / "model")]).exit_code == 0
+    spans = AffectiveIndex(db).affect_spans()
+    empty = f"{spans['valence'][1] + 0.01:.2f}:1"  # just above the most pleasant image
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["search", "--valence", empty, "--db", str(db)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and "no image found" in said, said
+    low, high = spans["valence"]
+    assert f"its valence spans {low:+.2f} to {high:+.2f}" in said and "16 in the index" in said, said

@@ -83,3 +83,8 @@ def test_paths_are_shortened_in_the_middle():
     short = shortened(DEEP, 40)
     assert len(short) == 40 and short.endswith("/IMG_20240717_093015.jpg") and short.startswith("/home/someone")
     assert shortened("a-name-longer-than-the-room.jpg", 10) == "a-name-longer-than-the-room.jpg"  # kept whole
+
+
+def test_tables_without_rows_render():
+    assert rendered(prediction_table([], MIKELS.classes, 80))
+    assert rendered(search_table("nothing", [], 80))

@@ -518,6 +518,12 @@ class AffectiveIndex:
 
         return self._first_hits(ranked, k)
 
+    def affect_spans(self) -> dict[str, tuple[float, float]]:
+        """The lowest and highest valence and arousal of the indexed images (none where the model rates none)."""
+        low_v, high_v, low_a, high_a = self.db.execute(
+            "SELECT MIN(valence), MAX(valence), MIN(arousal), MAX(arousal) FROM images").fetchone()
+        return {} if low_v is None else {"valence": (low_v, high_v), "arousal": (low_a, high_a)}
+
     def image_path(self, image_id: int) -> str | None:
         row = self.image_row(image_id)
         return row.path if row else None
