@@ -33,6 +33,7 @@ from emolens.engine.trainer import saved_backbone
 from emolens.engine.data import image_loader
 from emolens.metrics import affect_report, kl_divergence
 from emolens.models import create_model
+from emolens.runtime import export_onnx, packaged_default_onnx
 from emolens.storage import default_weights_path
 from emolens.weights import load_model, save_model
 
@@ -140,7 +141,8 @@ def main() -> None:
     save_model(best, default_weights_path(), include_backbone=saved_backbone(best, config), half=True, card=card,
                dataset=dataset.spec)
     atomic_write_json(args.out / "card.json", card)
-    print(f"wrote {default_weights_path()}")
+    export_onnx(load_model("default"), packaged_default_onnx())  # what the core install runs: the saved weights
+    print(f"wrote {default_weights_path()} and {packaged_default_onnx()}")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,21 @@ def report_bad_files(errors: list[ImageLoadError]) -> None:
     err_console.print(table)
 
 
+#: What the `torch` extra installs, and how a machine without a GPU gets PyTorch's smaller CPU build first.
+TORCH_HINT = ("pip install 'emolens[torch]' (on a machine without a GPU, first: pip install torch torchvision "
+              "--index-url https://download.pytorch.org/whl/cpu)")
+TORCH_MODULES = ("torch", "torchvision", "timm", "safetensors", "pytorch_grad_cam", "matplotlib", "onnx")
+
+
+def require_torch(command: str) -> None:
+    """Stop ``command`` with what to install when PyTorch and its companions are not installed."""
+    try:
+        for module in TORCH_MODULES:
+            __import__(module)
+    except ImportError as e:
+        fail(f"`emolens {command}` needs PyTorch and its companions ({e.name or e} is missing): {TORCH_HINT}")
+
+
 def report_skipped(skipped: list[ImageLoadError]) -> None:
     """One line for the files a folder scan passed over (not image names): how many of each extension, with
     a few names; they are no failure, but never pass silently."""
@@ -77,6 +92,7 @@ def report_skipped(skipped: list[ImageLoadError]) -> None:
 @app.command("list-models")
 def list_models_cmd() -> None:
     """List the registered models."""
+    require_torch("list-models")
     from .models import model_entries
 
     table = Table(title="emolens models")
@@ -94,6 +110,7 @@ def datasets_info(
     check_images: bool = typer.Option(False, "--check-images", help="Open every image and report the unreadable ones."),
 ) -> None:
     """Counts per class, missing files, distribution summary and polarity balance of a dataset."""
+    require_torch("datasets info")
     from .data import load_dataset
 
     try:
@@ -252,6 +269,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its last checkpoint."),
 ) -> None:
     """Train a model; the checkpoint is chosen on validation data, then scored once on the test part."""
+    require_torch("train")
     from .data import Protocol
     from .data.joint import JointDataset, joint_spec, open_datasets, protocol_for
     from .engine import evaluate, fit
@@ -315,6 +333,7 @@ def evaluate(
     channels_last: bool = CHANNELS_LAST,
 ) -> None:
     """Score a trained model on a part of its split, or on all of another dataset."""
+    require_torch("evaluate")
     from .data.joint import open_datasets
     from .engine import TrainConfig, evaluate as evaluate_model
     from .weights import load_model
@@ -375,6 +394,7 @@ def benchmark(
     protocol: str = typer.Option("kfold", help="kfold (--folds) or split (the papers' 80/5/15, one split)."),
 ) -> None:
     """k-fold cross-validation of several models on identical folds; prints mean ± std per model."""
+    require_torch("benchmark")
     from .data import parse_spec
     from .data.joint import JointDataset, joint_spec, open_datasets
     from .engine.benchmark import headline_columns, run_benchmark
@@ -492,7 +512,10 @@ def open_predictor(model: str | None, **options):
         err_console.print("exporting the model for ONNX Runtime (once per model; up to a minute)...", highlight=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        predictor = Predictor(model, **options)
+        try:
+            predictor = Predictor(model, **options)
+        except ImportError as e:  # a PyTorch model, or --backend torch, on the core install
+            raise RuntimeError(f"this model needs PyTorch ({e.name or e} is missing): {TORCH_HINT}") from e
     for w in caught:
         err_console.print(f"[yellow]warning:[/] {w.message}", soft_wrap=True, highlight=False)
     return predictor
@@ -786,6 +809,7 @@ def explain(
     device: str = INFER_DEVICE,
 ) -> None:
     """Where the emotion comes from: class-activation maps and the model's own maps over each image, with its distribution."""
+    require_torch("explain")
     from .explain import MANIFEST, METHODS, explain_files, output_names
     from .images import scan_images
 
@@ -849,6 +873,7 @@ def export(
     model: str = typer.Option(None, help="Run folder or .safetensors file (default: the embedded model)."),
 ) -> None:
     """Export a model to ONNX for ONNX Runtime: faster CPU inference, no PyTorch needed to run it."""
+    require_torch("export")
     from .runtime import ExportError, export_onnx
     from .weights import load_model
 

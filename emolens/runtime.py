@@ -23,7 +23,8 @@ import numpy as np
 
 from .identity import ModelIdentity, model_identity, source_digest, spec_name
 from .preprocessing import Preprocessing
-from .storage import CheckpointError, atomic_write_bytes, atomic_write_json, cache_dir, resolve_weights
+from .storage import (DEFAULT_MODEL, CheckpointError, atomic_write_bytes, atomic_write_json, cache_dir,
+                      default_weights_path, resolve_weights)
 from .taxonomy import Taxonomy
 
 if TYPE_CHECKING:
@@ -160,6 +161,12 @@ def read_onnx_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
+def packaged_default_onnx() -> Path:
+    """The default model's ONNX export, shipped beside its weights (``benchmarks/train_default_model.py``
+    writes both; a test holds them to the same outputs and weights identity)."""
+    return default_weights_path().parent / "onnx" / "default.onnx"
+
+
 def cached_onnx_path(weights: Path) -> Path:
     """Where the export of ``weights`` is cached: keyed by the weights, their metadata, emolens's source
     and the versions that shape the graph, so a changed model, code or library never reuses a stale export."""
@@ -174,8 +181,8 @@ def cached_onnx_path(weights: Path) -> Path:
 
 def export_pending(source: str | os.PathLike | None) -> bool:
     """Whether running the saved model ``source`` under ONNX Runtime first needs an export (no cached one)."""
-    source = source or "default"
-    if str(source).endswith(".onnx"):
+    source = source or DEFAULT_MODEL
+    if str(source).endswith(".onnx") or str(source) == DEFAULT_MODEL:
         return False
     try:
         cached = cached_onnx_path(resolve_weights(source))
@@ -203,9 +210,12 @@ def onnx_providers(device: str = "cpu") -> list | None:
 
 def onnx_model_for(source: str | os.PathLike, threads: int | None = None, providers: list | None = None) -> OnnxModel:
     """The saved model ``source`` (``"default"``, a run folder, ``.safetensors`` or ``.onnx``) under ONNX
-    Runtime; a saved PyTorch model is exported on first use and the export cached."""
+    Runtime: the default model's export ships with the package (no PyTorch needed); another saved PyTorch
+    model is exported on first use and the export cached."""
     if str(source).endswith(".onnx"):
         return OnnxModel(source, threads=threads, providers=providers)
+    if str(source) == DEFAULT_MODEL:
+        return OnnxModel(packaged_default_onnx(), threads=threads, providers=providers)
     weights = resolve_weights(source)
     try:
         cached = cached_onnx_path(weights)

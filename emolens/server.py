@@ -179,8 +179,12 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
             raise HTTPException(400, "heat maps need a PyTorch model; this server runs an ONNX export")
         with explainer_lock:  # concurrent first requests build one explainer
             if not explainers:
-                from .explain import Explainer
-                from .weights import load_model
+                try:
+                    from .explain import Explainer
+                    from .weights import load_model
+                except ImportError as e:
+                    raise HTTPException(501, f"heat maps need PyTorch, which this install leaves out ({e.name} is "
+                                             "missing): pip install 'emolens[torch]'") from None
 
                 explaining = load_model(model or "default")
                 if model_identity(explaining).digest != predictor.identity.digest:
