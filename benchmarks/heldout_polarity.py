@@ -1,6 +1,8 @@
 """Polarity on images from no training set: the default recipe trained without Emotion6 ranks Emotion6's
-images by predicted valence (and by positive share) against their polarity; ROC AUC, and the balanced
-accuracy of the sign (valence >= 0, positive share >= 0.5: ``predict``'s polarity).
+images by predicted valence, by positive share, and by the calibrated positive probability that
+``predict`` reports (the two combined, fitted on the training sets' validation images) against their
+polarity; ROC AUC, and the balanced accuracy of the sign (valence >= 0, positive share >= 0.5,
+calibrated probability >= 0.5: ``predict``'s polarity).
 
 An image's polarity is its dominant emotion's (joy positive; anger, disgust, fear and sadness negative;
 surprise and neutral images are left out). Beside it, in the same run: a ridge regression of OASIS valence
@@ -23,18 +25,21 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from affect import pooled_features
-from train_default_model import BACKBONE, TRAINING, train_final
+from train_default_model import BACKBONE, TRAINING, calibrate_polarity, positive_shares, train_final
 from emolens.data import load_dataset
 from emolens.data.joint import open_datasets
 from emolens.predict import Predictor
 
 
 def scores(predictor: Predictor, paths: list[str]) -> dict[str, np.ndarray]:
-    """Predicted valence (where the model rates it) and positive share per image, in order."""
+    """Predicted valence (where the model rates it), positive share and, where the model's card calibrates
+    it, the calibrated positive probability per image, in order."""
     preds, errors = predictor.predict(paths)
     if errors:
         raise RuntimeError(f"{len(errors)} held-out image(s) could not be read, e.g. {errors[0]}")
-    out = {"positive share": np.array([p.positive_probability for p in preds], dtype=np.float64)}
+    out = {"positive share": positive_shares(predictor, preds)}
+    if predictor.calibration is not None:  # what `predict` reports for a model whose card calibrates it
+        out["calibrated"] = np.array([p.positive_probability for p in preds], dtype=np.float64)
     if preds[0].valence is not None:
         out["valence"] = np.array([p.valence for p in preds], dtype=np.float64)
     return out
@@ -62,15 +67,22 @@ def main() -> None:
           f"({int(y.sum())} positive, {int((1 - y).sum())} negative)")
 
     rows = {}
-    thresholds = {"positive share": 0.5, "valence": 0.0, "ridge": 0.0}  # valence on the common scale: 0 is neutral
+    # valence on the common scale: 0 is neutral; a calibrated probability: 0.5 is the balanced point
+    thresholds = {"positive share": 0.5, "valence": 0.0, "ridge": 0.0, "calibrated": 0.5}
 
     def score(name: str, kind: str, values: np.ndarray) -> None:
         rows[name] = (roc_auc_score(y, values), balanced_accuracy_score(y, values >= thresholds[kind]))
 
-    model, _, _ = train_final(train, args.out / "model", args.seed, cache_dir=args.out / "cache",
-                              backbone=args.backbone, cache_views=args.cache_views)
-    for name, s in scores(Predictor(model, backend="torch"), paths).items():
+    model, fold, _ = train_final(train, args.out / "model", args.seed, cache_dir=args.out / "cache",
+                                 backbone=args.backbone, cache_views=args.cache_views)
+    predictor = Predictor(model, backend="torch")
+    found = scores(predictor, paths)
+    for name, s in found.items():
         score(f"default recipe without {heldout.kind}, {name}", name, s)
+    calibration = calibrate_polarity(predictor, train, fold.val)  # on the training sets' validation images
+    print(f"polarity calibration: {calibration}")
+    score(f"default recipe without {heldout.kind}, calibrated positive probability", "calibrated",
+          calibration(found["positive share"], found["valence"]))
 
     oasis = next(m for m in train.members if m.kind == "oasis")
     ridge = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13)))

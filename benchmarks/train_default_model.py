@@ -33,6 +33,8 @@ from emolens.engine.trainer import saved_backbone
 from emolens.engine.data import image_loader
 from emolens.metrics import affect_report, kl_divergence
 from emolens.models import create_model
+from emolens.polarity import PolarityCalibration, fit_polarity_calibration
+from emolens.predict import Predictor
 from emolens.runtime import export_onnx, packaged_default_onnx
 from emolens.storage import default_weights_path
 from emolens.weights import load_model, save_model
@@ -57,6 +59,24 @@ def train_final(dataset: JointDataset, out: Path, seed: int = 0, cache_dir: Path
     model = create_model(joint_spec(recipe, dataset), task="joint", backbone=backbone)
     result = fit(model, dataset, fold, out, TrainConfig(seed=seed, **{**TRAINING, **training}), cache_dir=cache_dir)
     return load_model(out), fold, {"val": result.val_metrics, "best_epoch": result.best_epoch}
+
+
+def calibrate_polarity(predictor: Predictor, dataset: JointDataset, rows: list[int]) -> PolarityCalibration:
+    """The polarity calibration of ``predictor``'s model, fitted on ``dataset``'s ``rows`` that have a
+    polarity (an emotion's, or the side of OASIS's neutral valence)."""
+    polar = [r for r in rows if dataset.polarities[r] >= 0]
+    found, errors = predictor.predict([dataset.samples[r].path for r in polar])
+    if errors:
+        raise RuntimeError(f"{len(errors)} validation image(s) could not be read, e.g. {errors[0]}")
+    return fit_polarity_calibration(positive_shares(predictor, found), np.array([p.valence for p in found]),
+                                    dataset.polarities[polar] == 1,
+                                    fitted_on=f"{len(polar)} validation images of {dataset.spec}")
+
+
+def positive_shares(predictor: Predictor, found) -> np.ndarray:
+    """The positive share of each prediction's distribution over the classes that have a polarity."""
+    classes = predictor.taxonomy.classes
+    return predictor.taxonomy.polarity_distribution(np.array([[p.distribution[c] for c in classes] for p in found]))[:, 1]
 
 
 @torch.inference_mode()
@@ -114,9 +134,14 @@ def main() -> None:
                     "running it again (refused unless it ran this recipe, data, seed, backbone and training settings)")
     ap.add_argument("--cache", type=Path, help="frozen-feature cache folder (default: OUT/cache; a benchmark's "
                     "cache of the same datasets in the same order serves)")
+    ap.add_argument("--calibrate-only", action="store_true", help="refit the shipped model's polarity calibration "
+                    "on its validation images (the same split) and export it again; no training")
     args = ap.parse_args()
 
     dataset = open_datasets(args.data or list(DATA))
+    if args.calibrate_only:
+        calibrate_default(dataset, final_fold(dataset, args.seed))
+        return
     config = TrainConfig(seed=args.seed, **TRAINING)
     spec = joint_spec(RECIPE, dataset)
     card = {"recipe": spec, "backbone": args.backbone, "datasets": dataset.spec,
@@ -140,9 +165,22 @@ def main() -> None:
     print(json.dumps(card["flip_averaging_on_validation"], indent=2))
     save_model(best, default_weights_path(), include_backbone=saved_backbone(best, config), half=True, card=card,
                dataset=dataset.spec)
+    card["polarity_calibration"] = calibrate_default(dataset, fold)
     atomic_write_json(args.out / "card.json", card)
-    export_onnx(load_model("default"), packaged_default_onnx())  # what the core install runs: the saved weights
     print(f"wrote {default_weights_path()} and {packaged_default_onnx()}")
+
+
+def calibrate_default(dataset: JointDataset, fold: Fold) -> dict:
+    """Fit the shipped model's polarity calibration on its validation images, write it into its card, and
+    export the model for the core install (the export carries the card)."""
+    calibration = calibrate_polarity(Predictor(load_model("default"), backend="torch"), dataset, fold.val).to_dict()
+    card_path = default_weights_path().with_suffix(".json")
+    meta = json.loads(card_path.read_text())
+    meta["card"]["polarity_calibration"] = calibration
+    atomic_write_json(card_path, meta)
+    export_onnx(load_model("default"), packaged_default_onnx())
+    print(json.dumps({"polarity_calibration": calibration}, indent=2))
+    return calibration
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from PIL import Image
 
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError
 from .models import EmotionModel
+from .predict import polarity_calibration, polarity_of, positive_probabilities
 from .storage import OutputError, atomic_write, atomic_write_json
 
 METHODS = ("gradcam", "gradcam++", "scorecam")
@@ -37,6 +38,7 @@ class Explanation:
     image: Image.Image  # the model's view (resized, centre-cropped)
     boxes: list[tuple[float, float, float, float, float]] | None = None  # x1, y1, x2, y2, score in view pixels
     affect: tuple[float, float] | None = None  # valence, arousal (common scale) where the model rates them
+    polarity: str | None = None  # as `predict` reports it (polarity_of the positive probability)
 
 
 def overlay(view: Image.Image, heat: np.ndarray, alpha: float = 0.45) -> Image.Image:
@@ -99,6 +101,7 @@ class Explainer:
         self.title = METHOD_TITLES[method]
         self.max_pixels = max_pixels
         self.preprocessing = model.preprocessing
+        self.card = getattr(model, "meta", {}).get("card", {})  # its polarity calibration, as Predictor reads it
 
     def explain(self, source: str | os.PathLike | Image.Image, target: str | None = None) -> Explanation:
         """Raises :class:`ImageLoadError` for an unusable image, ``ValueError`` for an unknown target."""
@@ -137,11 +140,13 @@ class Explainer:
             boxes = [(*map(float, b), float(scores[0][i]) if scores is not None else 1.0)
                      for i, b in enumerate(outputs["boxes"][0])]
         affect = None
-        if "affect" in outputs:  # clipped to the common scale as Predictor reports it
-            valence, arousal = outputs["affect"][0].float().clamp(-1, 1).tolist()
-            affect = (valence, arousal)
+        rated = outputs["affect"].float().cpu().numpy() if "affect" in outputs else None
+        if rated is not None:  # clipped to the common scale as Predictor reports it
+            affect = tuple(float(v) for v in np.clip(rated[0], -1, 1))
+        calibration = polarity_calibration(self.card, ["affect"] if rated is not None else [])
+        positive = positive_probabilities(tax, probs.numpy()[None], rated, calibration)[0]
         return Explanation(name, tax.classes[index], dict(zip(tax.classes, probs.tolist())), maps,
-                           view, boxes, affect)
+                           view, boxes, affect, polarity_of(None if positive != positive else float(positive)))
 
 
 def render(explanation: Explanation, taxonomy, path: str | os.PathLike) -> Path:
@@ -192,7 +197,7 @@ def render(explanation: Explanation, taxonomy, path: str | os.PathLike) -> Path:
     ax.legend(handles=[Patch(color=c, label=label) for c, label in shown if c in colours], fontsize=7,
               loc="lower right", frameon=False)
     if explanation.affect is not None:
-        draw_affect_plane(fig.add_subplot(grid[0, panels + 1]), *explanation.affect)
+        draw_affect_plane(fig.add_subplot(grid[0, panels + 1]), *explanation.affect, explanation.polarity)
     fig.tight_layout(w_pad=2.5)  # room for the colour bar between the overlays and the labels of the bars
     if image_axes:  # after tight_layout, which does not place colour bars
         scale = fig.colorbar(ScalarMappable(cmap="jet"), ax=image_axes, fraction=0.025, pad=0.01)
@@ -209,11 +214,13 @@ def render(explanation: Explanation, taxonomy, path: str | os.PathLike) -> Path:
     return path
 
 
-def draw_affect_plane(ax, valence: float, arousal: float) -> None:
-    """The valence-arousal plane (common scale) with the image as a point."""
+def draw_affect_plane(ax, valence: float, arousal: float, polarity: str | None) -> None:
+    """The valence-arousal plane (common scale) with the image as a point in its polarity's colour (the
+    polarity `predict` reports, as the bars' legend has it)."""
     ax.axhline(0, color="#cccccc", lw=0.8)
     ax.axvline(0, color="#cccccc", lw=0.8)
-    ax.plot([valence], [arousal], "o", color=POSITIVE if valence >= 0 else NEGATIVE, ms=9, mec="black")
+    colour = {"positive": POSITIVE, "negative": NEGATIVE}.get(polarity, NEUTRAL)
+    ax.plot([valence], [arousal], "o", color=colour, ms=9, mec="black", label=polarity or "no polarity")
     ax.set_xlim(-1, 1)
     ax.set_ylim(-1, 1)
     ax.set_aspect("equal")

@@ -19,6 +19,7 @@ from PIL import Image
 
 from .identity import ModelIdentity, model_identity
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError
+from .polarity import PolarityCalibration
 from .preprocessing import Preprocessing
 from .storage import DEFAULT_MODEL
 from .taxonomy import AFFECT, Taxonomy
@@ -30,8 +31,8 @@ BACKENDS = ("auto", "onnx", "torch")
 
 
 def polarity_of(positive_probability: float | None) -> str | None:
-    """The one definition of an image's polarity: "positive" when the positive classes hold at least half
-    of the probability on classes that have a polarity, else "negative"; None when none has any."""
+    """The one definition of an image's polarity: "positive" when ``positive_probability`` is at least 0.5,
+    else "negative"; None when the model has no polarity to give."""
     if positive_probability is None:
         return None
     return "positive" if positive_probability >= 0.5 else "negative"
@@ -46,7 +47,9 @@ class Prediction:
     emotion: str
     probability: float
     polarity: str | None  # polarity_of(positive_probability): the two never disagree
-    positive_probability: float | None  # the positive share of the distribution over polar classes
+    # The model's calibrated probability that the image is positive (its card's polarity calibration of the
+    # positive share and valence); without one, the positive share of the distribution over polar classes.
+    positive_probability: float | None
     distribution: dict[str, float]
     valence: float | None = None  # None: the model has no valence/arousal head
     arousal: float | None = None
@@ -70,6 +73,24 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
+def polarity_calibration(card: dict, outputs: list[str]) -> PolarityCalibration | None:
+    """The model card's polarity calibration, where the model rates valence (the calibration reads it)."""
+    if "polarity_calibration" not in card or "affect" not in outputs:
+        return None
+    return PolarityCalibration.from_dict(card["polarity_calibration"])
+
+
+def positive_probabilities(taxonomy: Taxonomy, probs: np.ndarray, affect: np.ndarray | None,
+                           calibration: PolarityCalibration | None) -> np.ndarray:
+    """Each image's probability of being positive, as every path reports it: the calibration of the positive
+    share and the valence (``affect[:, 0]``, clipped to the common scale) where the model has one, else the
+    positive share of ``probs`` over the classes that have a polarity (NaN where none has mass)."""
+    share = taxonomy.polarity_distribution(probs)[:, 1]
+    if calibration is None:
+        return share
+    return calibration(share, np.asarray(affect, np.float64)[:, 0].clip(-1, 1))
+
+
 class TorchRunner:
     """Eager PyTorch behind the same array-in, arrays-out call as :class:`~emolens.runtime.OnnxModel`."""
 
@@ -81,6 +102,7 @@ class TorchRunner:
         self.taxonomy: Taxonomy = model.taxonomy
         self.preprocessing: Preprocessing = model.preprocessing
         self.identity = model_identity(model)
+        self.card = getattr(model, "meta", {}).get("card", {})
         size = self.preprocessing.size
         self.outputs = list(self(np.zeros((1, 3, size, size), np.float32)))  # named as an ONNX export names them
 
@@ -155,6 +177,8 @@ class Predictor:
                              "`emolens evaluate`")
         self.preprocessing: Preprocessing = self.runner.preprocessing
         self.identity: ModelIdentity = self.runner.identity
+        #: How the positive share and valence combine into ``positive_probability`` (None: the share alone).
+        self.calibration = polarity_calibration(self.runner.card, self.runner.outputs)
         #: Whether the model rates valence and arousal (predictions then carry them).
         self.rates_affect = "affect" in self.runner.outputs
         self.batch_size = batch_size
@@ -183,7 +207,7 @@ class Predictor:
         affect = np.clip(outputs["affect"], -1.0, 1.0).tolist() if "affect" in outputs else [(None, None)] * len(logits)
         shifted = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
         probs = shifted / shifted.sum(axis=1, keepdims=True)
-        polar = tax.polarity_distribution(probs)[:, 1]
+        polar = positive_probabilities(tax, probs, outputs.get("affect"), self.calibration)
         out = []
         for src, p, pos, (valence, arousal) in zip(sources, probs.tolist(), polar.tolist(), affect):
             top = max(range(len(p)), key=p.__getitem__)

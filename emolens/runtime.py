@@ -124,6 +124,7 @@ class OnnxModel:
                 raise ValueError("ONNX bytes need their metadata")
             meta = read_onnx_meta(source)
         self.meta = meta
+        self.card = meta.get("card", {})
         self.taxonomy = Taxonomy.from_dict(meta["taxonomy"])
         self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         self.outputs = list(meta["outputs"])
