@@ -142,7 +142,7 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int 
     if isinstance(source, (bytes, bytearray)):
         path, data = None, bytes(source)
         if not data:
-            raise ImageLoadError(None, "empty data (0 bytes)")
+            raise ImageLoadError(None, "empty file (0 bytes)")
         fp = io.BytesIO(data)
     else:
         path = Path(source)
@@ -166,7 +166,7 @@ def declared_pixels(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
     """The pixel count an image's header declares, read without decoding; raises :class:`ImageLoadError`
     for data that is not an accepted image or declares more than ``max_pixels``."""
     if not data:
-        raise ImageLoadError(None, "empty data (0 bytes)")
+        raise ImageLoadError(None, "empty file (0 bytes)")
     with _accepted_image(io.BytesIO(data), None) as img:
         _check_size(img.size, max_pixels, None)
         return img.size[0] * img.size[1]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import hashlib
+import importlib.util
 import io
 import mimetypes
 import os
@@ -172,6 +174,7 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
     # FastAPIOffline serves Swagger UI's assets from the package: the stock /docs loads them from a CDN
     app = FastAPIOffline(title="emolens", description="Which emotions an image evokes, and images that feel alike.")
     explainers: list = []  # built on the first heat-map request: Grad-CAM needs the PyTorch model
+    heatmaps_possible = not str(model).endswith(".onnx") and importlib.util.find_spec("torch") is not None
     explainer_lock = threading.Lock()
 
     def heatmap(view) -> str:
@@ -251,11 +254,19 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
     async def health() -> dict:
         return {"status": "ok", "model": predictor.backend, "index": len(index) if index is not None else None}
 
+    @app.get("/api")
+    async def endpoints() -> dict:
+        """The JSON API's endpoints (OpenAPI with their parameters at /openapi.json, browsable at /docs)."""
+        return {"endpoints": [{"method": method, "path": route.path, "summary": (route.summary or route.name)}
+                              for route in app.routes if route.path.startswith("/api")
+                              for method in sorted(getattr(route, "methods", ()) or ()) if method != "HEAD"],
+                "docs": "/docs", "openapi": "/openapi.json"}
+
     @app.get("/api/models")
     async def models() -> dict:
         tax = predictor.taxonomy
         return {"taxonomy": tax.name, "classes": tax.classes, "polarity": tax.polarity, "backend": predictor.backend,
-                "affect": predictor.rates_affect,
+                "affect": predictor.rates_affect, "heatmaps": heatmaps_possible,
                 "preprocessing": asdict(predictor.preprocessing)}
 
     @app.post("/api/predict")
@@ -287,31 +298,52 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
     async def search_image(file: UploadFile = File(...), k: int = Query(12, ge=1, le=200),
                            valence: str | None = Query(None, description=RANGE),
                            arousal: str | None = Query(None, description=RANGE)) -> dict:
-        """The indexed images that feel most like the uploaded one (within the valence/arousal ranges)."""
+        """The indexed images that feel most like the uploaded one (within the valence/arousal ranges); the
+        uploaded file itself, where the collection holds it, is left out (as `emolens search` leaves out its
+        query)."""
         store, within = require_index(), ranges(valence, arousal)
         (array, _), = await read_images([file])
         query, = await batcher.predict([array])
+        await file.seek(0)
+        upload = hashlib.sha256(await file.read()).digest()
         try:  # index calls stay on the event loop: one at a time
-            hits = store.search_vector(query.outputs["embedding"], k, within=within)
+            hits = store.search_vector(query.outputs["embedding"], k + 1, within=within)
         except AffectiveIndexError as e:
             raise HTTPException(400, str(e))
-        return {"query": _prediction(query), "hits": [_hit(h) for h in hits]}
+        same = [h for h in hits if h.score >= SAME_IMAGE_SCORE and await run_in_threadpool(same_file, store, h, upload)]
+        return {"query": _prediction(query), "hits": [_hit(h) for h in hits if h not in same][:k]}
 
     @app.get("/api/search")
     async def search_emotion(emotion: str | None = Query(None), k: int = Query(12, ge=1, le=200),
                              valence: str | None = Query(None, description=RANGE),
-                             arousal: str | None = Query(None, description=RANGE)) -> dict:
+                             arousal: str | None = Query(None, description=RANGE),
+                             nearest: bool = Query(False, description="With ranges alone: when they hold no image, "
+                                                   "the images nearest their centre (``outside`` is then true)")) -> dict:
         """The images most likely to evoke ``emotion``; or, with ranges alone, those nearest the ranges' centre."""
         store, within = require_index(), ranges(valence, arousal)
         if emotion is None and not within:
             raise HTTPException(400, "give an emotion, or valence/arousal ranges")
+        outside = False
         try:
             hits = store.search_emotion(emotion, k, within) if emotion is not None else store.search_affect(within, k)
+            if not hits and nearest and emotion is None:
+                hits, outside = store.search_affect(within, k, inside=False), True
         except KeyError as e:
             raise HTTPException(400, str(e.args[0]))
         except AffectiveIndexError as e:
             raise HTTPException(400, str(e))
-        return {"emotion": emotion, "valence": valence, "arousal": arousal, "hits": [_hit(h) for h in hits]}
+        return {"emotion": emotion, "valence": valence, "arousal": arousal, "outside": outside,
+                "hits": [_hit(h) for h in hits]}
+
+    @app.get("/api/points")
+    async def points(limit: int = Query(2000, ge=1, le=20000)) -> dict:
+        """Where the collection's images lie on the valence-arousal plane: up to ``limit`` of them, spread."""
+        store = require_index()
+        return {"total": len(store), "points": [list(p) for p in store.affect_points(limit)]}
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        return Response((Path(__file__).parent / "web" / "favicon.svg").read_bytes(), media_type="image/svg+xml")
 
     @app.get("/api/images/{image_id}")
     async def image(image_id: int):
@@ -425,6 +457,17 @@ def release_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+#: A hit this close to the query (cosine of unit embeddings) may be the query's own file: its bytes decide.
+SAME_IMAGE_SCORE = 0.999
+
+
+def same_file(store, hit, digest: bytes) -> bool:
+    """Whether the indexed file of ``hit`` has the sha256 ``digest`` (an upload's)."""
+    row = store.image_row(hit.id)
+    data = None if row is None else read_indexed_file(row)
+    return data is not None and hashlib.sha256(data).digest() == digest
 
 
 def read_indexed_file(row) -> bytes | None:

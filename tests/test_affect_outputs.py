@@ -163,6 +163,16 @@ def test_server_answers_with_valence_and_arousal(indexed, saved):
     hits = client.get("/api/search", params={"valence": "0:1", "k": 16}).json()["hits"]
     assert hits and all(h["valence"] >= 0 for h in hits)
     assert len(hits) == sum(p.valence >= 0 for p in preds.values())
+    points = client.get("/api/points").json()
+    assert points["total"] == 16 and sorted(map(tuple, points["points"])) == pytest.approx(
+        sorted((p.valence, p.arousal) for p in preds.values()), abs=1e-6)
+    assert len(client.get("/api/points", params={"limit": 5}).json()["points"]) == 5  # spread, not all
+    top = max(p.valence for p in preds.values())
+    empty = {"valence": f"{min(1, top + 0.05):.2f}:1", "k": 3}
+    assert client.get("/api/search", params=empty).json()["hits"] == []
+    nearest = client.get("/api/search", params={**empty, "nearest": "true"}).json()
+    assert nearest["outside"] is True and len(nearest["hits"]) == 3
+    assert nearest["hits"][0]["valence"] == pytest.approx(top, abs=1e-6)  # the nearest to the region first
     found = client.post("/api/search", params={"arousal": "0:1"},
                         files={"file": ("q.png", png(3, size=(64, 48)), "image/png")}).json()
     assert all(h["arousal"] >= 0 for h in found["hits"]) and "valence" in found["query"]

@@ -178,3 +178,83 @@ def test_the_page_places_the_image_on_the_valence_arousal_plane_and_searches_by_
             assert abs(valence - target["valence"]) <= 0.26 and abs(arousal - target["arousal"]) <= 0.26
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "web-page-affect.png"), full_page=True)
+
+
+@contextmanager
+def phone_and_desktop(url: str):
+    """Pages of chromium at ``url``: a desktop and a 390-px phone (touch, its device scale)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = launch(pw)
+        try:
+            yield {"desktop": browser.new_page(viewport={"width": 1100, "height": 900}),
+                   "phone": browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=3,
+                                             is_mobile=True, has_touch=True)}
+        finally:
+            browser.close()
+
+
+def no_horizontal_overflow(page) -> bool:
+    return page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+
+
+def test_the_page_guides_on_a_desktop_and_a_phone(rated_server):
+    """Long names stay inside the cards, each upload is posted once (a bad one too) and the same file can be
+    picked again, errors read as the CLI's, the plane shows the collection and where one clicked, an empty
+    region says so and offers the nearest images, and a tile opens its image with its analysis."""
+    import httpx
+
+    url, folder = rated_server
+    long_name = folder / ("a-photo-with-a-very-long-name-that-goes-on-and-on-without-any-break" * 2 + ".jpg")
+    long_name.write_bytes((folder / "gallery" / "2.jpg").read_bytes())
+    (folder / "empty.png").write_bytes(b"")
+    points = httpx.get(f"{url}/api/points").json()["points"]
+    assert len(points) == 8
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with phone_and_desktop(url) as pages:
+        for kind, page in pages.items():
+            posted = []
+            page.on("request", lambda r: posted.append(r.url) if "/api/predict" in r.url else None)
+            page.goto(url)
+            page.wait_for_selector("#feel svg.plane circle.dot")
+            assert page.locator("#feel circle.dot").count() == 8 and "8 images" in page.inner_text("#feel-note")
+            for _ in range(2):  # the same file twice: two cards
+                page.set_input_files("#picker", str(long_name))
+                page.wait_for_function(f"document.querySelectorAll('.card .bars').length >= {_ + 1}")
+            page.set_input_files("#picker", str(folder / "empty.png"))
+            page.wait_for_selector(".card .error")
+            assert page.inner_text(".card .error") == "empty.png: empty file (0 bytes)"
+            assert len(posted) == 3, posted  # one request per upload
+            assert no_horizontal_overflow(page), kind
+            page.screenshot(path=str(ARTIFACTS / f"web-guide-{kind}-upload.png"), full_page=True)
+
+            plane = page.locator("#feel svg.plane")
+            plane.scroll_into_view_if_needed()
+            box = plane.bounding_box()
+            far = max(points, key=lambda p: p[0] + p[1])  # an empty corner: beyond the highest valence + arousal
+            corner = (min(1, far[0] + 0.6), min(1, far[1] + 0.6)) if far[0] + far[1] < 0.8 else (-1, -1)
+            x = (16 + (corner[0] + 1) / 2 * 148) / 180
+            y = (180 - (16 + (corner[1] + 1) / 2 * 148)) / 180
+            page.mouse.click(box["x"] + box["width"] * x, box["y"] + box["height"] * y)
+            page.wait_for_selector("#feel circle.marker")
+            page.wait_for_selector("#grid-title:has-text('No image lies within')")
+            page.wait_for_selector("#grid figure")
+            assert page.locator("#grid figure").count() == 8  # the nearest ones, offered instead
+            names = page.locator("#grid figcaption .name").all_inner_texts()
+            assert all(n.endswith(".jpg") for n in names) and page.locator("#grid figcaption .top").count() == 8
+            assert no_horizontal_overflow(page), kind
+            page.screenshot(path=str(ARTIFACTS / f"web-guide-{kind}-plane.png"), full_page=True)
+
+            first = page.locator("#grid figure").first
+            src = first.locator("img").get_attribute("src")
+            first.click()
+            page.wait_for_selector("dialog#viewer[open] img")
+            assert page.locator("dialog#viewer img").get_attribute("src") == src
+            assert page.locator("dialog#viewer .bar").count() == 8 and page.locator("dialog#viewer circle.point").count() == 1
+            page.wait_for_function("document.querySelector('dialog#viewer img').naturalWidth > 0")
+            assert no_horizontal_overflow(page), kind
+            page.screenshot(path=str(ARTIFACTS / f"web-guide-{kind}-viewer.png"))
+            page.click("#viewer-close")
+            assert page.locator("dialog#viewer[open]").count() == 0
+        assert httpx.get(f"{url}/favicon.ico").status_code == 200

@@ -74,6 +74,10 @@ def test_search_by_image_and_by_emotion_and_images_by_id(served):
     r = client.post("/api/search?k=3", files={"file": ("q.png", png(4), "image/png")})
     assert r.status_code == 200
     hits = r.json()["hits"]
+    assert len(hits) == 3 and "4.png" not in [h["name"] for h in hits]  # the uploaded file itself is left out
+    again = io.BytesIO()
+    Image.open(io.BytesIO(png(4))).save(again, "PNG", compress_level=1)  # the same pixels, other bytes
+    hits = client.post("/api/search?k=3", files={"file": ("q.png", again.getvalue(), "image/png")}).json()["hits"]
     assert len(hits) == 3 and hits[0]["name"] == "4.png" and hits[0]["score"] == pytest.approx(1, abs=1e-4)
     image = client.get(hits[0]["url"])
     assert image.status_code == 200 and image.content == (folder / "gallery" / "4.png").read_bytes()
@@ -83,6 +87,16 @@ def test_search_by_image_and_by_emotion_and_images_by_id(served):
     assert client.get("/api/search", params={"emotion": "joy"}).status_code == 400
     assert client.get("/api/images/999").status_code == 404
     assert client.get("/api/images/..%2F..%2Fetc%2Fpasswd").status_code in (404, 422)
+
+
+def test_the_api_lists_its_endpoints_and_the_collections_points(served):
+    client, _ = served
+    listed = client.get("/api").json()
+    assert {("GET", "/api/health"), ("POST", "/api/predict"), ("GET", "/api/points"), ("POST", "/api/search")} <= {
+        (e["method"], e["path"]) for e in listed["endpoints"]}
+    assert client.get("/favicon.ico").headers["content-type"].startswith("image/svg+xml")
+    empty = client.post("/api/predict", files=[("files", ("a.png", b"", "image/png"))])
+    assert empty.status_code == 400 and empty.json()["error"] == "a.png: empty file (0 bytes)"  # the CLI's words
 
 
 def test_the_page_and_its_assets_are_local(served):

@@ -502,12 +502,13 @@ class AffectiveIndex:
 
         return self._first_hits(ranked, k)
 
-    def search_affect(self, within: AffectFilter, k: int = 10) -> list[Hit]:
-        """The ``k`` images in the valence/arousal ranges nearest their centre; the score is that distance."""
+    def search_affect(self, within: AffectFilter, k: int = 10, inside: bool = True) -> list[Hit]:
+        """The ``k`` images in the valence/arousal ranges nearest their centre; the score is that distance.
+        ``inside=False``: the ``k`` nearest the centre wherever they lie (for a region that holds none)."""
         if not within:
             raise ValueError("give a valence or an arousal range")
         self._check_filter(within)
-        condition, params = within.where()
+        condition, params = within.where() if inside else ("valence IS NOT NULL", [])
         distance = " + ".join(f"({name} - ?) * ({name} - ?)" for name, _ in within.ranges())
         centres = [v for _, r in within.ranges() for v in (r.centre, r.centre)]
 
@@ -517,6 +518,14 @@ class AffectiveIndex:
             return [(i, float(np.sqrt(d))) for i, d in rows], len(rows) < limit
 
         return self._first_hits(ranked, k)
+
+    def affect_points(self, limit: int = 2000) -> list[tuple[float, float]]:
+        """(valence, arousal) of up to ``limit`` indexed images, spread over the collection (every n-th by id)."""
+        rated = self.db.execute("SELECT COUNT(*) FROM images WHERE valence IS NOT NULL").fetchone()[0]
+        # row k is kept when k * limit mod rated < limit: exactly `limit` rows, evenly spaced
+        return [(v, a) for v, a in self.db.execute(
+            "SELECT valence, arousal FROM (SELECT valence, arousal, ROW_NUMBER() OVER (ORDER BY id) - 1 AS k "
+            "FROM images WHERE valence IS NOT NULL) WHERE (k * ?) % ? < ?", (limit, max(rated, 1), limit))]
 
     def affect_spans(self) -> dict[str, tuple[float, float]]:
         """The lowest and highest valence and arousal of the indexed images (none where the model rates none)."""

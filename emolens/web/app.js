@@ -1,7 +1,8 @@
 "use strict";
 // The emolens page: everything it needs comes from this server.
 const $ = (id) => document.getElementById(id);
-let classes = [], polarity = [];
+let classes = [], polarity = [], heatmaps = false;
+const NEAR = 0.25;  // a click on the plane searches this far around the point on both axes
 
 function polarityClass(name) {
   const p = polarity[classes.indexOf(name)];
@@ -24,9 +25,10 @@ function bars(distribution) {
   return box;
 }
 
-// The valence-arousal plane (common scale, -1 to 1 on both axes) as an SVG; points are [valence, arousal].
-// Made from markup: the HTML parser puts <svg> in its namespace.
-function plane(points, onPick) {
+// The valence-arousal plane (common scale, -1 to 1 on both axes) as an SVG; points are [valence, arousal]:
+// the image's own (large), and the collection's (small dots). Made from markup: the HTML parser puts <svg>
+// in its namespace.
+function plane(points, onPick, dots = []) {
   const size = 180, pad = 16, span = size - 2 * pad, mid = size / 2;
   const at = (v) => (pad + (v + 1) / 2 * span).toFixed(1);
   const holder = document.createElement("div");
@@ -36,6 +38,7 @@ function plane(points, onPick) {
     <line x1="${mid}" y1="${pad}" x2="${mid}" y2="${size - pad}" class="axis"></line>
     <text x="${size - pad}" y="${mid - 3}" text-anchor="end">pleasant</text><text x="${pad}" y="${mid - 3}">unpleasant</text>
     <text x="${mid + 3}" y="${pad + 10}">excited</text><text x="${mid + 3}" y="${size - pad - 3}">calm</text>
+    ${dots.map(([v, a]) => `<circle cx="${at(v)}" cy="${(size - at(a)).toFixed(1)}" r="1.6" class="dot"></circle>`).join("")}
     ${points.map(([v, a]) => `<circle cx="${at(v)}" cy="${(size - at(a)).toFixed(1)}" r="5" class="point"></circle>`).join("")}
   </svg>`;
   const svg = holder.firstElementChild;
@@ -47,7 +50,23 @@ function plane(points, onPick) {
       const box = svg.getBoundingClientRect();
       const clamp = (v) => Math.max(-1, Math.min(1, v));
       const x = (e.clientX - box.left) / box.width * size, y = (e.clientY - box.top) / box.height * size;
-      onPick(clamp((x - pad) / span * 2 - 1), clamp((size - y - pad) / span * 2 - 1));
+      const valence = clamp((x - pad) / span * 2 - 1), arousal = clamp((size - y - pad) / span * 2 - 1);
+      let marker = svg.querySelector(".marker");  // where one clicked, and the square searched around it
+      if (!marker) {
+        svg.insertAdjacentHTML("beforeend", `<rect class="near"></rect><circle r="4" class="marker"></circle>`);
+        marker = svg.querySelector(".marker");
+      }
+      marker.setAttribute("cx", at(valence));
+      marker.setAttribute("cy", (size - at(arousal)).toFixed(1));
+      const near = svg.querySelector(".near"), side = NEAR / 2 * span;  // NEAR on the [-1, 1] scale
+      const inFrame = (v) => Math.max(pad, Math.min(size - pad, v));
+      const [x0, x1] = [inFrame(+at(valence) - side), inFrame(+at(valence) + side)];
+      const [y0, y1] = [inFrame(size - at(arousal) - side), inFrame(size - at(arousal) + side)];
+      near.setAttribute("x", x0.toFixed(1));
+      near.setAttribute("y", y0.toFixed(1));
+      near.setAttribute("width", (x1 - x0).toFixed(1));
+      near.setAttribute("height", (y1 - y0).toFixed(1));
+      onPick(valence, arousal);
     });
   }
   return svg;
@@ -72,13 +91,34 @@ function showGrid(title, hits) {
   grid.innerHTML = "";
   for (const h of hits) {
     const fig = document.createElement("figure");
-    fig.innerHTML = `<img alt=""><figcaption></figcaption>`;
+    fig.tabIndex = 0;
+    fig.setAttribute("role", "button");
+    fig.innerHTML = `<img alt=""><figcaption><span class="name"></span><span class="top"></span></figcaption>`;
     fig.querySelector("img").src = h.url;
     fig.querySelector("img").alt = h.name;
-    fig.querySelector("figcaption").textContent = `${h.emotion} ${h.probability.toFixed(2)}${affectText(h)}`;
+    fig.querySelector(".name").textContent = h.name;
+    fig.querySelector(".top").textContent = `${h.emotion} ${h.probability.toFixed(2)}${affectText(h)}`;
+    fig.onclick = () => openViewer(h);
+    fig.onkeydown = (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); openViewer(h); } };
     grid.appendChild(fig);
   }
   $("search").scrollIntoView({ behavior: "smooth" });
+}
+
+// An indexed image, large, with its full analysis: the distribution, polarity, valence and arousal.
+function openViewer(h) {
+  const body = $("viewer-body");
+  body.innerHTML = `<img alt=""><div><h3></h3><p class="meta"></p></div>`;
+  body.querySelector("img").src = h.url;
+  body.querySelector("img").alt = h.name;
+  body.querySelector("h3").textContent = `${h.emotion} (${(100 * h.probability).toFixed(0)}%)`;
+  body.querySelector(".meta").textContent = `${h.name}: ${h.polarity || "no polarity"}${affectText(h)}`;
+  const readings = document.createElement("div");
+  readings.className = "readings";
+  readings.appendChild(bars(h.distribution));
+  if (h.valence !== null && h.valence !== undefined) readings.appendChild(plane([[h.valence, h.arousal]]));
+  body.children[1].appendChild(readings);
+  $("viewer").showModal();
 }
 
 async function analyse(files) {
@@ -90,11 +130,7 @@ async function analyse(files) {
     card.className = "card";
     $("results").prepend(card);
     try {
-      const body = await api("/api/predict?heatmaps=true", { method: "POST", body: form }).catch(async () => {
-        const again = new FormData();
-        again.append("files", file);
-        return api("/api/predict", { method: "POST", body: again });  // servers without heat maps
-      });
+      const body = await api(`/api/predict${heatmaps ? "?heatmaps=true" : ""}`, { method: "POST", body: form });
       const r = body.results[0];
       const original = URL.createObjectURL(file);
       card.innerHTML = `<div><img alt=""></div><div><h3></h3><p class="meta"></p></div>`;
@@ -131,9 +167,10 @@ async function analyse(files) {
         };
         info.appendChild(like);
       }
-    } catch (err) {
+    } catch (err) {  // the server's words, as the CLI's: "NAME: reason"
       card.innerHTML = `<p class="error"></p>`;
-      card.querySelector(".error").textContent = `${file.name}: ${err.message}`;
+      const reason = err.message.startsWith(`${file.name}: `) ? err.message.slice(file.name.length + 2) : err.message;
+      card.querySelector(".error").textContent = `${file.name}: ${reason}`;
     }
   }
   $("status").textContent = "";
@@ -143,6 +180,7 @@ async function start() {
   const model = await api("/api/models");
   classes = model.classes;
   polarity = model.polarity;
+  heatmaps = model.heatmaps;
   const health = await api("/api/health");
   if (health.index !== null) {
     $("search").hidden = false;
@@ -155,15 +193,23 @@ async function start() {
     }
     if (model.affect) {
       $("feel").hidden = false;
+      const collection = await api("/api/points");
       $("feel").appendChild(plane([], async (valence, arousal) => {
-        const range = (v) => `${Math.max(-1, v - 0.25).toFixed(2)}:${Math.min(1, v + 0.25).toFixed(2)}`;
-        const url = `/api/search?valence=${range(valence)}&arousal=${range(arousal)}&k=24`;
-        showGrid(`Feeling near valence ${valence.toFixed(2)}, arousal ${arousal.toFixed(2)}`, (await api(url)).hits);
-      }));
+        const range = (v) => `${Math.max(-1, v - NEAR).toFixed(2)}:${Math.min(1, v + NEAR).toFixed(2)}`;
+        const found = await api(`/api/search?valence=${range(valence)}&arousal=${range(arousal)}&k=24&nearest=true`);
+        const where = `valence ${valence.toFixed(2)}, arousal ${arousal.toFixed(2)}`;
+        showGrid(found.outside ? `No image lies within ${NEAR} of ${where}; the nearest ones:` : `Feeling near ${where}`,
+                 found.hits);
+      }, collection.points));
+      $("feel-note").textContent = `Dots: where the collection's ${collection.total} images lie.`;
     }
   }
   const drop = $("drop");
-  $("picker").onchange = (e) => analyse([...e.target.files]);
+  $("picker").onchange = (e) => {
+    analyse([...e.target.files]);
+    e.target.value = "";  // the same file can be picked again
+  };
+  $("viewer-close").onclick = () => $("viewer").close();
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
   drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); analyse([...e.dataTransfer.files]); });
