@@ -257,7 +257,8 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
     @app.get("/api")
     async def endpoints() -> dict:
         """The JSON API's endpoints (OpenAPI with their parameters at /openapi.json, browsable at /docs)."""
-        return {"endpoints": [{"method": method, "path": route.path, "summary": (route.summary or route.name)}
+        return {"endpoints": [{"method": method, "path": route.path,
+                               "summary": getattr(route, "summary", None) or route.name}
                               for route in app.routes if route.path.startswith("/api")
                               for method in sorted(getattr(route, "methods", ()) or ()) if method != "HEAD"],
                 "docs": "/docs", "openapi": "/openapi.json"}
