@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -149,6 +150,16 @@ def collate_images(items: list[dict]) -> dict[str, Any]:
     }
 
 
+def worker_context() -> multiprocessing.context.BaseContext:
+    """How loader workers start: from a fork server that has imported this module and nothing else, never by
+    forking the caller, whose ONNX Runtime sessions, OpenMP pools or server threads a forked child inherits
+    without their threads (a worker that then frees such a session waits forever)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    multiprocessing.set_forkserver_preload([__name__])  # each worker then starts without importing torch anew
+    return multiprocessing.get_context("forkserver")
+
+
 def image_loader(paths, transform, batch_size: int, workers: int, max_pixels: int = DEFAULT_MAX_PIXELS,
                  pin_memory: bool = False, seeds: Sequence[int] | None = None, min_side: int | None = None) -> DataLoader:
     """One pass over ``paths`` in order; with ``seeds`` (one per path) ``transform`` is a random one drawn from
@@ -156,7 +167,8 @@ def image_loader(paths, transform, batch_size: int, workers: int, max_pixels: in
     files = ImageFiles(paths, transform, max_pixels, min_side=min_side)
     keys = list(zip(range(len(paths)), seeds)) if seeds is not None else None
     return DataLoader(files, batch_size=batch_size, sampler=keys, num_workers=workers,
-                      collate_fn=collate_images, prefetch_factor=4 if workers else None, pin_memory=pin_memory)
+                      collate_fn=collate_images, prefetch_factor=4 if workers else None, pin_memory=pin_memory,
+                      multiprocessing_context=worker_context() if workers else None)
 
 
 def planned_loader(paths, transform, workers: int, pin_memory: bool = False,
@@ -168,7 +180,8 @@ def planned_loader(paths, transform, workers: int, pin_memory: bool = False,
     plan = PlannedBatches()
     loader = DataLoader(ImageFiles(paths, transform, seeded_transform=seeded_transform, min_side=min_side),
                         batch_sampler=plan, num_workers=workers, collate_fn=collate_images, persistent_workers=workers > 0,
-                        prefetch_factor=4 if workers else None, pin_memory=pin_memory)
+                        prefetch_factor=4 if workers else None, pin_memory=pin_memory,
+                        multiprocessing_context=worker_context() if workers else None)
     return loader, plan
 
 

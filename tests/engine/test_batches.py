@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -61,6 +68,59 @@ def test_a_persistent_loader_gives_the_same_crops_in_line_and_in_workers(tmp_pat
     loader, plan = planned_loader(paths, transform, 0)
     plan.batches = [[(0, 99), (1, 12)]]
     assert not torch.equal(next(iter(loader))["image"][0], inline[0][0])  # another seed, another crop
+
+
+#: A caller that holds an ONNX Runtime session in a reference cycle, then loads with two workers whose transform
+#: collects garbage: a worker forked from the caller frees the session it inherited and waits forever on
+#: the session's thread pool (the test run of 2026-12 hung so, after an in-process ``predict``).
+CALLER_WITH_A_SESSION = textwrap.dedent("""
+    import gc
+    import sys
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+
+    class CollectThenTensor:
+        def __call__(self, image):
+            gc.collect()
+            return torch.from_numpy(np.asarray(image, dtype=np.float32))
+
+
+    if __name__ == "__main__":
+        import onnxruntime
+        from emolens.engine.data import planned_loader
+        from emolens.runtime import packaged_default_onnx
+
+        paths = [f"{sys.argv[1]}/{i}.png" for i in range(4)]
+        for i, path in enumerate(paths):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(path)
+        gc.disable()
+        cycle = {"session": onnxruntime.InferenceSession(str(packaged_default_onnx()),
+                                                         providers=["CPUExecutionProvider"])}
+        cycle["self"] = cycle
+        del cycle
+        loader, plan = planned_loader(paths, CollectThenTensor(), workers=2)
+        plan.batches = [[0, 1], [2, 3]]
+        print(sum(len(batch["index"]) for batch in loader))
+""")
+
+
+def test_workers_do_not_inherit_the_callers_onnx_sessions(tmp_path):
+    script = tmp_path / "caller.py"
+    script.write_text(CALLER_WITH_A_SESSION)
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    caller = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              env=env, start_new_session=True)
+    try:
+        out, _ = caller.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(caller.pid, signal.SIGKILL)  # the workers too
+        caller.communicate()
+        pytest.fail("loading with workers hung after the caller had held an ONNX Runtime session")
+    assert caller.returncode == 0 and out.split() == ["4"]
 
 
 def test_the_main_process_random_stream_is_left_alone(tmp_path):
