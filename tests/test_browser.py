@@ -164,7 +164,9 @@ def test_the_page_places_the_image_on_the_valence_arousal_plane_and_searches_by_
         assert cx == pytest.approx(16 + (expected["valence"] + 1) / 2 * 148, abs=0.1)
         assert cy == pytest.approx(180 - (16 + (expected["arousal"] + 1) / 2 * 148), abs=0.1)
 
-        box = page.locator("#feel svg.plane").bounding_box()  # a click where that image lies finds it
+        feel = page.locator("#feel svg.plane")
+        feel.scroll_into_view_if_needed()  # below the result card, as a user scrolls to it
+        box = feel.bounding_box()  # a click where that image lies finds it
         x = (16 + (target["valence"] + 1) / 2 * 148) / 180
         y = (180 - (16 + (target["arousal"] + 1) / 2 * 148)) / 180
         page.mouse.click(box["x"] + box["width"] * x, box["y"] + box["height"] * y)
