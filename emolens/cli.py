@@ -301,15 +301,16 @@ def train(
             fail(f"fold {fold} does not exist: the protocol has {len(proto.folds)}")
         chosen = proto.folds[fold]
         result = fit(net, ds, chosen, out, config, resume=resume)
+        # Every rank scores its share of the test part (the figures are gathered); rank 0 writes them.
+        test, test_errors = evaluate(load_model(out), ds, chosen.test, config, cache_dir=out / "cache",
+                                     with_errors=True)
+        bad = {ds.samples[i].path.as_posix(): r for i, r in sorted({**result.bad_images, **test_errors}.items())}
+        by_dataset = {}
+        if isinstance(ds, JointDataset):  # each dataset's figures on its own scale
+            best = load_model(out)
+            caches = member_caches(best, ds, config, out / "cache")
+            by_dataset = {m.spec: figures for m, figures in evaluate_members(best, ds, chosen.test, config, caches)}
         if is_main():
-            test, test_errors = evaluate(load_model(out), ds, chosen.test, config, cache_dir=out / "cache",
-                                         with_errors=True)
-            bad = {ds.samples[i].path.as_posix(): r for i, r in sorted({**result.bad_images, **test_errors}.items())}
-            by_dataset = {}
-            if isinstance(ds, JointDataset):  # each dataset's figures on its own scale
-                best = load_model(out)
-                caches = member_caches(best, ds, config, out / "cache")
-                by_dataset = {m.spec: figures for m, figures in evaluate_members(best, ds, chosen.test, config, caches)}
             atomic_write_json(out / "metrics.json", {"best_epoch": result.best_epoch, "val": result.val_metrics,
                                                      "test": test, "test_by_dataset": by_dataset,
                                                      "train_seconds": result.train_seconds, "bad_images": bad})
@@ -398,6 +399,7 @@ def benchmark(
     from .data import parse_spec
     from .data.joint import JointDataset, joint_spec, open_datasets
     from .engine.benchmark import headline_columns, run_benchmark
+    from .engine.distributed import is_main
     from .recipes import load_recipe, with_model_args
 
     o = dict(ctx.params)
@@ -429,6 +431,8 @@ def benchmark(
         raise
     except (*CANNOT_RUN, RuntimeError) as e:
         fail(str(e))
+    if not is_main():  # under torchrun rank 0 reports
+        return
     first = next(iter(results["models"].values()))["mean"]
     columns = headline_columns(first) + ["train_seconds", "infer_ms_per_image"]
     title = f"{results['folds']}-fold CV (mean ± std)" if o["protocol"] == "kfold" else "80/5/15 split"

@@ -18,6 +18,7 @@ from ..models import create_model
 from ..weights import library_versions, load_model
 from ..retrieval.metrics import evaluate_retrieval
 from .data import FeatureCache, image_loader, task_targets_arrays
+from .distributed import broadcast, init_distributed, is_main
 from .trainer import TrainConfig, embed, evaluate, evaluate_members, fit, member_caches
 
 #: Columns of the printed table (those a task has).
@@ -109,15 +110,17 @@ def run_benchmark(dataset: EmotionDataset, specs: list[str], task: str, out_dir:
         raise ValueError(f"a benchmark runs protocol kfold or split, not {protocol!r}")
     config = config or TrainConfig(seed=seed)
     out_dir = Path(out_dir)
+    init_distributed(config.placement().distributed_backend())  # under torchrun: ranks agree from the start
     kind = protocol
     proto_path = out_dir / "protocol.json"
-    if proto_path.is_file():
+    if broadcast(proto_path.is_file()):  # under torchrun rank 0 may be writing it while another rank looks
         protocol = Protocol.load(proto_path, dataset)
         if protocol.params.get("task") != task or protocol.kind != kind or (kind == "kfold" and len(protocol.folds) != folds):
             raise ValueError(f"{proto_path} was made for another task, protocol or fold count; use another --out folder")
     else:
         protocol = protocol_for(dataset, kind, seed=seed, k=folds, task=task)
-        protocol.save(proto_path)
+        if is_main():
+            protocol.save(proto_path)
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
     results = {"dataset": dataset.spec, "task": task, "folds": len(protocol.folds), "seed": seed,
                "protocol": str(proto_path), "retrieval_protocol": retrieval_protocol if retrieval else None,
@@ -148,12 +151,16 @@ def run_benchmark(dataset: EmotionDataset, specs: list[str], task: str, out_dir:
                     best, member, member_fold, config, None, progress, retrieval_protocol, cache).items()})
             elif retrieval:
                 test.update(retrieval_figures(best, dataset, fold, config, cache_dir, progress, retrieval_protocol))
-            test["infer_ms_per_image"] = inference_ms_per_image(best, test_paths, config.batch_size, config.workers)
+            if is_main():  # timed alone: the other ranks wait rather than share the machine
+                test["infer_ms_per_image"] = inference_ms_per_image(best, test_paths, config.batch_size, config.workers)
+            test["infer_ms_per_image"] = broadcast(test.get("infer_ms_per_image"))
             test["train_seconds"] = result.train_seconds
             test["best_epoch"] = float(result.best_epoch)
             per_fold.append(test)
-            log(f"{spec} fold {k}: " + ", ".join(f"{m} {test[m]:.4f}" for m in headline_columns(test)))
+            if is_main():
+                log(f"{spec} fold {k}: " + ", ".join(f"{m} {test[m]:.4f}" for m in headline_columns(test)))
         mean, std = summarise(per_fold)
         results["models"][spec] = {"backbone": model.spec["backbone"], "folds": per_fold, "mean": mean, "std": std}
-        atomic_write_json(out_dir / "results.json", results)
+        if is_main():
+            atomic_write_json(out_dir / "results.json", results)
     return results

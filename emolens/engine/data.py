@@ -168,7 +168,8 @@ def image_loader(paths, transform, batch_size: int, workers: int, max_pixels: in
     keys = list(zip(range(len(paths)), seeds)) if seeds is not None else None
     return DataLoader(files, batch_size=batch_size, sampler=keys, num_workers=workers,
                       collate_fn=collate_images, prefetch_factor=4 if workers else None, pin_memory=pin_memory,
-                      multiprocessing_context=worker_context() if workers else None)
+                      multiprocessing_context=worker_context() if workers else None,
+                      generator=torch.Generator().manual_seed(0))  # a pass leaves the caller's random state as it was
 
 
 def planned_loader(paths, transform, workers: int, pin_memory: bool = False,
@@ -181,7 +182,10 @@ def planned_loader(paths, transform, workers: int, pin_memory: bool = False,
     loader = DataLoader(ImageFiles(paths, transform, seeded_transform=seeded_transform, min_side=min_side),
                         batch_sampler=plan, num_workers=workers, collate_fn=collate_images, persistent_workers=workers > 0,
                         prefetch_factor=4 if workers else None, pin_memory=pin_memory,
-                        multiprocessing_context=worker_context() if workers else None)
+                        multiprocessing_context=worker_context() if workers else None,
+                        # its own generator: making an iterator never draws from the training's random state (a
+                        # persistent loader draws once, so a resumed run's dropout would differ from a whole run's)
+                        generator=torch.Generator().manual_seed(0))
     return loader, plan
 
 

@@ -22,6 +22,13 @@ def init_distributed(backend: str = "gloo") -> tuple[int, int]:
     return 0, 1
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes): (0, 1) without DDP."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 

@@ -8,6 +8,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -36,12 +37,14 @@ from ..taxonomy import AFFECT_DIMENSIONS, MIKELS_WHEEL_ORDER, AffectScale, Taxon
 from ..weights import init_from, model_state, save_model
 from .data import (CachedViews, FeatureCache, Targets, batch_targets, build_cache, cache_key, epoch_batches, open_cache,
                    plan_cache, planned_loader, task_targets_arrays)
-from .distributed import barrier, gather, init_distributed, is_main, sync_buffers
+from .distributed import barrier, gather, init_distributed, is_main, rank_and_world, sync_buffers
 from .placement import Placement
 
 console = Console(stderr=True)
 
 #: Validation figure each ``select`` option maximises (losses and divergences are negated).
+#: The loss on the progress bar is refreshed every this many batches (reading it waits for the device).
+PROGRESS_EVERY = 20
 SELECT = {"loss": -1, "accuracy": 1, "macro_f1": 1, "balanced_accuracy": 1, "kl": -1, "ccc": 1}
 
 
@@ -242,9 +245,16 @@ class _Batches:
         self.min_side = model.preprocessing.resize
         self.loader: tuple | None = None  # the persistent loader and its plan, made on first use
 
+    def count(self, rows: list[int], train: bool, epoch_seed: int, rank: int, world: int) -> int:
+        """How many batches :meth:`__call__` plans for these arguments."""
+        return len(self._plan(rows, train, epoch_seed, rank, world))
+
+    def _plan(self, rows: list[int], train: bool, epoch_seed: int, rank: int, world: int) -> list[list[int]]:
+        return epoch_batches(self.cache.usable(rows) if self.cache is not None else rows, self.config.batch_size,
+                             train, epoch_seed, rank, world, self.balanced_labels)
+
     def __call__(self, rows: list[int], train: bool, epoch_seed: int, rank: int, world: int):
-        batches = epoch_batches(self.cache.usable(rows) if self.cache is not None else rows, self.config.batch_size,
-                                train, epoch_seed, rank, world, self.balanced_labels)
+        batches = self._plan(rows, train, epoch_seed, rank, world)
         if self.cache is not None:
             for number, batch in enumerate(batches):
                 idx = torch.as_tensor(batch, dtype=torch.long)
@@ -373,6 +383,16 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
     balanced = getattr(loss_fn, "needs_class_balanced_batches", False)
     batches = _Batches(dataset, cache, config, model, placement, feed_for(config, cache),
                        targets["label"] if balanced else None, views)
+    # A model that freezes parts of itself between epochs leaves parameters without gradients under DDP.
+    staged = type(model).start_epoch is not EmotionModel.start_epoch
+    if world > 1 and not staged:  # DDP waits for a gradient of every trainable parameter: freeze those never reached
+        unreached = unreached_parameters(model, batches, fold.train, targets, loss_fn, config)
+        for name, param in model.named_parameters():
+            if name in unreached:
+                param.requires_grad_(False)
+        if unreached and is_main() and progress:
+            console.print(f"{len(unreached)} parameter tensor(s) get no gradient from the loss and stay as they are "
+                          f"(e.g. {', '.join(sorted(unreached)[:3])})", highlight=False)
     scaler = placement.grad_scaler()
     lr = config.learning_rate()
     params = [{"params": [p for p in model.head_parameters() if p.requires_grad]}]
@@ -402,6 +422,10 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
         state, meta = load_checkpoint(last_path)
         if meta.get("spec") != model.spec or meta.get("split") != run_meta["split"]:
             raise CheckpointError(f"{last_path} belongs to another model or split; start a new run folder")
+        changed = changed_settings(meta.get("train_config", {}), config)
+        if changed:
+            raise CheckpointError(f"{out_dir} was trained with other settings ({'; '.join(changed)}): resuming would "
+                                  "mix two runs; use another output folder (or --init from this run)")
         load_into(model, {k: v for k, v in state.items() if not k.startswith("__optim__.")}, source=str(last_path))
         _restore_optimizer(opt, {k: v for k, v in state.items() if k.startswith("__optim__.")}, meta["optimizer"])
         sched.load_state_dict(meta["scheduler"])
@@ -411,8 +435,6 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
         if is_main():
             console.print(f"resuming {out_dir} at epoch {start_epoch + 1}")
 
-    # A model that freezes parts of itself between epochs leaves parameters without gradients under DDP.
-    staged = type(model).start_epoch is not EmotionModel.start_epoch
     runner = placement.training_step(_Forward(model, batches.feed), world, find_unused_parameters=staged)
     t0 = time.perf_counter()
     sign = SELECT[config.select]
@@ -425,33 +447,39 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
         model.train()
         if config.freeze_backbone:
             model.backbone.eval()  # frozen BN statistics
-        total, count, pending = 0.0, 0, 0
+        total, count, pending = torch.zeros((), device=placement.device), 0, 0
+        last = batches.count(fold.train, True, epoch_seed, rank, world) - 1
         opt.zero_grad(set_to_none=True)
         with Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
                       TimeRemainingColumn(), console=console, transient=True, disable=not (progress and is_main())) as bar:
             bar_task = bar.add_task("train", total=len(fold.train), epoch=epoch + 1, loss=float("nan"))
-            for inputs, idx, errors in batches(fold.train, True, epoch_seed, rank, world):
+            for number, (inputs, idx, errors) in enumerate(batches(fold.train, True, epoch_seed, rank, world)):
                 bad_images.update(errors)
                 if inputs is None:
                     continue
                 batch = placement.batch(batch_targets(targets, idx))
-                with placement.autocast():
-                    outputs = runner({**inputs, "targets": batch})  # a head may train parts of itself on them
-                    loss = loss_fn(outputs, batch) + sum(outputs.get("losses", {}).values())
-                scaler.scale(loss / config.accumulate).backward()
+                steps = pending + 1 == config.accumulate or number == last
+                # DDP exchanges gradients only on the micro-batch that ends an accumulation
+                with runner.no_sync() if world > 1 and not steps else contextlib.nullcontext():
+                    with placement.autocast():
+                        outputs = runner({**inputs, "targets": batch})  # a head may train parts of itself on them
+                        loss = loss_fn(outputs, batch) + sum(outputs.get("losses", {}).values())
+                    scaler.scale(loss / config.accumulate).backward()
                 pending += 1
-                if pending == config.accumulate:
+                if steps:
                     step_optimizer(opt, scaler)
                     pending = 0
-                total += float(loss.detach()) * len(idx)
+                total += loss.detach().float() * len(idx)  # on the device: no host sync per step
                 count += len(idx)
-                bar.update(bar_task, advance=len(idx) * world, loss=total / max(count, 1))
-        if pending:  # the epoch's last, partial accumulation
+                if number % PROGRESS_EVERY == 0 and not bar.disable:
+                    bar.update(bar_task, loss=float(total) / max(count, 1))
+                bar.update(bar_task, advance=len(idx) * world)
+        if pending:  # the planned last batch could not be read: its accumulation still makes a step
             step_optimizer(opt, scaler)
         epoch_lrs = [group["lr"] for group in opt.param_groups]
         sched.step()
         sync_buffers(model)  # so that validation and the saved weights see the same BN statistics on every rank
-        train_loss = sum(gather(total)) / max(sum(gather(count)), 1)
+        train_loss = sum(gather(float(total))) / max(sum(gather(count)), 1)
         val_metrics, errors = evaluate_rows(model, batches, fold.val, targets, loss_fn, rank, world)
         bad_images.update(errors)
         score = sign * (val_metrics["loss"] if config.select == "loss" else val_metrics[config.select])
@@ -522,6 +550,44 @@ def saved_backbone(model: EmotionModel, config: TrainConfig) -> bool | list[str]
     if model.spec.get("backbone_weights") != "imagenet" or not config.caches_features:
         return True
     return [f"backbone.{part}" for part in model.backbone.tuned_parts(config.tune_stages)] if config.tune_stages else False
+
+
+#: Settings of where and how fast a run goes, not of what it learns: a resumed run may change them.
+RUN_ENVIRONMENT = ("workers", "device", "cache_budget", "compile_backend")
+
+
+def changed_settings(saved: dict, config: TrainConfig) -> list[str]:
+    """``"name saved -> now"`` for each training setting of ``config`` that differs from a run's ``saved`` one."""
+    now = json.loads(json.dumps(asdict(config)))  # as the checkpoint's JSON holds it (tuples as lists)
+    return [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items()
+            if k not in RUN_ENVIRONMENT and k in saved and saved[k] != v]  # a setting newer than the run: its default
+
+
+def unreached_parameters(model: EmotionModel, batches: _Batches, rows: list[int], targets: Targets,
+                         loss_fn: nn.Module, config: TrainConfig) -> set[str]:
+    """Names of the trainable parameters that the training loss does not reach, found on one batch (e.g. the
+    fully connected layers of a VGG stream whose conv blocks alone are read). BatchNorm statistics and the
+    random state are restored, so the run trains as it would without this probe."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    found = [b for b in batches(rows[:config.batch_size], False, 0, 0, 1) if b[0] is not None]
+    if not trainable or not found:
+        return set()
+    inputs, idx, _ = found[0]
+    buffers = [b.detach().clone() for b in model.buffers()]
+    random_state = torch.get_rng_state()
+    model.train()
+    if config.freeze_backbone:
+        model.backbone.eval()
+    batch = batches.placement.batch(batch_targets(targets, idx))
+    with batches.placement.autocast():
+        outputs = run_model(model, {**inputs, "targets": batch}, batches.feed)
+        loss = loss_fn(outputs, batch) + sum(outputs.get("losses", {}).values())
+    grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
+    with torch.no_grad():
+        for saved, buffer in zip(buffers, model.buffers()):
+            buffer.copy_(saved)
+    torch.set_rng_state(random_state)
+    return {name for (name, _), grad in zip(trainable, grads) if grad is None}
 
 
 def step_optimizer(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
@@ -619,7 +685,7 @@ def evaluate(model: EmotionModel, dataset: EmotionDataset, rows: list[int], conf
     check_labels_fit(model, dataset)
     batches = _batches_for(model, dataset, config or TrainConfig(), cache_dir, progress, cache)
     targets = task_targets_arrays(dataset, model.task)
-    metrics, errors = evaluate_rows(model, batches, rows, targets, None)
+    metrics, errors = evaluate_rows(model, batches, rows, targets, None, *rank_and_world())
     if batches.cache is not None:
         wanted = set(rows)
         errors = {**{r: e for r, e in batches.cache.errors.items() if r in wanted}, **errors}
@@ -650,20 +716,25 @@ def embed(model: EmotionModel, dataset: EmotionDataset, row_sets: Sequence[list[
           cache_dir: str | Path | None = None, progress: bool = True,
           cache: FeatureCache | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """For each set of rows: (the rows that could be used, their L2-normalised ``embedding`` outputs).
-    The feature cache is read once for all sets."""
+    The feature cache is read once for all sets; under DDP each rank embeds its share and every rank gets all."""
     batches = _batches_for(model, dataset, config or TrainConfig(), cache_dir, progress, cache)
     model.eval()
     out = []
     for rows in row_sets:
         seen, vectors = [], []
-        for inputs, idx, _ in batches(rows, False, 0, 0, 1):
+        for inputs, idx, _ in batches(rows, False, 0, *rank_and_world()):
             if inputs is None:
                 continue
             seen.append(idx.numpy())
             with batches.placement.autocast():
                 embedding = run_model(model, inputs, batches.feed)["embedding"].float()
             vectors.append(torch.nn.functional.normalize(embedding, dim=1).cpu().numpy())
+        parts = gather((seen, vectors))
+        seen, vectors = [a for p in parts for a in p[0]], [v for p in parts for v in p[1]]
         if not seen:
             raise RuntimeError("no usable image to embed")
-        out.append((np.concatenate(seen), np.concatenate(vectors)))
+        seen, vectors = np.concatenate(seen), np.concatenate(vectors)
+        position = {row: i for i, row in enumerate(rows)}
+        order = np.argsort([position[row] for row in seen.tolist()], kind="stable")  # the ranks' shares in row order
+        out.append((seen[order], vectors[order]))
     return out

@@ -7,7 +7,7 @@ import torch
 from helpers import make_ldl_dataset, tiny_model
 from emolens.checkpoints import CheckpointError
 from emolens.data import load_dataset, make_protocol
-from emolens.engine import TrainConfig, evaluate, fit
+from emolens.engine import TrainConfig, evaluate, fit, trainer
 from emolens.weights import load_model
 
 
@@ -58,7 +58,7 @@ def test_test_rows_are_never_evaluated_during_fit(tiny, tmp_path, monkeypatch):
     assert seen and all(rows == fold.val for rows in seen)
 
 
-def test_resume_continues_from_the_saved_epoch_with_identical_results(tiny, tmp_path):
+def test_resume_continues_from_the_saved_epoch_with_identical_results(tiny, tmp_path, monkeypatch):
     ds, fold = tiny
     torch.manual_seed(0)
     straight = tiny_model()
@@ -67,9 +67,21 @@ def test_resume_continues_from_the_saved_epoch_with_identical_results(tiny, tmp_
 
     interrupted = tiny_model()
     interrupted.load_state_dict(init)
-    fit(interrupted, ds, fold, tmp_path / "b", config(epochs=2), progress=False)
+    validations = []
+
+    def killed_in_epoch_three(*args, **kwargs):  # after epoch 2's checkpoint, before epoch 3's
+        validations.append(1)
+        if len(validations) == 3:
+            raise KeyboardInterrupt
+        return real_evaluate_rows(*args, **kwargs)
+
+    real_evaluate_rows = trainer.evaluate_rows
+    monkeypatch.setattr(trainer, "evaluate_rows", killed_in_epoch_three)
+    with pytest.raises(KeyboardInterrupt):
+        fit(interrupted, ds, fold, tmp_path / "b", config(epochs=4), progress=False)
+    monkeypatch.setattr(trainer, "evaluate_rows", real_evaluate_rows)
     resumed = tiny_model()  # a fresh process would start from scratch; resume must restore everything
-    part = fit(resumed, ds, fold, tmp_path / "b", config(epochs=4), resume=True, progress=False)
+    part = fit(resumed, ds, fold, tmp_path / "b", config(epochs=4, workers=1), resume=True, progress=False)
 
     assert [h["epoch"] for h in part.history] == [1, 2, 3, 4]
     assert part.history[-1]["train_loss"] == pytest.approx(full.history[-1]["train_loss"], rel=1e-5)
@@ -83,6 +95,16 @@ def test_resume_refuses_another_split(tiny, tmp_path):
     other = make_protocol(ds, "split", seed=5, fractions=(0.6, 0.2, 0.2)).folds[0]
     with pytest.raises(CheckpointError, match="another model or split"):
         fit(tiny_model(), ds, other, tmp_path / "r", config(epochs=2), resume=True, progress=False)
+
+
+def test_resume_refuses_other_training_settings_and_names_them(tiny, tmp_path):
+    ds, fold = tiny
+    fit(tiny_model(), ds, fold, tmp_path / "r", config(epochs=1), progress=False)
+    with pytest.raises(CheckpointError, match=r"optimizer 'adamw' -> 'sgd'; lr 0\.003 -> 0\.5\)"):
+        fit(tiny_model(), ds, fold, tmp_path / "r", config(epochs=1, lr=0.5, optimizer="sgd"), resume=True,
+            progress=False)
+    with pytest.raises(CheckpointError, match="epochs 1 -> 3"):
+        fit(tiny_model(), ds, fold, tmp_path / "r", config(epochs=3), resume=True, progress=False)
 
 
 def test_frozen_backbone_trains_only_the_head_from_cached_features(tiny, tmp_path):
