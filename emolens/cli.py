@@ -923,6 +923,10 @@ def main() -> None:
         code = done.code
     except OSError as e:  # commands report the files they write; this is the terminal or a redirect failing
         code = output_failed(e)
+    if "torch.distributed" in sys.modules:  # a command run by torchrun (never imported on the core install)
+        from .engine.distributed import leave
+
+        leave(together=code in (None, 0, EXIT_SOME_FAILED))
     try:
         sys.stdout.flush()
     except OSError as e:

@@ -56,6 +56,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def leave(together: bool) -> None:
+    """End this process's part in the process group; ``together``: after every rank got here (a rank that
+    exits while another still talks to it aborts that one)."""
+    if dist.is_initialized():
+        if together:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def sync_buffers(module: torch.nn.Module) -> None:
     """Give every rank rank 0's buffers (BN statistics), which DDP only syncs before a forward pass."""
     if dist.is_initialized():

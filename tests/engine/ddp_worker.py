@@ -13,13 +13,13 @@ from emolens.data import load_dataset, make_protocol  # noqa: E402
 from emolens.engine import TrainConfig, fit  # noqa: E402
 from emolens.engine.distributed import init_distributed  # noqa: E402
 
-spec, out = sys.argv[1], Path(sys.argv[2])
+spec, out, accumulate = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 rank, world = init_distributed()
 ds = load_dataset(spec)
 fold = make_protocol(ds, "split", seed=0, fractions=(0.6, 0.2, 0.2)).folds[0]
 torch.manual_seed(0)
 model = tiny_model()
 result = fit(model, ds, fold, out / "run", TrainConfig(epochs=2, batch_size=4, workers=0, optimizer="adamw", lr=1e-2,
-                                                         patience=None), progress=False)
+                                                         patience=None, accumulate=accumulate), progress=False)
 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
 (out / f"rank{rank}.txt").write_text(f"{world} {result.val_metrics['n']} {result.best_epoch}")
