@@ -203,7 +203,8 @@ LIMIT = typer.Option(None, "--limit", min=1, help="Use only N images of the data
                      "of a long run; the same as the dataset option limit=N.")
 CACHE_BUDGET = typer.Option(None, "--cache-budget", help="GiB of frozen-backbone features kept on disk (default 4 on a "
                             "CPU, 0 on a GPU); above it the frozen backbone runs on the fly.")
-WORKERS = typer.Option(2, min=0, max=MAX_WORKERS, help="Image-decoding worker processes.")
+WORKERS = typer.Option(None, min=0, max=MAX_WORKERS, help="Image-decoding worker processes (default: the CPUs "
+                       "this process may use, shared among torchrun's processes on the machine; at most 16).")
 SEED = typer.Option(0, help="Seed for splits, initialisation and batches.")
 SELECT = typer.Option("loss", help="Validation figure that picks the checkpoint: loss, accuracy, macro_f1, "
                      "balanced_accuracy, kl, or ccc (va: valence's and arousal's mean).")

@@ -18,6 +18,13 @@ from torch.nn.parallel import DistributedDataParallel
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def loader_workers() -> int:
+    """Image-decoding processes for one training process: the CPUs it may run on, shared among the processes
+    torchrun starts on this machine (a GPU each), at most 16."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(16, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` (CUDA when present, the GPU of this process's ``LOCAL_RANK`` under torchrun; else Apple's
     MPS; else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; a device that is not there is an error."""
@@ -66,6 +73,8 @@ class Placement:
             raise ValueError("fp16 autocast needs a GPU; use bf16 on a CPU")
         if sync_batchnorm and where.type != "cuda":
             raise ValueError("SyncBatchNorm synchronises GPUs (NCCL); on a CPU leave it off")
+        if where.type == "cuda":  # every model sees fixed-size crops: cuDNN's autotuned kernels pay off
+            torch.backends.cudnn.benchmark = True
         return cls(where, precision, channels_last, compile_backend, sync_batchnorm)
 
     @property

@@ -38,13 +38,13 @@ from ..weights import init_from, model_state, save_model
 from .data import (CachedViews, FeatureCache, Targets, batch_targets, build_cache, cache_key, epoch_batches, open_cache,
                    plan_cache, planned_loader, task_targets_arrays)
 from .distributed import barrier, gather, init_distributed, is_main, rank_and_world, sync_buffers
-from .placement import Placement
+from .placement import Placement, loader_workers
 
 console = Console(stderr=True)
 
-#: Validation figure each ``select`` option maximises (losses and divergences are negated).
 #: The loss on the progress bar is refreshed every this many batches (reading it waits for the device).
 PROGRESS_EVERY = 20
+#: Validation figure each ``select`` option maximises (losses and divergences are negated).
 SELECT = {"loss": -1, "accuracy": 1, "macro_f1": 1, "balanced_accuracy": 1, "kl": -1, "ccc": 1}
 
 
@@ -66,7 +66,7 @@ class TrainConfig:
     freeze_backbone: bool = False
     tune_stages: int = 0  # train the backbone's last N stages only (EfficientNet); the rest is frozen and cached
     cache_views: int = 0  # with a cached frozen part: N random crops and flips of each image cached for training
-    workers: int = 2
+    workers: int | None = None  # image-decoding processes (default: this machine's, see loader_workers)
     seed: int = 0
     init: str | None = None  # start from this run's (or checkpoint's) weights: transfer learning
     init_parts: tuple[str, ...] | None = None  # only these submodules from ``init`` (e.g. a detector)
@@ -77,6 +77,10 @@ class TrainConfig:
     sync_batchnorm: bool = False  # DDP on GPUs: BatchNorm statistics over all ranks' batches
 
     cache_budget: float | None = None  # GiB of frozen-backbone features kept on disk (default: 4 on a CPU, 0 on a GPU)
+
+    def __post_init__(self):
+        if self.workers is None:
+            self.workers = loader_workers()
 
     def placement(self) -> Placement:
         return Placement.resolve(self.device, self.precision, self.channels_last, self.compile_backend,

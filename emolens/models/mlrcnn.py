@@ -39,7 +39,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, clip_boxes_to_image, nms
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign, batched_nms, clip_boxes_to_image
 
 from ..checkpoints import CheckpointError, load_into, read_state_dict
 from ..regions import map_boxes
@@ -87,9 +87,21 @@ def emotion_score(p_emo: torch.Tensor, p_obj: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(p_emo.square() + p_obj.square())
 
 
-def top_regions(boxes: torch.Tensor, scores: torch.Tensor, k: int, iou: float = 0.5) -> torch.Tensor:
-    """Indices of the ``k`` best-scoring boxes left after nms, best first."""
-    return nms(boxes, scores, iou)[:k]  # nms returns survivors in decreasing score order
+def top_regions(boxes: torch.Tensor, scores: torch.Tensor, k: int, iou: float = 0.5,
+                image_ids: torch.Tensor | None = None, images: int = 1) -> list[torch.Tensor]:
+    """For each of ``images`` images (``image_ids``: each box's image; default: all in one), the indices of its
+    ``k`` best-scoring boxes left after nms, best first. One nms over every image's boxes, and one wait for the
+    device per call (the counts), not one per image."""
+    if image_ids is None:
+        image_ids = torch.zeros(len(boxes), dtype=torch.long, device=boxes.device)
+    keep = batched_nms(boxes, scores, image_ids, iou)  # survivors in decreasing score order
+    ids = image_ids[keep]
+    grouped = torch.sort(ids, stable=True).indices  # by image; each image's boxes still best first
+    keep, ids = keep[grouped], ids[grouped]
+    counts = torch.bincount(ids, minlength=images)
+    rank = torch.arange(len(ids), device=ids.device) - (counts.cumsum(0) - counts)[ids]
+    chosen = rank < k
+    return list(keep[chosen].split(counts.clamp(max=k).tolist()))
 
 
 class ScoredRPN(RegionProposalNetwork):
@@ -162,16 +174,15 @@ class EmotionalRegionDetector(nn.Module):
         if self.object_classifier is not None:
             p_obj = self.object_classifier.object_probability(represented).split([len(p) for p in proposals])
         refined = self.roi.box_coder.decode(deltas[:, 4:], proposals)[:, 0]  # the "emotional region" class
-        boxes, scores, p_emos, p_objs = [], [], [], []
-        for i, (b, emo, obj) in enumerate(zip(refined.split([len(p) for p in proposals]),
-                                              p_emo.split([len(p) for p in proposals]), p_obj)):
-            b = clip_boxes_to_image(b, image_size)
-            score = emotion_score(emo, obj)
-            keep = top_regions(b.detach(), score.detach(), self.k, self.nms_iou)
-            boxes.append(b[keep].detach())
-            scores.append(score[keep])
-            p_emos.append(emo[keep])
-            p_objs.append(obj[keep])
+        sizes = [len(p) for p in proposals]
+        refined = clip_boxes_to_image(refined, image_size)
+        p_obj = torch.cat(list(p_obj))
+        score = emotion_score(p_emo, p_obj)
+        image_ids = torch.repeat_interleave(torch.arange(batch, device=refined.device),
+                                            torch.as_tensor(sizes, device=refined.device))
+        chosen = top_regions(refined.detach(), score.detach(), self.k, self.nms_iou, image_ids, batch)
+        boxes = [refined[keep].detach() for keep in chosen]
+        scores, p_emos, p_objs = ([values[keep] for keep in chosen] for values in (score, p_emo, p_obj))
         pooled = self.roi.box_head(self.roi.box_roi_pool(features, boxes, images.image_sizes))
         local = pooled.new_zeros(batch, self.k, self.representation)
         for i, part in enumerate(pooled.split([len(b) for b in boxes])):

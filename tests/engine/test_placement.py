@@ -1,10 +1,12 @@
+import os
+
 import pytest
 import torch
 
 from helpers import tiny_model
 from emolens.checkpoints import load_checkpoint
 from emolens.engine import TrainConfig, evaluate, fit
-from emolens.engine.placement import Placement, resolve_device
+from emolens.engine.placement import Placement, loader_workers, resolve_device
 
 
 def test_device_names_resolve_or_say_what_is_missing(monkeypatch):
@@ -82,3 +84,14 @@ def test_a_compiled_training_step_trains_as_the_eager_one(tiny, tmp_path):
 def test_sync_batchnorm_is_refused_off_the_gpu():
     with pytest.raises(ValueError, match="SyncBatchNorm"):
         TrainConfig(device="cpu", sync_batchnorm=True).placement()
+
+
+def test_loader_workers_share_the_cpus_among_torchruns_processes(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert loader_workers() == 16  # capped
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert loader_workers() == 4
+    assert TrainConfig().workers == 4  # the default of a run
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert loader_workers() == 1

@@ -54,8 +54,22 @@ def test_emotion_score_is_eq_3_and_regions_come_best_first():
 def test_top_regions_suppress_overlaps_and_keep_k():
     boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]], dtype=torch.float)
     scores = torch.tensor([0.5, 0.9, 0.7, 0.1])
-    assert top_regions(boxes, scores, k=10).tolist() == [1, 2, 3]  # box 0 overlaps the better box 1
-    assert top_regions(boxes, scores, k=2).tolist() == [1, 2]
+    assert [t.tolist() for t in top_regions(boxes, scores, k=10)] == [[1, 2, 3]]  # box 0 overlaps the better box 1
+    assert [t.tolist() for t in top_regions(boxes, scores, k=2)] == [[1, 2]]
+
+
+def test_top_regions_of_a_batch_equal_each_images_own():
+    generator = torch.Generator().manual_seed(0)
+    corners = torch.rand(60, 2, generator=generator) * 50
+    boxes = torch.cat([corners, corners + 5 + torch.rand(60, 2, generator=generator) * 20], 1)
+    scores = torch.rand(60, generator=generator)
+    image_ids = torch.tensor([0] * 25 + [2] * 35)  # image 1 has no box
+    together = top_regions(boxes, scores, 4, 0.3, image_ids, images=3)
+    assert len(together) == 3 and together[1].numel() == 0
+    for image, chosen in enumerate(together):
+        own = (image_ids == image).nonzero().flatten()
+        alone = [own[i] for i in top_regions(boxes[own], scores[own], 4, 0.3)[0]] if len(own) else []
+        assert chosen.tolist() == [int(i) for i in alone]
 
 
 def test_cam_pseudo_boxes_find_a_known_blob():
