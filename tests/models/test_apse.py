@@ -7,7 +7,7 @@ import torch
 from helpers import tiny_model
 from emolens.engine.data import class_balanced_batches
 from emolens.losses import build_loss, anchor_positive_tuples
-from emolens.models.apse import AttentionModule, cross_level_bilinear
+from emolens.models.apse import AttentionModule, CrossLevelBilinear
 from emolens.taxonomy import MIKELS, Taxonomy
 
 
@@ -39,9 +39,10 @@ def test_attention_module_by_hand():
     with torch.no_grad():
         module.class_maps.weight.copy_(torch.eye(2).view(2, 2, 1, 1))
         module.class_maps.bias.zero_()
-    f = torch.tensor([[[[1.0, 0.0]], [[1.0, 0.0]]]])  # channel sum A = [2, 0]
+        module.log_temperature.fill_(math.log(3.0))
+    f = torch.tensor([[[[1.0, 0.0]], [[1.0, 0.0]]]])  # channel mean A = [1, 0]
     weighted, confidence, u = module(f)
-    z = torch.softmax(torch.tensor([2.0, 0.0]), 0) * 2  # spatial softmax, scaled by h·w
+    z = torch.softmax(torch.tensor([3.0, 0.0]), 0) * 2  # spatial softmax of A x temperature, scaled by h·w
     attended = f * z.view(1, 1, 1, 2)
     torch.testing.assert_close(confidence, torch.softmax(attended.mean((2, 3)), 1))
     torch.testing.assert_close(u, torch.tensor([[[1.0, 0.0]]]))  # min-max normalised
@@ -49,11 +50,28 @@ def test_attention_module_by_hand():
 
 
 def test_cross_level_bilinear_by_hand():
+    module = CrossLevelBilinear(low_channels=1, high_channels=2, rank=2)
+    with torch.no_grad():
+        module.low.weight.copy_(torch.ones(2, 1, 1, 1))
+        module.high.weight.copy_(torch.eye(2).view(2, 2, 1, 1))
     low = torch.tensor([[[[1.0, 3.0], [1.0, 3.0]]]])  # pooled to 1x1: 2
     high = torch.tensor([[[[4.0]], [[-9.0]]]])
-    out = cross_level_bilinear(low, high)
-    expected = torch.tensor([math.sqrt(8.0), -math.sqrt(18.0)])
+    out = module(low, high)
+    expected = torch.tensor([math.sqrt(8.0), -math.sqrt(18.0)])  # rank-2 products 2·4 and 2·(-9), signed roots
     torch.testing.assert_close(out[0], expected / expected.norm())
+
+
+def test_the_compacted_model_is_small_and_fp16_safe():
+    model = tiny_model("apse")
+    low = torch.zeros(2, 4, 8, 8, dtype=torch.float16, requires_grad=True)
+    high = torch.zeros(2, 6, 2, 2, dtype=torch.float16, requires_grad=True)
+    out = CrossLevelBilinear(4, 6, 16).half()(low, high)
+    out.sum().backward()
+    assert out.dtype == torch.float32 and torch.isfinite(low.grad).all() and torch.isfinite(high.grad).all()
+    rank, dim = 2048, 512
+    low_c, high_c = model.backbone.channels
+    assert sum(p.numel() for p in model.cross_level.parameters()) == rank * (low_c + high_c)
+    assert model.embed.weight.shape == (dim, rank)
 
 
 def test_variants_and_polarity_from_the_taxonomy():
@@ -141,3 +159,28 @@ def test_class_balanced_batches_any_size():
     assert class_balanced_batches(rows, labels, 12, seed=1) == class_balanced_batches(rows, labels, 12, seed=1)
     tuples = anchor_positive_tuples(torch.tensor([3, 3, 1, 1, 3, 3]))
     assert [len(a) for a, _ in tuples] == [2]  # the second pair of class 3 has no partner class
+
+
+@pytest.mark.shared_data
+def test_attention_spreads_over_real_photos_and_embeddings_differ(shared_data):
+    """On ImageNet features of Emotion6 photos, neither attention map is one-hot: its effective number of
+    positions (exp of the entropy of Z) is at least 5% of the map, and no two photos share an embedding."""
+    import emolens
+    from PIL import Image
+
+    from emolens.data.transforms import eval_transform
+
+    paths = sorted((shared_data / "emotion6" / "images").rglob("*.jpg"))[::60][:24]
+    model = emolens.create_model("apse", taxonomy="mikels", task="emotion", backbone="efficientnet_lite0").eval()
+    view = eval_transform(model.preprocessing)
+    images = torch.stack([view(Image.open(p).convert("RGB")) for p in paths])
+    with torch.no_grad():
+        features = model.backbone(images)
+        for module, level in zip((model.polarity_attention, model.emotion_attention), features["levels"]):
+            b, _, h, w = level.shape
+            z = module.spatial_mask(level)
+            effective = torch.exp(-(z * z.clamp_min(1e-30).log()).sum(1))
+            assert float(effective.min()) >= 0.05 * h * w, (h, w, effective.min())
+        embedding = model(images)["embedding"]
+    distances = torch.cdist(embedding, embedding) + 10 * torch.eye(len(paths))
+    assert float(distances.min()) > 1e-3
