@@ -207,7 +207,8 @@ WORKERS = typer.Option(None, min=0, max=MAX_WORKERS, help="Image-decoding worker
                        "this process may use, shared among torchrun's processes on the machine; at most 16).")
 SEED = typer.Option(0, help="Seed for splits, initialisation and batches.")
 SELECT = typer.Option("loss", help="Validation figure that picks the checkpoint: loss, accuracy, macro_f1, "
-                     "balanced_accuracy, kl, or ccc (va: valence's and arousal's mean).")
+                     "balanced_accuracy, kl, ccc (va: valence's and arousal's mean), or map8 / map2 (the "
+                     "embedding's mAP, validation images querying each other).")
 PATIENCE = typer.Option(10, min=0, help="Stop after this many epochs without a better validation figure (0: no early stopping).")
 INIT = typer.Option(None, "--init", help="Start from this run's weights (transfer learning; same model and classes). "
                     "In a benchmark, {fold} in the path is replaced by the fold number.")

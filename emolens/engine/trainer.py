@@ -33,6 +33,7 @@ from ..data.transforms import eval_transform, train_transform
 from ..losses import build_loss
 from ..models import EmotionModel
 from ..regions import dataset_region_boxes
+from ..retrieval.metrics import evaluate_retrieval
 from ..taxonomy import AFFECT_DIMENSIONS, MIKELS_WHEEL_ORDER, AffectScale, Taxonomy, wheel_steps
 from ..weights import init_from, model_state, save_model
 from .data import (CachedViews, FeatureCache, Targets, batch_targets, build_cache, cache_key, epoch_batches, open_cache,
@@ -45,7 +46,9 @@ console = Console(stderr=True)
 #: The loss on the progress bar is refreshed every this many batches (reading it waits for the device).
 PROGRESS_EVERY = 20
 #: Validation figure each ``select`` option maximises (losses and divergences are negated).
-SELECT = {"loss": -1, "accuracy": 1, "macro_f1": 1, "balanced_accuracy": 1, "kl": -1, "ccc": 1}
+SELECT = {"loss": -1, "accuracy": 1, "macro_f1": 1, "balanced_accuracy": 1, "kl": -1, "ccc": 1, "map8": 1, "map2": 1}
+#: Figures of the embedding (validation images query each other, paper 002's leave-one-out protocol).
+RETRIEVAL_SELECT = ("map8", "map2")
 
 
 @dataclass
@@ -414,6 +417,9 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
     sched = torch.optim.lr_scheduler.LambdaLR(opt, config.lr_factor)
     if config.select not in SELECT:
         raise ValueError(f"select must be one of {', '.join(SELECT)}")
+    if config.select in RETRIEVAL_SELECT and model.task not in ("emotion", "polarity"):
+        raise ValueError(f"select {config.select} ranks class-labelled validation images by their embedding: "
+                         f"task {model.task} has no classes to rank by")
 
     run_meta = _run_meta(model, dataset, fold, config)
     start_epoch, best_score, best_epoch, stale = 0, -math.inf, -1, 0
@@ -484,7 +490,8 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
         sched.step()
         sync_buffers(model)  # so that validation and the saved weights see the same BN statistics on every rank
         train_loss = sum(gather(float(total))) / max(sum(gather(count)), 1)
-        val_metrics, errors = evaluate_rows(model, batches, fold.val, targets, loss_fn, rank, world)
+        val_metrics, errors = evaluate_rows(model, batches, fold.val, targets, loss_fn, rank, world,
+                                            retrieval=config.select in RETRIEVAL_SELECT)
         bad_images.update(errors)
         score = sign * (val_metrics["loss"] if config.select == "loss" else val_metrics[config.select])
         history.append({"epoch": epoch + 1, "lr": epoch_lrs, "train_loss": train_loss,
@@ -602,8 +609,9 @@ def step_optimizer(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> 
 
 @torch.inference_mode()
 def evaluate_rows(model: EmotionModel, batches: _Batches, rows: list[int], targets: Targets, loss_fn: nn.Module | None,
-                  rank: int = 0, world: int = 1) -> tuple[dict[str, float], dict[int, str]]:
-    """Metrics (and mean loss) of ``model`` on sample ``rows``, gathered over all ranks."""
+                  rank: int = 0, world: int = 1, retrieval: bool = False) -> tuple[dict[str, float], dict[int, str]]:
+    """Metrics (and mean loss) of ``model`` on sample ``rows``, gathered over all ranks; with ``retrieval``,
+    also mAP8 and mAP2 of the ``embedding`` outputs, the rows querying each other."""
     model.eval()
     seen, predictions, losses, errors = [], [], [], {}
     for inputs, idx, errs in batches(rows, False, 0, rank, world):
@@ -615,7 +623,12 @@ def evaluate_rows(model: EmotionModel, batches: _Batches, rows: list[int], targe
             if loss_fn is not None:
                 losses.append(float(loss_fn(outputs, batches.placement.batch(batch_targets(targets, idx)))) * len(idx))
         seen.append(idx.numpy())
-        predictions.append({k: v.float().cpu().numpy() for k, v in prediction_tensors(model.task, outputs).items()})
+        predicted = prediction_tensors(model.task, outputs)
+        if retrieval:
+            if "embedding" not in outputs:
+                raise ValueError(f"model {model.spec.get('name')} gives no embedding to rank validation images by")
+            predicted["embedding"] = torch.nn.functional.normalize(outputs["embedding"].float(), dim=1)
+        predictions.append({k: v.float().cpu().numpy() for k, v in predicted.items()})
     parts = gather((seen, predictions, losses, errors))
     seen = np.concatenate([a for p in parts for a in p[0]] or [np.zeros(0, dtype=np.int64)])
     errors = {k: v for p in parts for k, v in p[3].items()}
@@ -623,7 +636,15 @@ def evaluate_rows(model: EmotionModel, batches: _Batches, rows: list[int], targe
         raise RuntimeError("no usable image to evaluate on")
     batches_out = [b for p in parts for b in p[1]]
     predicted = {k: np.concatenate([b[k] for b in batches_out]) for k in batches_out[0]}
+    embedding = predicted.pop("embedding", None)
     out = task_metrics(model.task, model.taxonomy, targets, seen, predicted, batches.affect_scale)
+    if embedding is not None:
+        labels = targets["label"][seen]
+        if np.bincount(labels).max() > 1:
+            figures = evaluate_retrieval(embedding, labels, None, None, model.taxonomy.polarity)
+            out.update({k: figures[k] for k in RETRIEVAL_SELECT})
+        else:  # no image has another of its class to find
+            out.update(dict.fromkeys(RETRIEVAL_SELECT, float("nan")))
     if loss_fn is not None:
         out["loss"] = sum(x for p in parts for x in p[2]) / len(seen)
     out["n"] = float(len(seen))

@@ -185,7 +185,7 @@ def test_select_keeps_the_best_validation_epoch_in_the_right_direction(tiny, tmp
               "balanced_accuracy": [0.3, 0.9, 0.1, 0.2], "kl": [0.9, 0.8, 0.2, 0.5]}
     epoch = iter(range(4))
 
-    def scripted(model, batches, rows, targets, loss_fn, rank=0, world=1):
+    def scripted(model, batches, rows, targets, loss_fn, rank=0, world=1, retrieval=False):
         e = next(epoch)
         return {k: v[e] for k, v in script.items()} | {"n": float(len(rows))}, {}
 
@@ -229,3 +229,10 @@ def test_cli_takes_the_papers_hyper_parameters(tmp_path):
     meta = json.loads((tmp_path / "run" / "last.json").read_text())
     assert meta["train_config"]["weight_decay"] == 1e-4 and meta["train_config"]["accumulate"] == 2
     assert [lr for h in meta["history"] for lr in h["lr"]] == pytest.approx([0.02, 0.002, 0.02, 0.002, 0.002, 0.0002])
+
+
+def test_an_embedding_model_can_be_chosen_on_validation_map(tiny, tmp_path):
+    ds, fold = tiny
+    result = fit(tiny_model("apse"), ds, fold, tmp_path / "run", config(epochs=2, select="map8"), progress=False)
+    assert all(0 <= h["val_map8"] <= 1 and 0 <= h["val_map2"] <= 1 for h in result.history)
+    assert result.best_score == max(h["val_map8"] for h in result.history)
