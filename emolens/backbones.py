@@ -258,10 +258,13 @@ DETECTOR_BODY = "backbone.body."
 
 def from_torchvision_layout(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` with torchvision's VGG fully connected layers as the convolutions timm's VGG has (the same
-    numbers, reshaped), and a detector file's body (``backbone.body.*``) as a plain network; other layouts
+    numbers, reshaped), a detector file's body (``backbone.body.*``) as a plain network, and torchvision's
+    MobileNetV2 (``features.*``) as timm's, whose tensors it holds in the same order; other layouts
     (torchvision's ResNets match timm's key for key) pass unchanged."""
     if not any(k in own for k in state) and any(k.startswith(DETECTOR_BODY) for k in state):
         state = {k.removeprefix(DETECTOR_BODY): v for k, v in state.items() if k.startswith(DETECTOR_BODY)}
+    if not any(k in own for k in state) and "features.0.0.weight" in state and "conv_stem.weight" in own:
+        state = in_order({k: v for k, v in state.items() if not k.startswith("classifier.")}, own)
     state = dict(state)
     for timm_name, tv_name in TORCHVISION_VGG_FC.items():
         for part in ("weight", "bias"):
@@ -272,6 +275,16 @@ def from_torchvision_layout(state: dict[str, torch.Tensor], own: dict[str, torch
                                           f"{tuple(own[target].shape)}")
                 state[target] = state.pop(source).reshape(own[target].shape)
     return state
+
+
+def in_order(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state``'s tensors under ``own``'s keys, matched by position; every shape is checked."""
+    if len(state) != len(own):
+        raise CheckpointError(f"the file holds {len(state)} tensors where the network has {len(own)}")
+    for (key, tensor), (target, ref) in zip(state.items(), own.items()):
+        if tensor.shape != ref.shape:
+            raise CheckpointError(f"{key} {tuple(tensor.shape)} does not fit {target} {tuple(ref.shape)}")
+    return dict(zip(own, state.values()))
 
 
 def _is_head_key(key: str) -> bool:

@@ -276,7 +276,7 @@ def train(
     from .data.joint import JointDataset, joint_spec, open_datasets, protocol_for
     from .engine import evaluate, fit
     from .engine.distributed import is_main
-    from .engine.trainer import evaluate_members, member_caches
+    from .engine.trainer import evaluate_members, member_caches, training_notes
     from .models import create_model
     from .weights import load_model
     from .checkpoints import atomic_write_json
@@ -313,8 +313,11 @@ def train(
             caches = member_caches(best, ds, config, out / "cache")
             by_dataset = {m.spec: figures for m, figures in evaluate_members(best, ds, chosen.test, config, caches)}
         if is_main():
+            notes = training_notes(net, ds)
+            for note in notes:
+                err_console.print(f"note: {note}", highlight=False, markup=False)
             atomic_write_json(out / "metrics.json", {"best_epoch": result.best_epoch, "val": result.val_metrics,
-                                                     "test": test, "test_by_dataset": by_dataset,
+                                                     "test": test, "test_by_dataset": by_dataset, "notes": notes,
                                                      "train_seconds": result.train_seconds, "bad_images": bad})
             console.print(f"best epoch {result.best_epoch} (on validation); test: " +
                           ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k != "n"))

@@ -99,6 +99,12 @@ def init_from(model: EmotionModel, source: str | Path, parts: Sequence[str] | No
     state, meta = load_checkpoint(resolve_weights(source))
     ours = model.state_dict()
     if parts:
+        theirs, mine = meta.get("spec", {}).get("backbone"), model.spec.get("backbone")
+        read_features = [p for p in parts if p != "backbone"]
+        if read_features and "backbone" not in parts and theirs and theirs != mine:
+            # a detector (or head) learned on one network's features reads nothing sensible from another's
+            raise CheckpointError(f"{source}: its {', '.join(read_features)} learned on backbone {theirs}'s features; "
+                                  f"this model's backbone is {mine}: train it on {mine}, or take the backbone too")
         prefixes = tuple(f"{p}." for p in parts)
         for part, prefix in zip(parts, prefixes):
             if not any(k.startswith(prefix) for k in ours):

@@ -109,6 +109,23 @@ def test_a_torchvision_resnet_file_loads_and_gives_torchvisions_features(tmp_pat
         torch.testing.assert_close(backbone(x)["pooled"], theirs, rtol=1e-4, atol=1e-4)
 
 
+def test_a_torchvision_mobilenet_v2_file_loads_and_gives_torchvisions_features(tmp_path):
+    """Paper 004's object stream: torchvision's MobileNetV2 layout read into timm's mobilenetv2_100."""
+    import torchvision
+
+    reference = torchvision.models.mobilenet_v2(weights=None).eval()
+    for module in reference.modules():  # running statistics other than 0 and 1, so a misplaced one shows
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    torch.save(reference.state_dict(), tmp_path / "mobilenet_v2.pth")
+    backbone = Backbone("mobilenetv2_100", weights=tmp_path / "mobilenet_v2.pth").eval()
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        theirs = reference.features(x).mean((2, 3))
+        torch.testing.assert_close(backbone(x)["pooled"], theirs, rtol=1e-4, atol=1e-4)
+
+
 def test_torchvision_vgg_fully_connected_layers_become_timms_convolutions():
     """fc6 of torchvision's VGG flattens (C, H, W) maps: the same numbers as a C x H x W convolution kernel."""
     from emolens.backbones import from_torchvision_layout

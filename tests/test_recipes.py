@@ -4,6 +4,7 @@ dataset's kind, flags override the recipe, and what a recipe requires is asked f
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,8 @@ def smoke_args(recipe, inputs, out: Path) -> list[str]:
         args += ["--model-arg", f"detector_weights={inputs['detector']}"]
     if "model_arg.stream_weights" in recipe.requires:
         args += ["--model-arg", f"streams={BACKBONE}", "--model-arg", f"stream_weights={inputs['stream']}"]
+    if "model_arg.stream_input" in recipe.requires:  # a Caffe conversion
+        args += ["--model-arg", "stream_input=bgr255", "--model-arg", "stream_mean=104+113+117"]
     return args
 
 
@@ -117,19 +120,37 @@ def test_each_recipe_runs_a_quick_check_and_prints_the_papers_figure(path, input
         assert "map8" in fold and "map2" in fold
 
 
-def test_transfer_recipes_start_from_the_fi_run(inputs, tmp_path):
-    fi = load_recipe(next(p for p in RECIPES if p.stem == "003_maiafa_fi_polarity"))
-    assert runner.invoke(app, smoke_args(fi, inputs, tmp_path / "fi")).exit_code == 0
-    source = next((tmp_path / "fi").glob("*/fold0/best.safetensors"))
+def test_transfer_recipes_start_from_the_run_their_recipe_names(inputs, tmp_path):
     for path in [p for p in RECIPES if "init" in load_recipe(p).requires]:
         recipe = load_recipe(path)
+        source_name = re.search(r"recipe (\S+)", recipe.requires["init"]).group(1)
+        source_recipe = load_recipe(next(p for p in RECIPES if p.stem == source_name))
+        if not (tmp_path / source_name).exists():
+            assert runner.invoke(app, smoke_args(source_recipe, inputs, tmp_path / source_name)).exit_code == 0
+        source = next((tmp_path / source_name).glob("*/fold0/best.safetensors"))
         args = smoke_args(recipe, inputs, tmp_path / path.stem)
         refused = runner.invoke(app, args)
         assert refused.exit_code == EXIT_ERROR and "needs --init" in refused.output
         result = runner.invoke(app, [*args, "--init", str(source)])
         assert result.exit_code == 0, result.output
         results = json.loads((tmp_path / path.stem / "results.json").read_text())
-        assert results["train_config"]["init"] == str(source) and results["train_config"]["lr"] == 1e-4
+        config = results["train_config"]
+        assert config["init"] == str(source) and config["lr"] == recipe.settings["lr"]
+        if "init_parts" in recipe.settings:
+            assert ",".join(config["init_parts"]) == recipe.settings["init_parts"]
+        if recipe.settings["models"].split(":")[1].count("loss=multitask"):  # FI without votes: p* is a constant
+            assert any("p* of loss multitask is the constant 0.6" in note for note in results["notes"])
+
+
+def test_a_detector_learned_on_another_backbone_is_refused(inputs, tmp_path):
+    detector = load_recipe(next(p for p in RECIPES if p.stem == "001_mlrcnn_detector_emotionroi"))
+    assert runner.invoke(app, smoke_args(detector, inputs, tmp_path / "detector")).exit_code == 0
+    source = next((tmp_path / "detector").glob("*/fold0/best.safetensors"))
+    fi = load_recipe(next(p for p in RECIPES if p.stem == "001_mlrcnn_fi8"))
+    args = smoke_args(fi, inputs, tmp_path / "fi")
+    args[args.index("--backbone") + 1] = "test_resnet.r160_in1k"
+    result = runner.invoke(app, [*args, "--init", str(source), "--init-parts", "detector"])
+    assert result.exit_code == EXIT_ERROR and f"learned on backbone {BACKBONE}" in result.output, result.output
 
 
 def test_a_recipe_asks_for_the_weights_it_needs(inputs, tmp_path):

@@ -19,7 +19,7 @@ from ..weights import library_versions, load_model
 from ..retrieval.metrics import evaluate_retrieval
 from .data import FeatureCache, image_loader, task_targets_arrays
 from .distributed import broadcast, init_distributed, is_main
-from .trainer import TrainConfig, embed, evaluate, evaluate_members, fit, member_caches
+from .trainer import TrainConfig, embed, evaluate, evaluate_members, fit, member_caches, training_notes
 
 #: Columns of the printed table (those a task has).
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "positive_recall", "kl", "cosine", "wheel_distance",
@@ -124,7 +124,8 @@ def run_benchmark(dataset: EmotionDataset, specs: list[str], task: str, out_dir:
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
     results = {"dataset": dataset.spec, "task": task, "folds": len(protocol.folds), "seed": seed,
                "protocol": str(proto_path), "retrieval_protocol": retrieval_protocol if retrieval else None,
-               "train_config": asdict(config), "versions": library_versions(), "recipe": recipe, "models": {}}
+               "train_config": asdict(config), "versions": library_versions(), "recipe": recipe, "notes": [],
+               "models": {}}
     for spec in specs:
         per_fold = []
         for k, fold in enumerate(protocol.folds):
@@ -135,6 +136,11 @@ def run_benchmark(dataset: EmotionDataset, specs: list[str], task: str, out_dir:
             torch.manual_seed(config.seed)  # the same initial head weights for every fold, run after run
             model = create_model(spec, taxonomy=dataset.taxonomy, task=task, backbone_weights=backbone_weights, **kwargs)
             fold_config = replace(config, init=config.init.format(fold=k)) if config.init else config
+            for note in training_notes(model, dataset):
+                if note not in results["notes"]:
+                    results["notes"].append(note)
+                    if is_main():
+                        log(f"note: {note}")
             result = fit(model, dataset, fold, run_dir, fold_config, resume=True, cache_dir=cache_dir,
                          progress=progress)
             best = load_model(run_dir)

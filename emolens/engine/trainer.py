@@ -361,6 +361,20 @@ def model_targets_arrays(model: EmotionModel, dataset: EmotionDataset) -> Target
     return {k: known[k]() for k in model.target_keys}
 
 
+#: Losses that read each image's vote share p* of its dominant emotion (paper 001's L_multi and Eq. 10).
+VOTE_SHARE_LOSSES = ("multitask", "label_prob")
+
+
+def training_notes(model: EmotionModel, dataset: EmotionDataset) -> list[str]:
+    """What a run's figures depend on that its settings do not show: a constant p* where the data has no votes."""
+    loss = model.spec["loss"]
+    if loss["name"] in VOTE_SHARE_LOSSES and not dataset.has_distribution:
+        default = build_loss(loss["name"], model.taxonomy, **loss["args"]).loss.default_label_prob
+        return [f"{dataset.spec or dataset.kind} has no votes: the label probability p* of loss {loss['name']} is the "
+                f"constant {default} for every image (give the dataset's votes, e.g. fi=ROOT:votes=FILE)"]
+    return []
+
+
 def _run_meta(model: EmotionModel, dataset: EmotionDataset, fold: Fold, config: TrainConfig) -> dict:
     return {"dataset": dataset.spec, "task": model.task,
             "split": {"train": fold.train, "val": fold.val, "test": fold.test}, "train_config": asdict(config)}

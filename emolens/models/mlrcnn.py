@@ -230,7 +230,9 @@ class MLRCNN(EmotionModel):
     """Arguments: ``features`` (``global``, ``regions``, ``both``: Table 1's rows), ``k`` regions,
     ``regions`` (``cam`` pseudo-boxes or ``ground_truth`` stimuli boxes), ``training`` (``two_stage`` or
     ``joint``), ``detector_epochs``, ``fpn`` channels, ``representation`` (RoI feature size),
-    ``anchors`` (one size per level, ``32+64+128+256``), ``cam_threshold``, ``cam_boxes``."""
+    ``anchors`` (one size per level, ``32+64+128+256``), ``cam_threshold``, ``cam_boxes``, ``object_classes``
+    (of the fixed object classifier behind p_obj: 91 with COCO ``detector_weights``, or to take a trained
+    detector with ``--init-parts detector``; 0: the RPN's objectness)."""
 
     feature_keys = ("levels", "pooled", "final")
     weight_file_args = ("detector_weights",)
@@ -241,7 +243,7 @@ class MLRCNN(EmotionModel):
     def __init__(self, *args, features: str = "both", k: int = 10, regions: str = "cam", training: str = "two_stage",
                  detector_epochs: int = 5, fpn: int = 256, representation: int = 1024, anchors: str = "32+64+128+256",
                  proposals: int = 100, cam_threshold: float = 0.5, cam_boxes: int = 3, dropout: float = 0.5,
-                 detector_weights: str | None = None, **kwargs):
+                 detector_weights: str | None = None, object_classes: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if features not in FEATURES:
             raise ValueError(f"features must be one of {', '.join(FEATURES)}, got {features!r}")
@@ -260,8 +262,10 @@ class MLRCNN(EmotionModel):
         if detector_weights and sizes != COCO_ANCHORS:
             raise ValueError(f"a COCO detector's anchors are {'+'.join(map(str, COCO_ANCHORS))}, not {anchors}")
         if features != "global":
+            if object_classes is None:
+                object_classes = COCO_CLASSES if detector_weights else 0
             self.detector = EmotionalRegionDetector(self.backbone.channels, fpn, sizes, representation, k, proposals,
-                                                    object_classes=COCO_CLASSES if detector_weights else 0)
+                                                    object_classes=object_classes)
             if detector_weights and detector_weights != WEIGHTS_IN_CHECKPOINT:
                 self.detector.load_coco(detector_weights)
         # The CAM head exists only to draw pseudo-boxes; it is trained by its own cross-entropy.

@@ -21,6 +21,18 @@ from .base import EmotionModel
 from .registry import register_model
 
 FUSIONS = ("early", "late")
+STREAM_INPUTS = ("rgb", "bgr255")
+
+
+def caffe_preprocessing(preprocessing, mean: str):
+    """``preprocessing`` whose normalisation gives 0-255 values minus Caffe's ``B+G+R`` mean (in R, G, B order:
+    the stream flips the channels after it): (x - m / 255) / (1 / 255) = 255 x - m."""
+    try:
+        blue, green, red = (float(v) for v in str(mean).split("+"))
+    except ValueError:
+        raise ValueError(f"stream_mean must be the Caffe mean as B+G+R in 0-255 (e.g. from the weight file's mean "
+                         f"file), not {mean!r}") from None
+    return replace(preprocessing, mean=(red / 255, green / 255, blue / 255), std=(1 / 255,) * 3)
 
 
 class StreamSet(nn.Module):
@@ -30,9 +42,10 @@ class StreamSet(nn.Module):
     block is the map its network pools) and ``block_means`` (their spatial means).
     """
 
-    def __init__(self, backbones: list[Backbone]):
+    def __init__(self, backbones: list[Backbone], bgr: list[bool] | None = None):
         super().__init__()
         self.streams = nn.ModuleList(backbones)
+        self.bgr = bgr or [False] * len(backbones)  # streams whose network reads channels in B, G, R order
         first = backbones[0].preprocessing
         # The largest input any stream wants, so no stream sees an upsampled image.
         self.preprocessing = replace(first, size=max(b.preprocessing.size for b in backbones))
@@ -53,8 +66,9 @@ class StreamSet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         blocks = []
-        for backbone in self.streams:
-            out = backbone(self._adapt(images, backbone))
+        for backbone, bgr in zip(self.streams, self.bgr):
+            adapted = self._adapt(images, backbone)
+            out = backbone(adapted.flip(1) if bgr else adapted)
             blocks += [*out["levels"][:-1], out["final"]]
         return {"blocks": blocks, "block_means": [b.mean((2, 3)) for b in blocks]}
 
@@ -103,18 +117,29 @@ class MGStream(nn.Module):
 class MultiGap(EmotionModel):
     """Arguments: ``streams`` (backbones of the streams after the first, ``+``-separated, e.g.
     ``efficientnet_lite2``), ``stream_weights`` (their weight files, ``+``-separated; bundled backbones
-    default to ImageNet), ``depth`` (blocks kept per stream), ``gru`` (Bi-GRU units M, 0 = none),
+    default to ImageNet), ``stream_input`` (how the extra streams' files expect images: ``rgb``, normalised as
+    the network's timm configuration says, or ``bgr255``, Caffe's convention: B, G, R in 0-255 minus
+    ``stream_mean``, the training set's ``B+G+R`` means, as VGG16-Places365's Caffe files do), ``depth`` (blocks kept per stream), ``gru`` (Bi-GRU units M, 0 = none),
     ``attention``, ``fusion`` (``early``/``late``), ``anp`` (ANP vector size, 0 = none)."""
 
     feature_keys = ("block_means",)
 
-    def __init__(self, *args, streams: str = "", stream_weights: str = "", depth: int = 0, width: int = 64,
+    def __init__(self, *args, streams: str = "", stream_weights: str = "", stream_input: str = "rgb",
+                 stream_mean: str = "", depth: int = 0, width: int = 64,
                  gru: int = 0, attention: bool = True, fusion: str = "early", anp: int = 0, bottleneck: int = 512,
                  dropout: float = 0.5, **kwargs):
         super().__init__(*args, **kwargs)
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}")
-        self.backbone = StreamSet([self.backbone, *self._extra_streams(streams, stream_weights, kwargs)])
+        extra = self._extra_streams(streams, stream_weights, kwargs)
+        if stream_input not in STREAM_INPUTS:
+            raise ValueError(f"stream_input must be one of {', '.join(STREAM_INPUTS)}")
+        if stream_input == "bgr255":
+            for stream in extra:
+                stream.preprocessing = caffe_preprocessing(stream.preprocessing, stream_mean)
+        elif stream_mean:
+            raise ValueError("stream_mean is the Caffe mean of stream_input=bgr255 streams; rgb streams have none")
+        self.backbone = StreamSet([self.backbone, *extra], [False] + [stream_input == "bgr255"] * len(extra))
         blocks = self.backbone.block_channels
         self.depth = depth or min(len(c) for c in blocks)
         if not 1 <= self.depth <= min(len(c) for c in blocks):

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from helpers import TINY_BACKBONE, make_ldl_dataset, tiny_model
+from emolens import create_model
 from emolens.data import load_dataset
 from emolens.data.samples import LabelFileError
 from emolens.models.multigap import MultiGap, TimestepAttention
@@ -131,3 +132,24 @@ def test_trains_on_a_frozen_cache_with_anp_features(tmp_path):
                  progress=False)
     assert result.best_epoch >= 1 and np.isfinite(result.best_score)
     assert TINY_BACKBONE in model.backbone.name
+
+
+def test_a_caffe_stream_sees_bgr_in_0_255_minus_its_mean():
+    model = create_model("multigap:streams=test_resnet,stream_input=bgr255,stream_mean=100+110+120",
+                         backbone=TINY_BACKBONE, backbone_weights=None).eval()
+    places = model.backbone.streams[1]
+    seen = []
+    places.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    size = model.preprocessing.size
+    rgb = torch.rand(1, 3, size, size)  # the image in [0, 1]
+    p = model.preprocessing
+    normalised = (rgb - torch.tensor(p.mean).view(1, 3, 1, 1)) / torch.tensor(p.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        model(normalised)
+    target = places.preprocessing.size
+    resized = torch.nn.functional.interpolate(rgb, size=(target, target), mode="bilinear", antialias=True,
+                                              align_corners=False) if target != size else rgb
+    expected = 255 * resized.flip(1) - torch.tensor([100.0, 110.0, 120.0]).view(1, 3, 1, 1)
+    torch.testing.assert_close(seen[0], expected, atol=1e-3, rtol=1e-4)
+    with pytest.raises(ValueError, match="B\\+G\\+R"):
+        create_model("multigap:streams=test_resnet,stream_input=bgr255", backbone=TINY_BACKBONE, backbone_weights=None)
