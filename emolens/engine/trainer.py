@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -407,10 +407,19 @@ def fit(model: EmotionModel, dataset: EmotionDataset, fold: Fold, out_dir: str |
     # A model that freezes parts of itself between epochs leaves parameters without gradients under DDP.
     staged = type(model).start_epoch is not EmotionModel.start_epoch
     if world > 1 and not staged:  # DDP waits for a gradient of every trainable parameter: freeze those never reached
-        unreached = unreached_parameters(model, batches, fold.train, targets, loss_fn, config)
-        for name, param in model.named_parameters():
-            if name in unreached:
-                param.requires_grad_(False)
+        probe = [b for b in batches(fold.train[:config.batch_size], False, 0, 0, 1) if b[0] is not None]
+
+        def probe_loss() -> torch.Tensor:
+            inputs, idx, _ = probe[0]
+            model.train()
+            if config.freeze_backbone:
+                model.backbone.eval()
+            batch = placement.batch(batch_targets(targets, idx))
+            with placement.autocast():
+                outputs = run_model(model, {**inputs, "targets": batch}, batches.feed)
+                return loss_fn(outputs, batch) + sum(outputs.get("losses", {}).values())
+
+        unreached = freeze_unreached(model, probe_loss) if probe else []
         if unreached and is_main() and progress:
             console.print(f"{len(unreached)} parameter tensor(s) get no gradient from the loss and stay as they are "
                           f"(e.g. {', '.join(sorted(unreached)[:3])})", highlight=False)
@@ -588,31 +597,24 @@ def changed_settings(saved: dict, config: TrainConfig) -> list[str]:
             if k not in RUN_ENVIRONMENT and k in saved and saved[k] != v]  # a setting newer than the run: its default
 
 
-def unreached_parameters(model: EmotionModel, batches: _Batches, rows: list[int], targets: Targets,
-                         loss_fn: nn.Module, config: TrainConfig) -> set[str]:
-    """Names of the trainable parameters that the training loss does not reach, found on one batch (e.g. the
-    fully connected layers of a VGG stream whose conv blocks alone are read). BatchNorm statistics and the
-    random state are restored, so the run trains as it would without this probe."""
+def freeze_unreached(model: nn.Module, training_loss: Callable[[], torch.Tensor]) -> list[str]:
+    """Stop the gradients of the trainable parameters that ``training_loss()`` (one batch's loss) does not
+    reach, e.g. the fully connected layers of a VGG stream whose conv blocks alone are read; returns their names.
+    BatchNorm statistics and the random state are restored, so training goes on as it would without this probe."""
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    found = [b for b in batches(rows[:config.batch_size], False, 0, 0, 1) if b[0] is not None]
-    if not trainable or not found:
-        return set()
-    inputs, idx, _ = found[0]
+    if not trainable:
+        return []
     buffers = [b.detach().clone() for b in model.buffers()]
     random_state = torch.get_rng_state()
-    model.train()
-    if config.freeze_backbone:
-        model.backbone.eval()
-    batch = batches.placement.batch(batch_targets(targets, idx))
-    with batches.placement.autocast():
-        outputs = run_model(model, {**inputs, "targets": batch}, batches.feed)
-        loss = loss_fn(outputs, batch) + sum(outputs.get("losses", {}).values())
-    grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
+    grads = torch.autograd.grad(training_loss(), [p for _, p in trainable], allow_unused=True)
     with torch.no_grad():
         for saved, buffer in zip(buffers, model.buffers()):
             buffer.copy_(saved)
     torch.set_rng_state(random_state)
-    return {name for (name, _), grad in zip(trainable, grads) if grad is None}
+    unreached = [(name, p) for (name, p), grad in zip(trainable, grads) if grad is None]
+    for _, p in unreached:
+        p.requires_grad_(False)
+    return [name for name, _ in unreached]
 
 
 def step_optimizer(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
