@@ -96,12 +96,15 @@ def test_transfer_recipes_start_from_the_run_their_recipe_names(inputs, tmp_path
             assert any("p* of loss multitask is the constant 0.6" in note for note in results["notes"])
 
 
-def test_a_detector_learned_on_another_backbone_is_refused(inputs, tmp_path):
+def test_a_detector_run_starts_the_fi_step_on_its_own_backbone_only(inputs, tmp_path):
     detector = load_recipe(next(p for p in RECIPES if p.stem == "001_mlrcnn_detector_emotionroi"))
     assert runner.invoke(app, smoke_args(detector, inputs, tmp_path / "detector")).exit_code == 0
     source = next((tmp_path / "detector").glob("*/fold0/best.safetensors"))
     fi = load_recipe(next(p for p in RECIPES if p.stem == "001_mlrcnn_fi8"))
     args = smoke_args(fi, inputs, tmp_path / "fi")
+    result = runner.invoke(app, [*args, "--init", str(source), "--init-parts", "detector"])  # the same backbone
+    assert result.exit_code == 0, result.output
+    args = smoke_args(fi, inputs, tmp_path / "other")
     args[args.index("--backbone") + 1] = "test_resnet.r160_in1k"
     result = runner.invoke(app, [*args, "--init", str(source), "--init-parts", "detector"])
     assert result.exit_code == EXIT_ERROR and f"learned on backbone {BACKBONE}" in result.output, result.output

@@ -90,7 +90,7 @@ def test_the_recipe_runs_on_its_own_backbone_with_the_papers_settings(name, layo
     config = results["train_config"]
     (model,) = results["models"].values()
     assert model["backbone"] == settings["backbone"]
-    for key in ("optimizer", "lr", "weight_decay", "batch_size", "select", "freeze_backbone"):
+    for key in ("optimizer", "lr", "weight_decay", "batch_size", "select", "freeze_backbone", "precision"):
         if key in settings:
             assert config[key] == settings[key], key
     assert config["epochs"] == 1  # the command line's; the recipe's schedule is checked over its own epochs below
