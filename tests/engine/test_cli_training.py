@@ -79,6 +79,12 @@ def test_benchmark_runs_models_on_identical_folds(tmp_path):
     runs = json.loads((out / "global" / "fold1" / "best.json").read_text())["split"]
     assert runs == json.loads((out / "global_loss=kl" / "fold1" / "best.json").read_text())["split"]
     assert "± " in result.output
+    # a re-run into the folder resumes only what it can finish with the same settings
+    again = runner.invoke(app, ["benchmark", "--data", spec, "--models", "global", "--task", "distribution", "--folds", "2",
+                                "--epochs", "2", "--freeze-backbone", "--out", str(out), "--backbone-weights", "none",
+                                *TINY, "--lr", "0.5", "--optimizer", "adamw"])
+    assert again.exit_code == EXIT_ERROR and "optimizer 'sgd' -> 'adamw'; lr None -> 0.5" in again.output, again.output
+    assert json.loads((out / "results.json").read_text())["train_config"]["lr"] is None  # what ran stays recorded
 
 
 def test_a_fold_that_does_not_exist_is_one_error(tmp_path):
