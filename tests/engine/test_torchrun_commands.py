@@ -13,6 +13,7 @@ from helpers import TINY_BACKBONE, make_ldl_dataset
 from emolens.data import Protocol, load_dataset
 from emolens.data.joint import open_datasets
 from emolens.engine import TrainConfig, evaluate
+from emolens.engine.benchmark import slug
 from emolens.weights import load_model
 
 TINY = ["--backbone", TINY_BACKBONE, "--backbone-weights", "none", "--workers", "0", "--batch-size", "4"]
@@ -75,18 +76,19 @@ def test_joint_model_trains_under_torchrun(tmp_path):
 
 
 def test_benchmark_under_torchrun_counts_each_test_image_once(data, tmp_path):
-    done = torchrun("benchmark", "--models", "global", "--data", data, "--folds", "2", "--epochs", "1",
+    done = torchrun("benchmark", "--models", " ".join(MODELS), "--data", data, "--folds", "2", "--epochs", "1",
                     "--out", "bench", "--retrieval", *TINY, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("results:") == 1
     results = json.loads((tmp_path / "bench" / "results.json").read_text())
     protocol = json.loads((tmp_path / "bench" / "protocol.json").read_text())
-    folds = results["models"]["global"]["folds"]
-    assert [f["n"] for f in folds] == [len(f["test"]) for f in protocol["folds"]]
     dataset = load_dataset(data)
-    for k, figures in enumerate(folds):
-        test = Protocol.load(tmp_path / "bench" / "protocol.json", dataset).folds[k].test
-        alone = evaluate(load_model(tmp_path / "bench" / "global" / f"fold{k}"), dataset, test,
-                         TrainConfig(workers=0, batch_size=4), progress=False)
-        assert {m: figures[m] for m in alone} == pytest.approx(alone, rel=1e-4, abs=1e-6, nan_ok=True)
-        assert 0 <= figures["map8"] <= 1
+    folds = Protocol.load(tmp_path / "bench" / "protocol.json", dataset).folds
+    assert list(results["models"]) == MODELS
+    for model, figures_by_fold in results["models"].items():
+        assert [f["n"] for f in figures_by_fold["folds"]] == [len(f["test"]) for f in protocol["folds"]]
+        for k, figures in enumerate(figures_by_fold["folds"]):
+            alone = evaluate(load_model(tmp_path / "bench" / slug(model) / f"fold{k}"), dataset, folds[k].test,
+                             TrainConfig(workers=0, batch_size=4), progress=False)
+            assert {m: figures[m] for m in alone} == pytest.approx(alone, rel=1e-4, abs=1e-6, nan_ok=True), model
+            assert 0 <= figures["map8"] <= 1
