@@ -402,7 +402,8 @@ def read_emotionroi(root: Path) -> EmotionDataset:
             else:
                 missing.append(rel)
         split[part] = ids
-    return EmotionDataset("emotionroi", root, EMOTIONROI, samples, missing, official_split=split or None)
+    return EmotionDataset("emotionroi", root, EMOTIONROI, samples, missing, official_split=split or None,
+                          optional_parts={"stimuli maps": "ground_truth/", "official split": "training_testing_split/"})
 
 
 @register_reader("artphoto")

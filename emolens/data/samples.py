@@ -49,6 +49,20 @@ class EmotionDataset:
     extras: dict[str, np.ndarray] = field(default_factory=dict)
     #: The scale the dataset's valence and arousal ratings were given on (``None``: it has none).
     affect_scale: AffectScale | None = None
+    #: Parts the format may hold beyond images and labels, and where they would be: part -> folder or file.
+    optional_parts: dict[str, str] = field(default_factory=dict)
+
+    def parts_found(self) -> dict[str, str]:
+        """For each of :attr:`optional_parts`, what was found (counts) or that it was not."""
+        found = {}
+        for part, where in self.optional_parts.items():
+            if part == "stimuli maps":
+                maps = sum(s.region_map is not None for s in self.samples)
+                found[part] = f"{maps} of {len(self)} images" if maps else f"none ({where} absent)"
+            elif part == "official split":
+                found[part] = (", ".join(f"{k} {len(v)}" for k, v in self.official_split.items())
+                               if self.official_split else f"none ({where} absent)")
+        return found
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -160,6 +160,36 @@ def test_emotionroi_reader_with_maps_and_official_split(tmp_path):
     assert len(ds.official_split["train"]) == 6 and len(ds.official_split["test"]) == 6
     assert ds.missing == ["anger/9.jpg"]
     assert all(ds.samples[i].path.name == "2.jpg" for i in ds.official_split["test"])
+    assert ds.parts_found() == {"stimuli maps": "1 of 12 images", "official split": "train 6, test 6"}
+
+
+def test_emotionroi_from_emotion6s_folders_says_what_it_lacks_and_runs_its_protocols(tmp_path):
+    """EmotionROI's images are Emotion6's six folders: without stimuli maps and the official split, `datasets
+    info` says so, and 5-fold polarity with retrieval runs on it."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from helpers import TINY_BACKBONE
+    from emolens.cli import app
+
+    for k, emotion in enumerate(EMOTIONROI.classes):
+        for i in range(10):
+            write_image(tmp_path / "emotion6" / "images" / emotion / f"{i}.jpg", seed=10 * k + i)
+    spec = f"emotionroi={tmp_path / 'emotion6'}"
+    assert load_dataset(spec).parts_found() == {"stimuli maps": "none (ground_truth/ absent)",
+                                                 "official split": "none (training_testing_split/ absent)"}
+    runner = CliRunner(env={"COLUMNS": "200"})
+    info = runner.invoke(app, ["datasets", "info", spec])
+    assert info.exit_code == 0 and "stimuli maps: none" in info.output and "official split: none" in info.output
+    assert "polarity: 20 positive, 40 negative" in info.output
+    out = tmp_path / "bench"
+    result = runner.invoke(app, ["benchmark", "--data", spec, "--task", "polarity", "--folds", "5", "--epochs", "1",
+                                 "--freeze-backbone", "--retrieval", "--models", "global", "--out", str(out),
+                                 "--backbone", TINY_BACKBONE, "--backbone-weights", "none", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    folds = json.loads((out / "results.json").read_text())["models"]["global"]["folds"]
+    assert len(folds) == 5 and sum(f["n"] for f in folds) == 60 and all(0 <= f["map2"] <= 1 for f in folds)
 
 
 def test_artphoto_reader(tmp_path):
