@@ -181,19 +181,22 @@ class Backbone(nn.Module):
             p.requires_grad_(id(p) not in frozen)
         self.train(self.training)
 
-    def frozen_stages(self) -> "FrozenStages":
-        """The stem and the stages before the tuned ones (the same modules, not copies)."""
-        return FrozenStages(self)
+    def frozen_stages(self, levels: bool = False) -> "FrozenStages":
+        """The stem and the stages before the tuned ones (the same modules, not copies); with ``levels``, they
+        also give the feature levels that lie within them (a model that reads every level needs them)."""
+        return FrozenStages(self, [i for i in self.level_indices if self.net.stage_ends[i] <= self.first_tuned]
+                            if levels else [])
 
     def tuned_parts(self, count: int) -> list[str]:
         """Names (under this module) of what ``tune_last_stages(count)`` trains: what a checkpoint must keep."""
         return [f"net.blocks.{i}" for i in range(self.stage_count - count, self.stage_count)] + ["net.conv_head", "net.bn2"]
 
-    def from_frozen(self, frozen: torch.Tensor) -> dict[str, object]:
-        """:meth:`forward`'s outputs from the frozen stages' output; the levels only where every one of them
-        lies in the tuned stages."""
+    def from_frozen(self, frozen: torch.Tensor, frozen_levels: list[torch.Tensor] | None = None) -> dict[str, object]:
+        """:meth:`forward`'s outputs from the frozen stages' output (and the levels that lie within them, as
+        ``frozen_stages(levels=True)`` gives them); the levels only where every one of them is at hand."""
         level_after = {end: i for i, end in enumerate(self.net.stage_ends)}  # stages run -> feature level
-        x, found = frozen, {}
+        early = [i for i in self.level_indices if self.net.stage_ends[i] <= self.first_tuned]
+        x, found = frozen, dict(zip(early, frozen_levels)) if frozen_levels else {}
         for depth in range(self.first_tuned, self.stage_count):
             x = self.net.blocks[depth](x)
             if level_after.get(depth + 1) in self.level_indices:
@@ -230,21 +233,31 @@ class Backbone(nn.Module):
 
 
 class FrozenStages(nn.Module):
-    """A split backbone's frozen stages as a feature source, ``{"frozen": map}``: what a feature cache keeps
-    when the last stages train (named by the backbone and the cut, so caches of other cuts live apart)."""
+    """A split backbone's frozen stages as a feature source, ``{"frozen": map}`` and, for ``levels`` (feature
+    level indices that lie within them), ``"frozen_levels"``: what a feature cache keeps when the last stages
+    train (named by the backbone, the cut and the levels, so caches of other cuts live apart)."""
 
-    def __init__(self, backbone: Backbone):
+    def __init__(self, backbone: Backbone, levels: Sequence[int] = ()):
         super().__init__()
-        self.stages = nn.Sequential(backbone.net.conv_stem, backbone.net.bn1, *backbone.net.blocks[:backbone.first_tuned])
-        self.name = f"{backbone.name}-stages{backbone.first_tuned}"
+        self.stem = nn.Sequential(backbone.net.conv_stem, backbone.net.bn1)
+        self.blocks = nn.ModuleList(backbone.net.blocks[:backbone.first_tuned])
+        self.keep = {backbone.net.stage_ends[i] for i in levels}  # after how many stages a kept level is taken
+        self.output_keys = ["frozen", "frozen_levels"] if self.keep else ["frozen"]
+        self.name = f"{backbone.name}-stages{backbone.first_tuned}" + (f"-levels{'+'.join(map(str, levels))}" if levels else "")
         self.preprocessing = backbone.preprocessing
 
     def train(self, mode: bool = True) -> "FrozenStages":
         # Frozen stages never train: restoring a mode (``eval_mode``) must not put their BatchNorm in batch statistics.
         return super().train(False)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"frozen": self.stages(x)}
+    def forward(self, x: torch.Tensor) -> dict[str, object]:
+        x = self.stem(x)
+        kept = [x] if 0 in self.keep else []
+        for run, block in enumerate(self.blocks, start=1):
+            x = block(x)
+            if run in self.keep:
+                kept.append(x)
+        return {"frozen": x, "frozen_levels": kept} if self.keep else {"frozen": x}
 
 
 #: timm's VGG keeps fc6 and fc7 as convolutions (``pre_logits``) where torchvision's has linear layers

@@ -217,8 +217,8 @@ def run_model(model: EmotionModel, inputs: dict, feed: str) -> dict:
     if feed == "cached":
         return model.head_outputs(inputs)
     if feed == "stages":
-        rest = {k: v for k, v in inputs.items() if k != "frozen"}
-        return model.head_outputs({**model.backbone.from_frozen(inputs["frozen"]), **rest})
+        rest = {k: v for k, v in inputs.items() if k not in ("frozen", "frozen_levels")}
+        return model.head_outputs({**model.backbone.from_frozen(inputs["frozen"], inputs.get("frozen_levels")), **rest})
     extras = {k: v for k, v in inputs.items() if k != "images"}
     if feed == "frozen":
         with torch.no_grad():
@@ -295,8 +295,8 @@ def feature_cache(model: EmotionModel, dataset: EmotionDataset, cache_dir: Path,
     the backbone then runs on the fly."""
     placement = placement or config.placement()
     paths = [s.path for s in dataset.samples]
-    source, keys = ((model.backbone.frozen_stages(), ["frozen"]) if config.tune_stages else
-                    (model.backbone, list(model.feature_keys)))
+    source = frozen_source(model) if config.tune_stages else model.backbone
+    keys = source.output_keys if config.tune_stages else list(model.feature_keys)
     meta = cache_key(paths, source, keys)
     if view is not None:
         meta["view"] = view
@@ -560,11 +560,18 @@ def freeze_backbone_parts(model: EmotionModel, config: TrainConfig) -> None:
     elif config.tune_stages:
         backbone = split_backbone(model, config.tune_stages)
         with eval_mode(backbone), torch.no_grad():
-            given = backbone.from_frozen(backbone.frozen_stages()(blank_image(backbone))["frozen"])
+            cached = frozen_source(model)(blank_image(backbone))
+            given = backbone.from_frozen(cached["frozen"], cached.get("frozen_levels"))
         missing = [k for k in model.feature_keys if k not in given]
         if missing:
             raise ValueError(f"model {model.spec.get('name')} reads the backbone's {', '.join(missing)}, which come from "
                              f"stages that tuning the last {config.tune_stages} would freeze: tune more of them")
+
+
+def frozen_source(model: EmotionModel) -> nn.Module:
+    """What a feature cache runs when ``model``'s last stages are tuned: its backbone's frozen stages, which also
+    give the levels within them where the model reads levels (maiafa's and mlrcnn's finer ones)."""
+    return model.backbone.frozen_stages(levels=bool({"levels", "level_means"} & set(model.feature_keys)))
 
 
 def split_backbone(model: EmotionModel, count: int) -> Backbone:

@@ -32,6 +32,11 @@ def test_the_tuned_stages_continue_exactly_where_the_frozen_ones_stop():
     backbone.tune_last_stages(1)
     with torch.no_grad():
         assert "levels" not in backbone.from_frozen(backbone.frozen_stages()(x)["frozen"])
+        # the levels within the frozen stages come with them when asked for, and then every level is at hand
+        cached = backbone.frozen_stages(levels=True)(x)
+        split = backbone.from_frozen(cached["frozen"], cached["frozen_levels"])
+    for level, reference in zip(split["levels"], whole["levels"], strict=True):
+        torch.testing.assert_close(level, reference)
 
 
 def test_only_the_last_stages_get_gradients_and_batchnorm_keeps_its_statistics():
@@ -79,12 +84,26 @@ def test_scoring_from_the_cache_equals_scoring_from_images(tiny, tmp_path):
     assert cached["kl"] == pytest.approx(uncached["kl"], abs=1e-2)
 
 
-def test_freezing_and_tuning_together_and_levels_in_frozen_stages_are_refused(tiny, tmp_path):
+@pytest.mark.parametrize("spec", ["maiafa:width=8,groups=2", "mlrcnn:fpn=16,representation=32,k=4,proposals=20"])
+def test_models_that_read_every_level_tune_the_last_stages_from_cached_levels(spec, tiny, tmp_path):
+    """maiafa and mlrcnn read levels that lie in the frozen stages: the cache keeps them beside the frozen output,
+    in the evaluation view and in random views, and the cached feed gives the logits the images give."""
+    ds, fold = tiny
+    model = tiny_model(spec)
+    fit(model, ds, fold, tmp_path / "run", config(epochs=1, tune_stages=1, cache_views=1), cache_dir=tmp_path / "cache",
+        progress=False)
+    model.eval()
+    cache = feature_cache(model, ds, tmp_path / "cache", config(tune_stages=1), progress=False)
+    assert len(cache.features["frozen_levels"]) == len(model.backbone.level_indices) - 1  # all but the last stage's
+    assert sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "cache").iterdir()) == [
+        "features-test_efficientnet-stages4-levels1+2+3"] * 2  # the evaluation view and one random view
+    assert_feeds_agree(model, ds, cache, "images", "stages")
+
+
+def test_freezing_and_tuning_together_and_a_multi_stream_backbone_are_refused(tiny, tmp_path):
     ds, fold = tiny
     with pytest.raises(ValueError, match="exclude each other"):
         fit(tiny_model(), ds, fold, tmp_path / "a", config(freeze_backbone=True), progress=False)
-    with pytest.raises(ValueError, match="tune more of them"):
-        fit(tiny_model("maiafa:width=8,groups=2"), ds, fold, tmp_path / "b", config(tune_stages=1), progress=False)
     with pytest.raises(ValueError, match="not one backbone"):
         fit(tiny_model("multigap"), ds, fold, tmp_path / "c", config(), progress=False)
 
