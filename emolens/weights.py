@@ -112,13 +112,24 @@ def init_from(model: EmotionModel, source: str | Path, parts: Sequence[str] | No
             if not any(k.startswith(prefix) for k in state):
                 raise CheckpointError(f"{source}: no tensors of part {part!r}")
         state = {k: v for k, v in state.items() if k.startswith(prefixes)}
-        missing = [k for k in ours if k.startswith(prefixes) and k not in state]
+        missing = [k for k in ours if k.startswith(prefixes) and k not in state and not bundled_in_both(k, meta, model)]
         if missing:
             raise CheckpointError(f"{source}: part tensors missing, e.g. {missing[0]}")
     unknown = [k for k in state if k not in ours]
     if unknown:
         raise CheckpointError(f"{source}: {len(unknown)} tensor(s) the model does not have, e.g. {unknown[0]}")
     load_into(_Subset(model, state.keys()), state, source=str(source))
+
+
+def bundled_in_both(key: str, meta: dict, model: EmotionModel) -> bool:
+    """Whether ``key`` is a backbone tensor that a checkpoint over bundled weights left out (it kept only its tuned
+    stages) and that ``model``, built on the same bundled backbone, already holds as it was."""
+    saved = meta.get("include_backbone", True)
+    spec = meta.get("spec", {})
+    return (key.startswith("backbone.") and saved is not True
+            and not any(key.startswith(f"{part}.") for part in saved or ())
+            and spec.get("backbone_weights") == model.spec.get("backbone_weights") == "imagenet"
+            and spec.get("backbone") == model.spec.get("backbone"))
 
 
 def check_card(meta: dict, path: Path, with_backbone) -> None:

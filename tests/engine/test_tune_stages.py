@@ -9,6 +9,7 @@ from emolens import create_model
 from emolens.backbones import Backbone
 from emolens.engine import TrainConfig, evaluate, fit
 from emolens.engine.trainer import feature_cache
+from emolens.checkpoints import CheckpointError
 from emolens.weights import load_model, save_model
 
 
@@ -124,3 +125,21 @@ def test_a_checkpoint_over_bundled_weights_keeps_only_the_tuned_stages(tmp_path)
     loaded = load_model(tmp_path / "m.safetensors")
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value, msg=key)
+
+
+def test_another_model_starts_from_the_tuned_stages_of_a_run_over_bundled_weights(tmp_path):
+    """An affective pre-training with the last stages tuned saves only those stages; a seed model built on the same
+    bundled backbone takes them with --init-parts backbone (the frozen stages are the bundled ones in both)."""
+    from emolens.weights import init_from
+
+    source = create_model("global", taxonomy="mikels")
+    source.backbone.tune_last_stages(2)
+    with torch.no_grad():
+        source.backbone.net.blocks[6][0].conv_pwl.weight.mul_(2)
+    save_model(source, tmp_path / "pre.safetensors", include_backbone=[f"backbone.{p}" for p in source.backbone.tuned_parts(2)])
+    seed = create_model("maiafa:width=16,groups=2", taxonomy="emotionroi", task="polarity")
+    init_from(seed, tmp_path / "pre.safetensors", ["backbone"])
+    torch.testing.assert_close(seed.backbone.state_dict(), source.backbone.state_dict())
+    other = create_model("maiafa:width=16,groups=2", taxonomy="emotionroi", task="polarity", backbone_weights=None)
+    with pytest.raises(CheckpointError, match="part tensors missing"):  # random frozen stages: not the bundled ones
+        init_from(other, tmp_path / "pre.safetensors", ["backbone"])
