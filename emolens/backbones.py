@@ -56,16 +56,11 @@ def bundled_state_dict(name: str) -> dict[str, torch.Tensor]:
     matched by position and every shape is checked.
     """
     spec = BUNDLED[name]
-    source = read_state_dict(bundled_weights_path(name))
     reference = timm.create_model(spec.timm_name, pretrained=False).state_dict()
-    if len(source) != len(reference):
-        raise RuntimeError(f"{name}: packaged checkpoint has {len(source)} tensors, timm expects {len(reference)}")
-    mapped = {}
-    for (src_key, tensor), (dst_key, ref) in zip(source.items(), reference.items()):
-        if tensor.shape != ref.shape:
-            raise RuntimeError(f"{name}: {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(ref.shape)}")
-        mapped[dst_key] = tensor
-    return mapped
+    try:
+        return in_order(read_state_dict(bundled_weights_path(name)), reference)
+    except CheckpointError as e:
+        raise RuntimeError(f"{name}: packaged checkpoint: {e}") from None
 
 
 #: HRNetV2 (Wang et al., TPAMI 2020): timm's HRNet without its classification head, so the levels are the
@@ -181,11 +176,15 @@ class Backbone(nn.Module):
             p.requires_grad_(id(p) not in frozen)
         self.train(self.training)
 
+    @property
+    def frozen_levels(self) -> list[int]:
+        """The feature levels (indices) that the frozen stages give, before the tuned ones."""
+        return [i for i in self.level_indices if self.net.stage_ends[i] <= self.first_tuned]
+
     def frozen_stages(self, levels: bool = False) -> "FrozenStages":
         """The stem and the stages before the tuned ones (the same modules, not copies); with ``levels``, they
-        also give the feature levels that lie within them (a model that reads every level needs them)."""
-        return FrozenStages(self, [i for i in self.level_indices if self.net.stage_ends[i] <= self.first_tuned]
-                            if levels else [])
+        also give :attr:`frozen_levels` (a model that reads every level needs them)."""
+        return FrozenStages(self, self.frozen_levels if levels else [])
 
     def tuned_parts(self, count: int) -> list[str]:
         """Names (under this module) of what ``tune_last_stages(count)`` trains: what a checkpoint must keep."""
@@ -195,8 +194,7 @@ class Backbone(nn.Module):
         """:meth:`forward`'s outputs from the frozen stages' output (and the levels that lie within them, as
         ``frozen_stages(levels=True)`` gives them); the levels only where every one of them is at hand."""
         level_after = {end: i for i, end in enumerate(self.net.stage_ends)}  # stages run -> feature level
-        early = [i for i in self.level_indices if self.net.stage_ends[i] <= self.first_tuned]
-        x, found = frozen, dict(zip(early, frozen_levels)) if frozen_levels else {}
+        x, found = frozen, dict(zip(self.frozen_levels, frozen_levels)) if frozen_levels else {}
         for depth in range(self.first_tuned, self.stage_count):
             x = self.net.blocks[depth](x)
             if level_after.get(depth + 1) in self.level_indices:
@@ -243,7 +241,8 @@ class FrozenStages(nn.Module):
         self.blocks = nn.ModuleList(backbone.net.blocks[:backbone.first_tuned])
         self.keep = {backbone.net.stage_ends[i] for i in levels}  # after how many stages a kept level is taken
         self.output_keys = ["frozen", "frozen_levels"] if self.keep else ["frozen"]
-        self.name = f"{backbone.name}-stages{backbone.first_tuned}" + (f"-levels{'+'.join(map(str, levels))}" if levels else "")
+        kept = f"-levels{'+'.join(map(str, levels))}" if levels else ""
+        self.name = f"{backbone.name}-stages{backbone.first_tuned}{kept}"
         self.preprocessing = backbone.preprocessing
 
     def train(self, mode: bool = True) -> "FrozenStages":

@@ -149,18 +149,11 @@ def datasets_info(
         entropy = -(np.where(d > 0, d * np.log(np.maximum(d, 1e-12)), 0)).sum(1)
         console.print(f"distributions: mean dominant share {d.max(1).mean():.3f}, mean entropy {entropy.mean():.3f} nats "
                       f"(uniform: {np.log(tax.num_classes):.3f})")
-    found = ds.parts_found()
-    for part, what in found.items():
+    for part, what in ds.parts_found().items():
         console.print(f"{part}: {what}", highlight=False, markup=False)
-    if ds.official_split and "official split" not in found:
-        console.print("official split: " + ", ".join(f"{k} {len(v)}" for k, v in ds.official_split.items()))
-    hints = []
-    if "stimuli maps" in found and not any(s.region_map for s in ds.samples):
-        hints.append("without stimuli maps, mlrcnn learns its regions from class-activation boxes (regions=cam)")
-    if "official split" in found and not ds.official_split:
-        hints.append("without the official split, the protocols are kfold and split")
+    hints = [f"without the {part}, {without}" for part, without in ds.parts_missing().items()]
     if hints:
-        console.print("; ".join(hints), highlight=False)
+        console.print("; ".join(hints), highlight=False, markup=False)
     if check_images:
         errors = []
         with Progress(console=err_console, transient=True) as progress:

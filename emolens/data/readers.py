@@ -403,7 +403,10 @@ def read_emotionroi(root: Path) -> EmotionDataset:
                 missing.append(rel)
         split[part] = ids
     return EmotionDataset("emotionroi", root, EMOTIONROI, samples, missing, official_split=split or None,
-                          optional_parts={"stimuli maps": "ground_truth/", "official split": "training_testing_split/"})
+                          optional_parts={
+                              "stimuli maps": ("ground_truth/", "mlrcnn learns its regions from class-activation boxes "
+                                               "(regions=cam)"),
+                              "official split": ("training_testing_split/", "the protocols are kfold and split")})
 
 
 @register_reader("artphoto")

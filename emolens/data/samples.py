@@ -49,20 +49,24 @@ class EmotionDataset:
     extras: dict[str, np.ndarray] = field(default_factory=dict)
     #: The scale the dataset's valence and arousal ratings were given on (``None``: it has none).
     affect_scale: AffectScale | None = None
-    #: Parts the format may hold beyond images and labels, and where they would be: part -> folder or file.
-    optional_parts: dict[str, str] = field(default_factory=dict)
+    #: Parts the format may hold beyond images and labels: part ("stimuli maps" or "official split") -> (where
+    #: they would be, what runs without them).
+    optional_parts: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def parts_found(self) -> dict[str, str]:
         """For each of :attr:`optional_parts`, what was found (counts) or that it was not."""
-        found = {}
-        for part, where in self.optional_parts.items():
-            if part == "stimuli maps":
-                maps = sum(s.region_map is not None for s in self.samples)
-                found[part] = f"{maps} of {len(self)} images" if maps else f"none ({where} absent)"
-            elif part == "official split":
-                found[part] = (", ".join(f"{k} {len(v)}" for k, v in self.official_split.items())
-                               if self.official_split else f"none ({where} absent)")
-        return found
+        held = self._parts_held()
+        return {part: held[part] or f"none ({where} absent)" for part, (where, _) in self.optional_parts.items()}
+
+    def parts_missing(self) -> dict[str, str]:
+        """What runs without each of :attr:`optional_parts` that was not found."""
+        held = self._parts_held()
+        return {part: without for part, (_, without) in self.optional_parts.items() if not held[part]}
+
+    def _parts_held(self) -> dict[str, str]:
+        maps = sum(s.region_map is not None for s in self.samples)
+        return {"stimuli maps": f"{maps} of {len(self)} images" if maps else "",
+                "official split": ", ".join(f"{k} {len(v)}" for k, v in (self.official_split or {}).items())}
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -171,12 +171,11 @@ class EmotionalRegionDetector(nn.Module):
 
         logits, deltas, represented = self._score(features, proposals, images.image_sizes)
         p_emo = logits.softmax(-1)[:, 1]
-        if self.object_classifier is not None:
-            p_obj = self.object_classifier.object_probability(represented).split([len(p) for p in proposals])
+        p_obj = (self.object_classifier.object_probability(represented) if self.object_classifier is not None
+                 else torch.cat(list(p_obj)))  # the RPN's objectness comes image by image
         refined = self.roi.box_coder.decode(deltas[:, 4:], proposals)[:, 0]  # the "emotional region" class
         sizes = [len(p) for p in proposals]
         refined = clip_boxes_to_image(refined, image_size)
-        p_obj = torch.cat(list(p_obj))
         score = emotion_score(p_emo, p_obj)
         image_ids = torch.repeat_interleave(torch.arange(batch, device=refined.device),
                                             torch.as_tensor(sizes, device=refined.device))

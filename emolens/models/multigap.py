@@ -119,7 +119,8 @@ class MultiGap(EmotionModel):
     ``efficientnet_lite2``), ``stream_weights`` (their weight files, ``+``-separated; bundled backbones
     default to ImageNet), ``stream_input`` (how the extra streams' files expect images: ``rgb``, normalised as
     the network's timm configuration says, or ``bgr255``, Caffe's convention: B, G, R in 0-255 minus
-    ``stream_mean``, the training set's ``B+G+R`` means, as VGG16-Places365's Caffe files do), ``depth`` (blocks kept per stream), ``gru`` (Bi-GRU units M, 0 = none),
+    ``stream_mean``, the training set's ``B+G+R`` means, as VGG16-Places365's Caffe files do), ``depth``
+    (blocks kept per stream), ``gru`` (Bi-GRU units M, 0 = none),
     ``attention``, ``fusion`` (``early``/``late``), ``anp`` (ANP vector size, 0 = none)."""
 
     feature_keys = ("block_means",)
