@@ -132,3 +132,18 @@ def test_train_takes_device_and_precision_and_refuses_an_absent_gpu(tmp_path, mo
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "gpu"), "--device", "cuda"])
     assert result.exit_code == EXIT_ERROR and "no CUDA GPU" in " ".join(result.output.split())
     assert not (tmp_path / "gpu" / "best.safetensors").exists()
+
+
+def test_train_says_when_p_star_is_a_constant(tmp_path):
+    """L_multi reads each image's vote share p*: FI without its votes gets the constant, and metrics.json says so."""
+    from recipe_data import make_fi
+
+    for name, spec in (("fi", make_fi(tmp_path / "fi")), ("ldl", make_ldl_dataset(tmp_path / "ldl", per_class=6))):
+        result = runner.invoke(app, ["train", "--model", "global:loss=multitask", "--data", spec, "--epochs", "1",
+                                     "--out", str(tmp_path / name), "--backbone-weights", "none", *TINY])
+        assert result.exit_code == 0, result.output
+        notes = json.loads((tmp_path / name / "metrics.json").read_text())["notes"]
+        if name == "fi":
+            assert len(notes) == 1 and "p* of loss multitask is the constant 0.6" in notes[0] and "note:" in result.output
+        else:  # Flickr_LDL has its votes
+            assert notes == []

@@ -13,7 +13,7 @@ from helpers import TINY_BACKBONE, make_ldl_dataset
 from emolens.data import Protocol, load_dataset
 from emolens.data.joint import open_datasets
 from emolens.engine import TrainConfig, evaluate
-from emolens.engine.benchmark import slug
+from emolens.engine.benchmark import retrieval_figures, slug
 from emolens.weights import load_model
 
 TINY = ["--backbone", TINY_BACKBONE, "--backbone-weights", "none", "--workers", "0", "--batch-size", "4"]
@@ -91,4 +91,23 @@ def test_benchmark_under_torchrun_counts_each_test_image_once(data, tmp_path):
             alone = evaluate(load_model(tmp_path / "bench" / slug(model) / f"fold{k}"), dataset, folds[k].test,
                              TrainConfig(workers=0, batch_size=4), progress=False)
             assert {m: figures[m] for m in alone} == pytest.approx(alone, rel=1e-4, abs=1e-6, nan_ok=True), model
-            assert 0 <= figures["map8"] <= 1
+            best = load_model(tmp_path / "bench" / slug(model) / f"fold{k}")
+            ranked = retrieval_figures(best, dataset, folds[k], TrainConfig(workers=0, batch_size=4), None, False)
+            assert {m: figures[m] for m in ranked} == pytest.approx(ranked, rel=1e-4, abs=1e-6), model
+
+
+def test_a_command_under_torchrun_leaves_its_process_group(tmp_path, monkeypatch):
+    """A rank that exits with its process group alive may abort another still talking to it: the command ends it."""
+    import torch.distributed as dist
+
+    from emolens.cli import main
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(sys, "argv", ["emolens", "list-models"])
+        with pytest.raises(SystemExit) as done:
+            main()
+        assert done.value.code in (0, None) and not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
