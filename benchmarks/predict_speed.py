@@ -2,8 +2,8 @@
 
 Compares a naive loop (PIL open, transform, one image per eager PyTorch forward pass) with
 ``emolens.Predictor`` on both backends in the same run: ``torch`` (batched, inference mode,
-channels-last) and ``onnx`` (ONNX Runtime on the cached export; the one-off export is timed
-separately). Each runs in its own process, so its peak RSS (own + largest child) is its own.
+channels-last), ``onnx`` (ONNX Runtime on the cached export; the one-off export is timed
+separately) and ``int8`` (the default's int8 version on ONNX Runtime, ``--precision int8``). Each runs in its own process, so its peak RSS (own + largest child) is its own.
 
     python benchmarks/predict_speed.py [--images ../shared/data/flickr_ldl/images] [--n 256] [--compare OTHER]
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-MODES = ("export", "naive", "torch", "onnx")
+MODES = ("export", "naive", "torch", "onnx", "int8")
 
 
 def synthetic_jpegs(folder: Path, n: int) -> list[Path]:
@@ -57,11 +57,12 @@ def run_naive(paths: list[Path]) -> int:
     return len(paths)
 
 
-def run_predictor(paths: list[Path], batch_size: int, workers: int | None, backend: str, model: str | None = None) -> int:
+def run_predictor(paths: list[Path], batch_size: int, workers: int | None, backend: str, model: str | None = None,
+                  precision: str = "fp32") -> int:
     from emolens.predict import Predictor
 
-    predictor = Predictor(model, batch_size=batch_size, workers=workers, backend=backend)
-    assert predictor.backend == backend
+    predictor = Predictor(model, batch_size=batch_size, workers=workers, backend=backend, precision=precision)
+    assert predictor.backend == backend and predictor.precision == precision
     good, _ = predictor.predict(paths)
     return len(good)
 
@@ -84,6 +85,8 @@ def child(mode: str, listing: Path, batch_size: int, workers: int | None, model:
         run_export(model)
         t0 = time.perf_counter()
         done = run_predictor(paths, batch_size, workers, "onnx", model)
+    elif mode == "int8":
+        done = run_predictor(paths, batch_size, workers, "onnx", precision="int8")
     else:
         done = run_predictor(paths, batch_size, workers, backend=mode)
     seconds = time.perf_counter() - t0
@@ -132,10 +135,12 @@ def main() -> None:
     print(f"images: {len(paths)} JPEGs ({'from ' + str(args.images) if args.images else 'synthetic 384x256'})")
     print(f"one-off ONNX export of the default model: {results['export']['seconds']:.1f} s, "
           f"peak RSS {results['export']['peak_rss_mib']:.0f} MiB")
-    for mode in ("naive", "torch", "onnx"):
+    for mode in ("naive", "torch", "onnx", "int8"):
         r = results[mode]
         print(f"{mode:>6}: {r['images_per_s']:6.1f} images/s, peak RSS {r['peak_rss_mib']:.0f} MiB, "
               f"{r['images_per_s'] / naive['images_per_s']:.2f}x naive")
+    print(f"int8 runs {results['int8']['images_per_s'] / results['onnx']['images_per_s']:.2f}x fp32's speed "
+          "(both on ONNX Runtime, end to end)")
     if args.compare:
         ours, other = results["compare:default"]["images_per_s"], results["compare:other"]["images_per_s"]
         print(f"timed alike (onnx, each after its own export): the default {ours:.1f} images/s, {args.compare} "

@@ -91,7 +91,10 @@ class Explainer:
     Safe to call from several threads: explanations of one model run one at a time."""
 
     def __init__(self, model: EmotionModel, method: str = "gradcam", max_pixels: int = DEFAULT_MAX_PIXELS,
-                 device: str = "cpu"):
+                 device: str = "cpu", numbers=None):
+        """``numbers``: a :class:`~emolens.predict.Predictor` of the same model (e.g. its int8 version) whose
+        distribution, polarity and valence/arousal are reported, as ``predict`` reports them; the maps come
+        from ``model``'s gradients."""
         from .engine.placement import Placement
 
         self.placement = Placement.resolve(device)
@@ -102,6 +105,7 @@ class Explainer:
         self.max_pixels = max_pixels
         self.preprocessing = model.preprocessing
         self.card = getattr(model, "meta", {}).get("card", {})  # its polarity calibration, as Predictor reads it
+        self.numbers = numbers
 
     def explain(self, source: str | os.PathLike | Image.Image, target: str | None = None) -> Explanation:
         """Raises :class:`ImageLoadError` for an unusable image, ``ValueError`` for an unknown target."""
@@ -123,7 +127,11 @@ class Explainer:
         tax = self.model.taxonomy
         with torch.no_grad():
             outputs = self.model(batch)
-        probs = outputs["logits"].float().softmax(-1)[0].cpu()
+        if self.numbers is not None:
+            reported = self.numbers.predict_prepared([name], [self.preprocessing.normalise(view)])[0]
+            probs = torch.tensor([reported.distribution[c] for c in tax.classes])
+        else:
+            probs = outputs["logits"].float().softmax(-1)[0].cpu()
         index = int(probs.argmax()) if target is None else tax.index(target)
         size = self.preprocessing.size
         maps = {}
@@ -139,6 +147,10 @@ class Explainer:
             scores = outputs.get("box_scores")
             boxes = [(*map(float, b), float(scores[0][i]) if scores is not None else 1.0)
                      for i, b in enumerate(outputs["boxes"][0])]
+        if self.numbers is not None:
+            affect = None if reported.valence is None else (reported.valence, reported.arousal)
+            return Explanation(name, tax.classes[index], dict(zip(tax.classes, probs.tolist())), maps, view, boxes,
+                               affect, reported.polarity)
         affect = None
         rated = outputs["affect"].float().cpu().numpy() if "affect" in outputs else None
         if rated is not None:  # clipped to the common scale as Predictor reports it
@@ -246,11 +258,11 @@ def output_names(sources: Sequence[str]) -> list[str]:
 
 def explain_files(model: EmotionModel, sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                   method: str = "gradcam", target: str | None = None, on_image: Callable[[], None] | None = None,
-                  device: str = "cpu") -> tuple[list[Path], list[ImageLoadError]]:
+                  device: str = "cpu", numbers=None) -> tuple[list[Path], list[ImageLoadError]]:
     """Write one PNG per usable image into ``out_dir``, and ``explanations.json`` there: which image each PNG
     explains (same-named images get numbered names) and its emotion. Unusable images come back as errors;
-    ``on_image`` is called after each image, done or failed."""
-    explainer = Explainer(model, method, device=device)
+    ``on_image`` is called after each image, done or failed; ``numbers`` as for :class:`Explainer`."""
+    explainer = Explainer(model, method, device=device, numbers=numbers)
     if target is not None:
         model.taxonomy.index(target)  # an unknown emotion stops the run before any work
     out_dir = Path(out_dir)

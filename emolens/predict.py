@@ -115,13 +115,27 @@ class TorchRunner:
                 if isinstance(v, torch.Tensor) and v.shape[:1] == (len(images),)}
 
 
-def make_runner(model, backend: str = "auto", threads: int | None = None, device: str = "cpu"):
+def make_runner(model, backend: str = "auto", threads: int | None = None, device: str = "cpu",
+                precision: str = "fp32"):
     """``(backend_used, runner)`` for a live model, a saved model (run folder, ``.safetensors``,
     ``"default"``) or an exported ``.onnx`` file. On a GPU, ONNX Runtime runs where it has the CUDA
-    provider (onnxruntime-gpu), PyTorch otherwise."""
+    provider (onnxruntime-gpu), PyTorch otherwise. ``precision="int8"`` runs the model's int8 version
+    where it has one that passed its gate, else fp32 with a warning that says why."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
-    from .runtime import ExportError, OnnxModel, onnx_model_for, onnx_providers
+    from .runtime import PRECISIONS, ExportError, OnnxModel, int8_model_for, onnx_model_for, onnx_providers
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "int8":
+        if backend == "torch" or device != "cpu":
+            raise ValueError("int8 runs on ONNX Runtime on the CPU: use --backend auto or onnx and --device cpu")
+        if model is not None and not isinstance(model, (str, os.PathLike)):
+            raise ValueError("a live model has no int8 version; export one with `emolens export --precision int8`")
+        quantised, why = int8_model_for(model, threads)
+        if quantised is not None:
+            return "onnx", quantised
+        warnings.warn(f"running fp32, not int8: {why}", stacklevel=3)
 
     providers = None
     if device != "cpu":
@@ -163,14 +177,17 @@ def make_runner(model, backend: str = "auto", threads: int | None = None, device
 
 class Predictor:
     """``Predictor(model=None).predict(paths_or_images)``; ``model`` is a model, a run folder, a
-    ``.safetensors`` or ``.onnx`` file, or ``None`` for the embedded default model."""
+    ``.safetensors`` or ``.onnx`` file, or ``None`` for the embedded default model; ``precision="int8"``
+    runs its int8 version where that passed its gate (see :mod:`emolens.quantize`)."""
 
     def __init__(self, model: "EmotionModel | str | os.PathLike | None" = None, batch_size: int = 32,
                  workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, backend: str = "auto",
-                 threads: int | None = None, keep: Sequence[str] = (), device: str = "cpu"):
+                 threads: int | None = None, keep: Sequence[str] = (), device: str = "cpu", precision: str = "fp32"):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        self.backend, self.runner = make_runner(model, backend, threads, device)
+        self.backend, self.runner = make_runner(model, backend, threads, device, precision)
+        #: What runs: "fp32", or "int8" where it was asked for and the model's int8 version passed its gate.
+        self.precision: str = getattr(self.runner, "precision", "fp32")
         self.taxonomy: Taxonomy = self.runner.taxonomy
         if self.taxonomy.name == AFFECT.name:
             raise ValueError("this model predicts valence and arousal alone, not emotions; score it with "

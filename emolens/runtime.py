@@ -132,7 +132,10 @@ class OnnxModel:
         if digest is None:  # an export made elsewhere: the graph's own bytes identify it
             data = source if isinstance(source, bytes) else Path(source).read_bytes()
             digest = "onnx-" + hashlib.sha256(data).hexdigest()
-        self.identity = ModelIdentity(digest, spec_name(meta.get("spec")))
+        #: "fp32", or "int8" for a model made by :func:`emolens.quantize.quantize_onnx`.
+        self.precision = meta.get("precision", "fp32")
+        name = spec_name(meta.get("spec"))
+        self.identity = ModelIdentity(digest, name if self.precision == "fp32" else f"{name}, {self.precision}")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.log_severity_level = 3  # warnings about unused initialisers are noise to a user
@@ -166,6 +169,38 @@ def packaged_default_onnx() -> Path:
     """The default model's ONNX export, shipped beside its weights (``benchmarks/train_default_model.py``
     writes both; a test holds them to the same outputs and weights identity)."""
     return default_weights_path().parent / "onnx" / "default.onnx"
+
+
+def packaged_default_int8() -> Path:
+    """The default model quantised to int8 (``benchmarks/quantize_default.py``), its gate in its metadata."""
+    return packaged_default_onnx().with_name("default.int8.onnx")
+
+
+PRECISIONS = ("fp32", "int8")
+
+
+def int8_model_for(source: str | os.PathLike | None, threads: int | None = None,
+                   providers: list | None = None) -> tuple[OnnxModel | None, str | None]:
+    """``(model, None)``: the int8 version of the saved model ``source`` where it has one that passed its gate;
+    else ``(None, why fp32 runs instead)``. The default model's ships with the package; another model's is
+    made by ``emolens export --precision int8`` (an ``.onnx`` file runs at the precision it was made in)."""
+    source = source or DEFAULT_MODEL
+    if str(source).endswith(".onnx"):
+        meta = read_onnx_meta(source)
+        if meta.get("precision", "fp32") != "int8":
+            return None, f"{source} is an fp32 export (make an int8 one with `emolens export --precision int8`)"
+        return OnnxModel(source, meta, threads=threads, providers=providers), None
+    if str(source) != DEFAULT_MODEL:
+        return None, (f"{source} has no int8 version; make one with `emolens export --model {source} --onnx "
+                      "FILE.onnx --precision int8 --data KIND=ROOT` and run FILE.onnx")
+    path = packaged_default_int8()
+    if not (path.is_file() and path.with_suffix(".json").is_file()):
+        return None, "this install has no int8 version of the default model"
+    meta = read_onnx_meta(path)
+    gate = meta.get("int8_gate") or {}
+    if not gate.get("passed"):
+        return None, gate.get("reason") or "its int8 gate was never measured"
+    return OnnxModel(path, meta, threads=threads, providers=providers), None
 
 
 def cached_onnx_path(weights: Path) -> Path:

@@ -160,12 +160,13 @@ SQLITE_IDS = range(-(2**63), 2**63)
 
 
 def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | None = None,
-               limits: Limits = Limits(), allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS, device: str = "cpu"):
-    """The app; ``model`` as for :class:`Predictor`, ``db`` an index folder made by ``emolens index``;
-    requests whose ``Host`` is not one of ``allowed_hosts`` are refused (``"*"`` allows any)."""
+               limits: Limits = Limits(), allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS, device: str = "cpu",
+               precision: str = "fp32"):
+    """The app; ``model`` and ``precision`` as for :class:`Predictor`, ``db`` an index folder made by
+    ``emolens index``; requests whose ``Host`` is not one of ``allowed_hosts`` are refused (``"*"`` allows any)."""
     from .retrieval.index import AffectFilter, AffectiveIndex, AffectiveIndexError
 
-    predictor = Predictor(model, keep=("embedding",), max_pixels=limits.max_pixels, device=device)
+    predictor = Predictor(model, keep=("embedding",), max_pixels=limits.max_pixels, device=device, precision=precision)
     batcher = PredictBatcher(predictor, max_queued=limits.max_queued_images)
     budget = PixelBudget(max(limits.pixel_budget, limits.max_pixels), limits.busy_wait)
     index = AffectiveIndex(db) if db is not None else None
@@ -267,7 +268,7 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
     async def models() -> dict:
         tax = predictor.taxonomy
         return {"taxonomy": tax.name, "classes": tax.classes, "polarity": tax.polarity, "backend": predictor.backend,
-                "affect": predictor.rates_affect, "heatmaps": heatmaps_possible,
+                "precision": predictor.precision, "model_id": predictor.identity.digest, "affect": predictor.rates_affect, "heatmaps": heatmaps_possible,
                 "preprocessing": asdict(predictor.preprocessing)}
 
     @app.post("/api/predict")
