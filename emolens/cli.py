@@ -556,6 +556,18 @@ def predict(
     device: str = INFER_DEVICE,
     precision: str = PRECISION_INFER,
     demo: bool = typer.Option(False, "--demo", help="Run on sample photos that scikit-learn ships."),
+    engine: str = typer.Option("local", "--engine", help="local (this process), or ray: an actor pool on a Ray "
+                               "cluster writing Parquet shards to --out (a folder or URI); a re-run skips finished "
+                               "shards. Needs `pip install \"emolens[ray]\"`."),
+    ray_address: str = typer.Option(None, "--ray-address", help="With ray: a running cluster's address (default: "
+                                    "a local cluster on this machine's CPUs)."),
+    actors: int = typer.Option(None, "--actors", min=1, max=100_000, help="With ray: actors (default: the "
+                               "cluster's CPUs / --actor-cpus)."),
+    actor_cpus: int = typer.Option(1, "--actor-cpus", min=1, max=256, help="With ray: CPUs (inference threads) per actor."),
+    shard_size: int = typer.Option(10_000, "--shard-size", min=1, max=10_000_000, help="With ray: images per "
+                                   "Parquet shard (the unit of resumption)."),
+    column: str = typer.Option("path", "--column", help="With ray: the column of paths or URIs in a .csv or "
+                               ".parquet input list."),
 ) -> None:
     """Which emotions each image evokes: top emotion, its probability, polarity, the full distribution, and
     valence and arousal (-1 to 1) where the model rates them. Interrupted (Ctrl-C), it still gives the results of the images it finished."""
@@ -564,6 +576,8 @@ def predict(
 
     if fmt not in ("table", "json", "csv"):
         fail(f"unknown format {fmt!r}; use table, json or csv")
+    if engine not in ("local", "ray"):
+        fail(f"unknown engine {engine!r}; use local or ray")
     inputs = list(paths or [])
     if demo:
         inputs += [str(p) for p in demo_images()]
@@ -571,6 +585,10 @@ def predict(
         inputs = [p for p in inputs if p != "-"] + [line.strip() for line in sys.stdin if line.strip()]
     if not inputs:
         fail("no images given: name files or folders, '-' for a list on stdin, or --demo")
+    if engine == "ray":
+        predict_on_ray(inputs, out, model, precision, ray_address, actors, actor_cpus, batch_size, shard_size,
+                       column, device)
+        return
     if out is not None:
         try:
             writable_target(out)  # refused before any image is scored, not after
@@ -604,6 +622,43 @@ def predict(
                           + (f" are in {out}" if out else " are above"), highlight=False)
         raise typer.Exit(EXIT_INTERRUPTED)
     if bad:
+        raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def predict_on_ray(inputs: list[str], out: Path | None, model, precision: str, address, actors, actor_cpus: int,
+                   batch_size: int, shard_size: int, column: str, device: str) -> None:
+    """``predict --engine ray``: Parquet shards in ``out``; rows of unusable images carry their reason."""
+    if out is None:
+        fail("--engine ray writes Parquet shards: give --out FOLDER (or a URI such as s3://bucket/scores)")
+    try:
+        import ray  # noqa: F401  (only whether it is installed)
+        from .ray_scoring import list_sources, score_with_ray
+    except ImportError:
+        fail('--engine ray needs Ray and pyarrow: pip install "emolens[ray]"')
+    if "://" not in str(out):
+        try:
+            output_folder(out)
+        except OSError as e:
+            fail(f"cannot write shards to {out}: {e}")
+    sources, errors = list_sources(inputs, column)
+    report_bad_files(errors)
+    if not sources:
+        fail("no images to score")
+    try:
+        with Progress(console=err_console, transient=True) as progress:
+            bar = progress.add_task(f"scoring on Ray into {out}", total=len(sources))
+            report = score_with_ray(sources, str(out), model, precision, address, actors, actor_cpus, batch_size,
+                                    shard_size, device, on_shard=lambda n: progress.advance(bar, n))
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted: the finished shards are in {out}; run the same command again to resume",
+                          highlight=False)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    except (ValueError, OSError, ConnectionError) as e:  # another run's folder, an unreachable cluster or store
+        fail(f"cannot score on Ray: {e}")
+    console.print(f"{out}: {report.shards} shard(s) of {len(sources)} image(s); this run scored {report.scored} "
+                  f"shard(s) ({report.images} images, {report.failed} could not be used) in {report.seconds:.1f} s; "
+                  f"{report.skipped} were already done", highlight=False)
+    if report.failed or errors:
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
@@ -661,8 +716,11 @@ def write_text(out: Path | None, text: str) -> None:
 
 @app.command()
 def index(
-    paths: list[str] = typer.Argument(..., help="Image files or folders (recursive) to index."),
+    paths: list[str] = typer.Argument(None, help="Image files or folders (recursive) to index."),
     db: Path = typer.Option(..., help="Index folder (SQLite metadata + FAISS vectors); created if absent."),
+    shards: str = typer.Option(None, "--from", help="Instead of images: a folder (or URI) of scored Parquet shards "
+                               "(`predict --engine ray`), added without scoring again; the vectors are kept out of core "
+                               "(float16 rows on disk; above 100,000 an IVF-PQ index on FAISS's on-disk lists)."),
     model: str = typer.Option(None, help="Run folder, .safetensors or .onnx file (default: the embedded model)."),
     batch_size: int = BATCH,
     backend: str = typer.Option("auto", help="auto, onnx or torch."),
@@ -672,6 +730,14 @@ def index(
     """Embed a folder tree into a persistent affective index; re-running adds, updates and drops files.
     A killed run resumes without re-embedding what it finished."""
     from .retrieval.index import AffectiveIndex, AffectiveIndexError
+
+    if shards is not None:
+        if paths:
+            fail("give image folders or --from SHARDS, not both")
+        index_from_shards(shards, db)
+        return
+    if not paths:
+        fail("name image files or folders to index, or --from a folder of scored shards")
 
     try:
         predictor = open_predictor(model, batch_size=batch_size, backend=backend, keep=("embedding",), device=device,
@@ -700,6 +766,35 @@ def index(
     report_skipped(report.skipped)
     if report.failed:
         raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def index_from_shards(shards: str, db: Path) -> None:
+    """``index --from``: the rows of scored shards into the index in ``db``."""
+    from .retrieval.index import AffectiveIndex, AffectiveIndexError
+
+    try:
+        import pyarrow  # noqa: F401  (only whether it is installed)
+    except ImportError:
+        fail('--from reads Parquet shards: pip install "emolens[ray]"')
+    try:
+        store = AffectiveIndex(db, create=True)
+    except AffectiveIndexError as e:
+        fail(f"cannot index: {e}")
+    try:
+        with Progress(console=err_console, transient=True) as progress:
+            bar = progress.add_task(f"indexing the shards of {shards}", total=None)
+            report = store.update_from_shards(shards, on_shard=lambda n: progress.advance(bar, n))
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted: every finished shard is kept in {db}; run the same command again to resume",
+                          highlight=False)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    except (AffectiveIndexError, *CANNOT_RUN, RuntimeError) as e:
+        fail(f"cannot index {shards} into {db}: {e}")
+    finally:
+        store.close()
+    console.print(f"{db}: {report.total} image(s) in the index; this run: {report.shards} shard(s), {report.added} "
+                  f"added, {report.failed} row(s) with an error left out; {report.skipped} shard(s) taken before",
+                  highlight=False)
 
 
 @app.command()

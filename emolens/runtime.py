@@ -71,7 +71,7 @@ def export_onnx(model: "EmotionModel", path: str | os.PathLike | None = None) ->
 
     buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings(), _native_output_discarded():
+        with warnings.catch_warnings(), native_output_discarded():
             # The TorchScript exporter is deprecated in favour of torch.export, which needs onnxscript and
             # is not reliable on the oldest PyTorch we support; it is the one that works everywhere.
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -90,10 +90,10 @@ def export_onnx(model: "EmotionModel", path: str | os.PathLike | None = None) ->
 
 
 @contextmanager
-def _native_output_discarded():
-    """Silence file descriptors 1 and 2 while the exporter runs: on failure its C++ side prints the whole
-    graph (hundreds of lines) to stdout, which carries results (``predict --format json``). The reason
-    comes back in the exception. Process-wide, so an export never runs while results are printed."""
+def native_output_discarded():
+    """Silence file descriptors 1 and 2 while native code runs that prints (the ONNX exporter prints the whole
+    graph on failure, FAISS's on-disk lists each resize): stdout carries results (``predict --format json``).
+    Process-wide, so it never runs while results are printed."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]

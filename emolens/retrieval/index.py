@@ -31,6 +31,7 @@ from ..identity import ModelIdentity
 from ..images import ImageLoadError, scan_images
 from ..predict import Prediction, PredictionError, Predictor
 from ..storage import atomic_write
+from .large import OutOfCoreVectors
 
 #: From this many images on, search scans compressed codes and re-ranks a shortlist exactly.
 APPROXIMATE_FROM = 50_000
@@ -83,6 +84,11 @@ IDENTITY = "device, inode, size, mtime_ns, ctime_ns"
 
 def file_identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def is_uri(path: str) -> bool:
+    """Whether an indexed path is a URI (from scored shards: ``s3://...``), which has no local file to check."""
+    return "://" in path
 
 
 def is_indexed_file(path: str, identity: Sequence) -> bool:
@@ -185,6 +191,15 @@ class IndexReport:
     skipped: list[ImageLoadError] = field(default_factory=list)  # files the scan passed over: not image names
 
 
+@dataclass
+class ShardReport:
+    shards: int  # taken in this run
+    skipped: int  # taken before
+    added: int  # rows added
+    failed: int  # rows the shards hold with an error (never scored)
+    total: int = 0
+
+
 class AffectiveIndex:
     """``AffectiveIndex(folder)``: ``update(paths, predictor)`` embeds, ``search(...)`` ranks."""
 
@@ -269,6 +284,10 @@ class AffectiveIndex:
         """Bring the index in line with ``paths`` (folders are scanned): embed new and changed files,
         drop the ones that vanished from under ``paths``; bad files are recorded and reported, never fatal."""
         self.check_model(predictor)
+        if self.out_of_core:
+            raise AffectiveIndexError(f"{self.folder} was built from scored shards; extend it with `emolens index "
+                                      f"--from SHARDS --db {self.folder}` (score new images with `emolens predict "
+                                      "--engine ray`)")
         if "embedding" not in predictor.keep:
             raise ValueError("the predictor must keep the 'embedding' output")
         with self.db:
@@ -328,6 +347,94 @@ class AffectiveIndex:
             self.rebuild_vectors()  # searches check the file itself (hash) when they load it
         unchanged = sum(p in rows for p in current if p not in todo)  # failing files stay failures, not "unchanged"
         return IndexReport(added, updated, len(gone), unchanged, failures, len(self), repaired, scan.skipped)
+
+    @property
+    def out_of_core(self) -> bool:
+        """Whether the vectors live out of core (:mod:`emolens.retrieval.large`): an index built from shards."""
+        return self._meta("vectors") == "out_of_core"
+
+    def update_from_shards(self, folder: str, on_shard: Callable[[int], None] | None = None) -> ShardReport:
+        """Add the rows of the scored shards in ``folder`` (:mod:`emolens.shards`) without scoring anything:
+        one transaction per shard, each shard once; paths already indexed and rows with an error are left
+        out. The vectors go to the out-of-core store, whose IVF-PQ index is brought up to date at the end."""
+        from ..shards import PLAN_FILE, file_system, read_shards, shard_meta
+
+        meta = shard_meta(folder)
+        if not meta:
+            raise AffectiveIndexError(f"{folder}: no scored shards here (part-*.parquet, written by `emolens "
+                                      "predict --engine ray`)")
+        if len(self) and not self.out_of_core:
+            raise AffectiveIndexError(f"{self.folder} was built from image folders; build the shards into a new "
+                                      "index folder")
+        fs, root = file_system(folder)
+        with fs.open_input_stream(f"{root}/{PLAN_FILE}") as f:
+            plan = json.loads(f.read().decode())
+        built_by = self.model
+        if built_by is not None and built_by.digest != plan["model_id"]:
+            raise AffectiveIndexError(f"{folder} was scored with another model (weights {plan['model_id'][:12]}) than "
+                                      f"{self.folder} holds ({built_by}); build it into a new index folder")
+        taken = set(json.loads(self._meta("shards") or "[]"))
+        vectors = OutOfCoreVectors(self.folder) if self.out_of_core else None  # a new index: made by the first shard
+        report = ShardReport(0, 0, 0, 0)
+        with self.db:
+            self._set_meta("model_id", plan["model_id"])
+            self._set_meta("model_name", meta.get("model", "?"))
+            self._set_meta("classes", json.dumps(meta["classes"]))
+            self._set_meta("vectors", "out_of_core")
+        last = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM images").fetchone()[0]
+        for index, table in read_shards(folder):
+            key = f"{plan['sources_sha256']}:{plan['shard_size']}:{index}"
+            if key in taken:
+                report.skipped += 1
+                continue
+            rows = table.to_pydict()
+            scored = [i for i, error in enumerate(rows["error"]) if error is None]
+            if vectors is None and scored:  # the first scored row of a new index sets the dimension
+                vectors = OutOfCoreVectors(self.folder, dim=len(rows["embedding"][scored[0]]))
+            if vectors is None:
+                continue
+            vectors.truncate(last)  # rows of an interrupted run that never reached SQLite
+            held = set()  # paths indexed already: left out, as is a path listed twice
+            for s in range(0, len(scored), 500):
+                chunk = [_to_db(rows["path"][i]) for i in scored[s:s + 500]]
+                held |= {p for (p,) in self.db.execute(
+                    f"SELECT path FROM images WHERE path IN ({','.join('?' * len(chunk))})", chunk)}
+            fresh = []
+            for i in scored:
+                if _to_db(rows["path"][i]) not in held:
+                    held.add(_to_db(rows["path"][i]))
+                    fresh.append(i)
+            embedding = np.asarray([rows["embedding"][i] for i in fresh], np.float32).reshape(len(fresh), vectors.dim)
+            embedding /= np.maximum(np.linalg.norm(embedding, axis=1, keepdims=True), 1e-12)
+            vectors.append(embedding)
+            ids = range(last + 1, last + 1 + len(fresh))
+            classes = meta["classes"]
+            with self.db:
+                self.db.executemany(
+                    # a URI's row has no file identity (-1: nothing to compare); a local file's, its size and mtime
+                    "INSERT INTO images (id, path, emotion, probability, polarity, distribution, embedding, valence, "
+                    "arousal, size, mtime_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(n, _to_db(rows["path"][i]), rows["emotion"][i], rows["probability"][i], rows["polarity"][i],
+                      json.dumps(dict(zip(classes, rows["distribution"][i]))), b"", rows["valence"][i],
+                      rows["arousal"][i], -1 if rows["size"][i] is None else rows["size"][i],
+                      -1 if rows["mtime_ns"][i] is None else rows["mtime_ns"][i]) for n, i in zip(ids, fresh)])
+                self.db.executemany("INSERT INTO scores VALUES (?, ?, ?)",
+                                    [(n, c, v) for n, i in zip(ids, fresh)
+                                     for c, v in zip(classes, rows["distribution"][i])])
+                taken.add(key)
+                self._set_meta("shards", json.dumps(sorted(taken)))
+                self._bump()
+            last += len(fresh)
+            report.added += len(fresh)
+            report.failed += len(rows["path"]) - len(scored)
+            report.shards += 1
+            if on_shard:
+                on_shard(len(rows["path"]))
+        if vectors is not None:
+            vectors.finish()
+        self._faiss = None
+        report.total = len(self)
+        return report
 
     def _repair_scores(self) -> int:
         """Rewrite the per-emotion scores of rows that lack them (a damaged table) from the rows' distributions."""
@@ -391,11 +498,15 @@ class AffectiveIndex:
 
     def _vectors_index(self):
         """The FAISS index of the rows as they are now: reloaded when another process changed them (a
-        running server sees ``emolens index`` runs), rebuilt when the file is stale, corrupt or missing."""
+        running server sees ``emolens index`` runs), rebuilt when the file is stale, corrupt or missing.
+        An index built from shards searches its out-of-core vectors instead."""
         import faiss
 
         generation = self._meta("generation") or "0"
         if self._faiss is not None and self._faiss_generation == generation:
+            return self._faiss
+        if self.out_of_core:
+            self._faiss, self._faiss_generation = OutOfCoreVectors(self.folder), generation
             return self._faiss
         try:
             with open(self.faiss_path, "rb") as f:  # hashed and read through one handle: a file renamed over
@@ -417,7 +528,7 @@ class AffectiveIndex:
         for i, score in zip(ids, scores):
             row = self.db.execute("SELECT id, path, emotion, probability, polarity, distribution, valence, arousal, "
                                   f"{IDENTITY} FROM images WHERE id = ?", (int(i),)).fetchone()
-            if row and is_indexed_file(_from_db(row[1]), row[8:]):
+            if row and (is_uri(_from_db(row[1])) or is_indexed_file(_from_db(row[1]), row[8:])):
                 hits.append(Hit(row[0], _from_db(row[1]), float(score), row[2], row[3], row[4], json.loads(row[5]),
                                 row[6], row[7]))
         return hits
