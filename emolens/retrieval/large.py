@@ -52,7 +52,8 @@ class OutOfCoreVectors:
         self.dim = state.get("dim", dim)
         if self.dim is None:
             raise ValueError(f"{self.folder}: no out-of-core vectors here")
-        self.partials: list[int] = state.get("partials", [])  # chunk numbers with a partial index on disk
+        #: chunk number -> the rows its partial index on disk holds
+        self.partials: dict[int, int] = {int(k): v for k, v in state.get("partials", {}).items()}
         self._index = None
 
     @property
@@ -107,27 +108,25 @@ class OutOfCoreVectors:
             index = faiss.IndexIVFPQ(quantizer, self.dim, nlist, pq_bytes(self.dim), 8, faiss.METRIC_INNER_PRODUCT)
             index.train(train)
             faiss.write_index(index, str(trained_path))
-            self.partials = []
+            self.partials = {}
         chunks = -(-count // CHUNK)
-        # The last chunk may have been partial when its index was made: it is made again.
         for chunk in range(chunks):
-            done = chunk in self.partials and (chunk + 1) * CHUNK <= count and chunk < chunks - 1
-            if done and (self.ivf_dir / f"part-{chunk:06d}.index").is_file():
+            start, stop = chunk * CHUNK, min(count, (chunk + 1) * CHUNK)
+            # A chunk that was the last, partly filled one when its index was made is made again.
+            if self.partials.get(chunk) == stop - start and (self.ivf_dir / f"part-{chunk:06d}.index").is_file():
                 continue
             index = faiss.read_index(str(trained_path))
-            start, stop = chunk * CHUNK, min(count, (chunk + 1) * CHUNK)
             index.add_with_ids(np.asarray(self.rows()[start:stop], dtype=np.float32),
                                np.arange(start + 1, stop + 1, dtype=np.int64))
             faiss.write_index(index, str(self.ivf_dir / f"part-{chunk:06d}.index"))
-            if chunk not in self.partials:
-                self.partials.append(chunk)
-        self.partials = sorted(c for c in self.partials if c < chunks)
+            self.partials[chunk] = stop - start
+        self.partials = {c: n for c, n in self.partials.items() if c < chunks}
         merged = faiss.read_index(str(trained_path))
         # A new lists file each time, named in the merged index, which replaces the old one in one rename: a
         # search never meets lists that do not match its index (one that has the old file open keeps it).
         old = sorted(self.ivf_dir.glob("lists-*.ivfdata"))
         lists = self.ivf_dir / f"lists-{len(old) and int(old[-1].stem[6:]) + 1:06d}.ivfdata"
-        merge_ondisk(merged, [str(self.ivf_dir / f"part-{c:06d}.index") for c in self.partials], str(lists))
+        merge_ondisk(merged, [str(self.ivf_dir / f"part-{c:06d}.index") for c in sorted(self.partials)], str(lists))
         faiss.write_index(merged, str(self.ivf_dir / "merged.index.tmp"))
         os.replace(self.ivf_dir / "merged.index.tmp", self.ivf_dir / "merged.index")
         for stale in old:
