@@ -134,6 +134,16 @@ class OutOfCoreVectors:
         self._save_state()
         self._index = None
 
+    def _flat(self, rows: np.ndarray):
+        """Exact search of a small store: its rows as float32 in memory (at most ``EXACT_UP_TO`` of them)."""
+        import faiss
+
+        if self._index is None:
+            self._index = faiss.IndexFlatIP(self.dim)
+            for s in range(0, len(rows), CHUNK):
+                self._index.add(np.asarray(rows[s:s + CHUNK], dtype=np.float32))
+        return self._index
+
     def _ivf(self):
         import faiss
 
@@ -150,7 +160,8 @@ class OutOfCoreVectors:
         count = self.count
         rows = self.rows()
         if count <= EXACT_UP_TO or not (self.ivf_dir / "merged.index").is_file():
-            return self._exact(rows, query, np.arange(count), k)
+            scores, ids = self._flat(rows).search(query, k)
+            return scores, np.where(ids >= 0, ids + 1, -1)
         _, candidates = self._ivf().search(query, min(count, k * REFINE_FACTOR))
         scores, ids = [], []
         for q, found in zip(query, candidates):
@@ -161,17 +172,23 @@ class OutOfCoreVectors:
         return np.stack(scores), np.stack(ids)
 
     @staticmethod
-    def _exact(rows: np.ndarray, query: np.ndarray, which: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _exact(rows: np.ndarray, query: np.ndarray, which: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` best of ``which`` rows (sorted row numbers; None: every row) by inner product, as ids."""
+        count = len(rows) if which is None else len(which)
         best_scores = np.full((len(query), 0), -np.inf, np.float32)
         best_rows = np.zeros((len(query), 0), np.int64)
-        for s in range(0, len(which), CHUNK):
-            part = which[s:s + CHUNK]
-            scores = np.asarray(rows[part], dtype=np.float32) @ query.T  # (chunk, queries)
+        for s in range(0, count, CHUNK):
+            part = np.arange(s, min(count, s + CHUNK)) if which is None else which[s:s + CHUNK]
+            block = rows[s:s + CHUNK] if which is None else rows[part]  # a slice reads the file in order
+            scores = np.asarray(block, dtype=np.float32) @ query.T  # (chunk, queries)
             best_scores = np.concatenate([best_scores, scores.T], axis=1)
             best_rows = np.concatenate([best_rows, np.broadcast_to(part, (len(query), len(part)))], axis=1)
-            keep = np.argsort(-best_scores, axis=1, kind="stable")[:, :k]
-            best_scores = np.take_along_axis(best_scores, keep, 1)
-            best_rows = np.take_along_axis(best_rows, keep, 1)
+            if best_scores.shape[1] > k:
+                keep = np.argpartition(-best_scores, k, axis=1)[:, :k]
+                best_scores = np.take_along_axis(best_scores, keep, 1)
+                best_rows = np.take_along_axis(best_rows, keep, 1)
+        order = np.argsort(-best_scores, axis=1, kind="stable")
+        best_scores, best_rows = np.take_along_axis(best_scores, order, 1), np.take_along_axis(best_rows, order, 1)
         pad = k - best_scores.shape[1]
         if pad > 0:
             best_scores = np.pad(best_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
