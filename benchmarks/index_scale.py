@@ -54,7 +54,12 @@ def latencies_ms(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
 
 
 def clustered(n: int, dim: int, seed: int, centres: int, chunk: int = 100_000):
-    """Unit vectors around ``centres`` random directions (noise 0.6 per dimension), ``chunk`` rows at a time."""
+    """Unit vectors around ``centres`` random directions (noise of norm about 0.6), ``chunk`` rows at a time;
+    ``centres=0``: uniform on the sphere."""
+    if centres == 0:
+        for start in range(0, n, chunk):
+            yield unit_vectors(min(chunk, n - start), dim, seed + start)
+        return
     middle = np.random.default_rng(12345).standard_normal((centres, dim), dtype=np.float32)
     middle /= np.linalg.norm(middle, axis=1, keepdims=True)
     rng = np.random.default_rng(seed)
@@ -137,7 +142,8 @@ def folder_size(folder: Path) -> int:
 def out_of_core(args) -> None:
     from emolens.retrieval.large import EXACT_UP_TO, NPROBE, REFINE_FACTOR as OOC_REFINE, ivf_lists, pq_bytes
 
-    print(f"out of core: {args.dim}-d clustered vectors ({args.centres} centres), exact up to {EXACT_UP_TO:,}, "
+    kind = f"clustered vectors ({args.centres} centres)" if args.centres else "uniform unit vectors"
+    print(f"out of core: {args.dim}-d {kind}, exact up to {EXACT_UP_TO:,}, "
           f"IVF-PQ {pq_bytes(args.dim)} B/vector, nprobe {NPROBE}, shortlist {OOC_REFINE} x k")
     for n in args.sizes:
         with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
@@ -207,7 +213,7 @@ def main() -> None:
                     help="shortlist factors to measure (the index re-ranks k x this exactly)")
     ap.add_argument("-k", type=int, default=10)
     ap.add_argument("--out-of-core", action="store_true", help="measure the out-of-core store instead")
-    ap.add_argument("--centres", type=int, default=10_000, help="with --out-of-core: cluster centres")
+    ap.add_argument("--centres", type=int, default=10_000, help="with --out-of-core: cluster centres (0: uniform)")
     ap.add_argument("--shard-rows", type=int, default=0, help="with --out-of-core: also time index --from on N rows")
     ap.add_argument("--workdir", help="with --out-of-core: where the stores are built (default: the temp folder)")
     ap.add_argument("--child-build", help=argparse.SUPPRESS)

@@ -5,7 +5,11 @@ The server is a separate process (`emolens serve`, the embedded default model, a
 photos); clients are threads of this process, one keep-alive connection each. Every phase is bounded in
 time and the server is stopped at the end.
 
-    python benchmarks/server_load.py [--seconds 8] [--concurrency 1,4,16,64,256]
+    python benchmarks/server_load.py [--seconds 8] [--concurrency 1,4,16,64,256] [--precision int8]
+
+``--throughput-only`` stops after the predict phases. Beside them, in the same run, the offline predictor
+(``Predictor``, same model and precision, its own process) scores the same uploads from files; each predict
+phase prints its images/s as a share of that rate.
 """
 
 from __future__ import annotations
@@ -117,10 +121,25 @@ def run_phase(port: int, concurrency: int, seconds: float, make_request) -> dict
             "p99": float(np.percentile(ms, 99)), "statuses": statuses}
 
 
-def start_server(root: Path, port: int) -> subprocess.Popen:
+def offline_rate(root: Path, uploads: int, precision: str, repeat: int = 8) -> float:
+    """Images/s of the offline predictor on the upload photos (from files, ``repeat`` times over), in a process
+    of its own as the server is."""
+    code = ("import sys, time, glob; from emolens.predict import Predictor; "
+            f"p = Predictor(None, precision={precision!r}); paths = sorted(glob.glob(sys.argv[1] + '/q*.jpg')) * {repeat}; "
+            "p.predict(paths[:32]); t = time.perf_counter(); good, _ = p.predict(paths); "
+            "print(len(good) / (time.perf_counter() - t))")
+    folder = root / "uploads"
+    folder.mkdir(exist_ok=True)
+    for i in range(uploads):
+        (folder / f"q{i}.jpg").write_bytes(photo(10_000 + i))
+    out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def start_server(root: Path, port: int, precision: str = "fp32") -> subprocess.Popen:
     log = open(root / "serve.log", "w")  # a file, not a pipe: a full pipe would stall the server
-    proc = subprocess.Popen([sys.executable, "-m", "emolens", "serve", "--db", str(root / "db"), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "emolens", "serve", "--db", str(root / "db"), "--port", str(port),
+                             "--precision", precision], stdout=subprocess.DEVNULL, stderr=log, text=True)
     deadline = time.time() + 180
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -287,6 +306,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0, help="length of each load phase")
     ap.add_argument("--concurrency", default="1,4,16,64,256")
     ap.add_argument("--gallery", type=int, default=200, help="synthetic photos in the index")
+    ap.add_argument("--precision", default="fp32", help="fp32 or int8, for the server and the offline predictor")
+    ap.add_argument("--throughput-only", action="store_true", help="stop after the predict phases")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -299,13 +320,15 @@ def main() -> None:
         (root / "outside" / "secret.jpg").write_bytes(photo(99_999))
         (root / "photos" / "link-out.jpg").symlink_to(root / "outside" / "secret.jpg")  # must not be indexed
         indexed = subprocess.run([sys.executable, "-m", "emolens", "index", str(root / "photos"), "--db",
-                                  str(root / "db")], capture_output=True, text=True, env={**os.environ, "COLUMNS": "400"})
+                                  str(root / "db"), "--precision", args.precision], capture_output=True, text=True,
+                                 env={**os.environ, "COLUMNS": "400"})
         if indexed.returncode not in (0, 3):
             raise SystemExit(f"emolens index failed: {indexed.stderr[-2000:]}")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        server = start_server(root, port)
+        offline = offline_rate(root, 32, args.precision)
+        server = start_server(root, port, args.precision)
         try:
             uploads = [multipart([(f"q{i}.jpg", photo(10_000 + i))]) for i in range(32)]
             emotions = ["amusement", "awe", "contentment", "excitement", "anger", "disgust", "fear", "sadness"]
@@ -326,16 +349,19 @@ def main() -> None:
                     return "POST", "/api/search?k=12", body, {"Content-Type": ctype}, 1
                 return "GET", "/api/health", None, {}, 0
 
-            print(f"emolens serve, default model (ONNX Runtime), index of {args.gallery} photos; "
+            print(f"emolens serve, default model (ONNX Runtime, {args.precision}), index of {args.gallery} photos; "
                   f"{os.cpu_count()} CPUs shared by server and clients; {args.seconds:g} s per phase; cache {env_cache}")
-            print(f"{'traffic':8} {'conc':>4} {'req/s':>7} {'img/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-                  f"{'peak RSS':>9}  statuses")
-            for name, make in (("predict", predict), ("mixed", mixed)):
+            print(f"offline predictor on the same 640x480 uploads from files, same run: {offline:.1f} images/s")
+            print(f"{'traffic':8} {'conc':>4} {'req/s':>7} {'img/s':>7} {'offline':>7} {'p50 ms':>8} {'p95 ms':>8} "
+                  f"{'p99 ms':>8} {'peak RSS':>9}  statuses")
+            for name, make in (("predict", predict), ("mixed", mixed))[:1 if args.throughput_only else 2]:
                 for c in levels:
                     r = run_phase(port, c, args.seconds, make)
-                    print(f"{name:8} {c:4d} {r['requests_per_s']:7.1f} {r['images_per_s']:7.1f} {r['p50']:8.1f} "
-                          f"{r['p95']:8.1f} {r['p99']:8.1f} {peak_rss_mib(server.pid):7.0f} M  "
-                          f"{dict(sorted(r['statuses'].items()))}", flush=True)
+                    print(f"{name:8} {c:4d} {r['requests_per_s']:7.1f} {r['images_per_s']:7.1f} "
+                          f"{r['images_per_s'] / offline:6.2f}x {r['p50']:8.1f} {r['p95']:8.1f} {r['p99']:8.1f} "
+                          f"{peak_rss_mib(server.pid):7.0f} M  {dict(sorted(r['statuses'].items()))}", flush=True)
+            if args.throughput_only:
+                return
 
             heat_body, heat_type = uploads[0]
             reference = Client(port).request("POST", "/api/predict?heatmaps=true", heat_body, {"Content-Type": heat_type})

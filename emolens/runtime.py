@@ -32,8 +32,9 @@ if TYPE_CHECKING:
 
 ONNX_OPSET = 18
 FORMAT_VERSION = 1
-#: Images per ONNX Runtime call: its memory arena grows with the batch while speed does not.
-RUNTIME_CHUNK = 8
+#: Images per ONNX Runtime call: its memory arena grows with the batch while speed does not. The int8 model
+#: runs fastest an image at a time (2.8 ms against 3.1 at 8 and 3.7 at 32 here: its activations stay in cache).
+RUNTIME_CHUNK = {"fp32": 8, "int8": 1}
 
 
 class ExportError(Exception):
@@ -147,8 +148,8 @@ class OnnxModel:
                                   f"ONNX Runtime cannot load it: {e}") from e
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        parts = [self.session.run(self.outputs, {"image": images[i:i + RUNTIME_CHUNK]})
-                 for i in range(0, len(images), RUNTIME_CHUNK)]
+        chunk = RUNTIME_CHUNK[self.precision]
+        parts = [self.session.run(self.outputs, {"image": images[i:i + chunk]}) for i in range(0, len(images), chunk)]
         return {name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(self.outputs)}
 
 
