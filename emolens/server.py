@@ -51,6 +51,7 @@ class Limits:
     pixel_budget: int = 80_000_000  # decoded pixels in flight, all requests together
     max_queued_images: int = 64  # images waiting for the model: about a second of work on 2 cores
     busy_wait: float = 5.0
+    model_lanes: int = 2  # model calls at once on a CPU (see PredictBatcher)
     body_timeout: float = 30.0  # seconds a client may pause while sending a body
     body_deadline: float = 60.0  # seconds from a request's head to the end of its body
 
@@ -94,10 +95,14 @@ class PixelBudget:
 class PredictBatcher:
     """Gathers the images of concurrent requests into shared model calls: a call takes every request
     waiting when it starts (up to ``max_batch`` images; after waiting ``wait`` seconds for more), so requests
-    that arrive while the model runs share the next call and a lone request never waits."""
+    that arrive while the model runs share the next call and a lone request never waits. Up to ``lanes``
+    calls run at once (on a CPU, each on ``CPUs / lanes`` threads of one ONNX Runtime session): two
+    single-threaded calls keep two cores busier than one call on two threads while requests decode."""
 
-    def __init__(self, predictor: Predictor, max_batch: int = 32, wait: float = 0.0, max_queued: int = 64):
+    def __init__(self, predictor: Predictor, max_batch: int = 32, wait: float = 0.0, max_queued: int = 64,
+                 lanes: int = 1):
         self.predictor, self.max_batch, self.wait, self.max_queued = predictor, max_batch, wait, max_queued
+        self.lanes = lanes
         self.calls = 0  # model calls made: fewer than requests when batching helped
         self.queued = 0  # images waiting for or in a model call
         self._loop = self._queue = self._task = None
@@ -127,7 +132,9 @@ class PredictBatcher:
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
+        free = asyncio.Semaphore(self.lanes)
         while True:
+            await free.acquire()  # a batch is formed when a lane can run it, so it takes all that waited
             waiting = [await self._queue.get()]
             deadline = loop.time() + self.wait
             while sum(len(images) for images, _ in waiting) < self.max_batch:
@@ -138,16 +145,21 @@ class PredictBatcher:
                         waiting.append(self._queue.get_nowait())
                 except (asyncio.TimeoutError, asyncio.QueueEmpty):
                     break
-            try:
-                results = await run_in_threadpool(self._run, [img for images, _ in waiting for img in images])
-            except Exception as e:  # the failure belongs to every request in the batch
-                for _, future in waiting:
-                    future.set_exception(e)
-                continue
-            start = 0
-            for images, future in waiting:
-                future.set_result(results[start:start + len(images)])
-                start += len(images)
+            loop.create_task(self._answer(waiting, free))
+
+    async def _answer(self, waiting: list, free: asyncio.Semaphore) -> None:
+        try:
+            results = await run_in_threadpool(self._run, [img for images, _ in waiting for img in images])
+        except Exception as e:  # the failure belongs to every request in the batch
+            for _, future in waiting:
+                future.set_exception(e)
+            return
+        finally:
+            free.release()
+        start = 0
+        for images, future in waiting:
+            future.set_result(results[start:start + len(images)])
+            start += len(images)
 
 
 def _prediction(p: Prediction) -> dict:
@@ -166,8 +178,10 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
     ``emolens index``; requests whose ``Host`` is not one of ``allowed_hosts`` are refused (``"*"`` allows any)."""
     from .retrieval.index import AffectFilter, AffectiveIndex, AffectiveIndexError
 
-    predictor = Predictor(model, keep=("embedding",), max_pixels=limits.max_pixels, device=device, precision=precision)
-    batcher = PredictBatcher(predictor, max_queued=limits.max_queued_images)
+    lanes = limits.model_lanes if device == "cpu" else 1
+    predictor = Predictor(model, keep=("embedding",), max_pixels=limits.max_pixels, device=device, precision=precision,
+                          threads=max(1, (os.cpu_count() or 1) // lanes))
+    batcher = PredictBatcher(predictor, max_queued=limits.max_queued_images, lanes=lanes)
     budget = PixelBudget(max(limits.pixel_budget, limits.max_pixels), limits.busy_wait)
     index = AffectiveIndex(db) if db is not None else None
     if index is not None:
