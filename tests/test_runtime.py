@@ -154,3 +154,19 @@ def test_on_a_gpu_onnx_runtime_takes_its_cuda_provider_where_it_has_one(tmp_path
     monkeypatch.setattr(predict_module, "TorchRunner", lambda model, device: device)
     backend, runner = predict_module.make_runner(str(tmp_path / "m.safetensors"), device="cuda", backend="auto")
     assert (backend, runner) == ("torch", "cuda")  # no CUDA provider: PyTorch runs it on the GPU
+
+
+def test_two_calls_at_once_give_what_one_call_at_a_time_gives(monkeypatch):
+    """Without a thread count, a model runs two chunks at once on a multi-core CPU; the outputs are the same."""
+    import os
+
+    from emolens.runtime import OnnxModel, packaged_default_int8, packaged_default_onnx
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    images = np.random.default_rng(0).uniform(-1, 1, (20, 3, 224, 224)).astype(np.float32)
+    for path in (packaged_default_onnx(), packaged_default_int8()):
+        lanes, alone = OnnxModel(path), OnnxModel(path, threads=1)
+        assert (lanes.lanes, alone.lanes) == (2, 1)
+        together, one_by_one = lanes(images), alone(images)
+        for name in together:
+            np.testing.assert_allclose(together[name], one_by_one[name], rtol=0, atol=1e-5)
