@@ -136,10 +136,11 @@ def offline_rate(root: Path, uploads: int, precision: str, repeat: int = 8) -> f
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def start_server(root: Path, port: int, precision: str = "fp32") -> subprocess.Popen:
+def start_server(root: Path, port: int, precision: str = "fp32", workers: int = 1) -> subprocess.Popen:
     log = open(root / "serve.log", "w")  # a file, not a pipe: a full pipe would stall the server
     proc = subprocess.Popen([sys.executable, "-m", "emolens", "serve", "--db", str(root / "db"), "--port", str(port),
-                             "--precision", precision], stdout=subprocess.DEVNULL, stderr=log, text=True)
+                             "--precision", precision, "--workers", str(workers)], stdout=subprocess.DEVNULL,
+                            stderr=log, text=True)
     deadline = time.time() + 180
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -308,6 +309,7 @@ def main() -> None:
     ap.add_argument("--gallery", type=int, default=200, help="synthetic photos in the index")
     ap.add_argument("--precision", default="fp32", help="fp32 or int8, for the server and the offline predictor")
     ap.add_argument("--throughput-only", action="store_true", help="stop after the predict phases")
+    ap.add_argument("--workers", type=int, default=1, help="server processes (serve --workers)")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -328,7 +330,7 @@ def main() -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         offline = offline_rate(root, 32, args.precision)
-        server = start_server(root, port, args.precision)
+        server = start_server(root, port, args.precision, args.workers)
         try:
             uploads = [multipart([(f"q{i}.jpg", photo(10_000 + i))]) for i in range(32)]
             emotions = ["amusement", "awe", "contentment", "excitement", "anger", "disgust", "fear", "sadness"]
@@ -349,17 +351,22 @@ def main() -> None:
                     return "POST", "/api/search?k=12", body, {"Content-Type": ctype}, 1
                 return "GET", "/api/health", None, {}, 0
 
-            print(f"emolens serve, default model (ONNX Runtime, {args.precision}), index of {args.gallery} photos; "
+            print(f"emolens serve --workers {args.workers}, default model (ONNX Runtime, {args.precision}), index of "
+                  f"{args.gallery} photos; "
                   f"{os.cpu_count()} CPUs shared by server and clients; {args.seconds:g} s per phase; cache {env_cache}")
             print(f"offline predictor on the same 640x480 uploads from files, same run: {offline:.1f} images/s")
             print(f"{'traffic':8} {'conc':>4} {'req/s':>7} {'img/s':>7} {'offline':>7} {'p50 ms':>8} {'p95 ms':>8} "
                   f"{'p99 ms':>8} {'peak RSS':>9}  statuses")
             for name, make in (("predict", predict), ("mixed", mixed))[:1 if args.throughput_only else 2]:
                 for c in levels:
+                    used = os.times()
                     r = run_phase(port, c, args.seconds, make)
+                    # the load generator's own share of the CPUs, which the offline predictor has to itself
+                    clients = (sum(os.times()[:2]) - sum(used[:2])) / (os.times().elapsed - used.elapsed) / os.cpu_count()
                     print(f"{name:8} {c:4d} {r['requests_per_s']:7.1f} {r['images_per_s']:7.1f} "
                           f"{r['images_per_s'] / offline:6.2f}x {r['p50']:8.1f} {r['p95']:8.1f} {r['p99']:8.1f} "
-                          f"{peak_rss_mib(server.pid):7.0f} M  {dict(sorted(r['statuses'].items()))}", flush=True)
+                          f"{peak_rss_mib(server.pid):7.0f} M  {dict(sorted(r['statuses'].items()))}; clients used "
+                          f"{clients:.0%} of the CPUs", flush=True)
             if args.throughput_only:
                 return
 

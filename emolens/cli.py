@@ -895,28 +895,43 @@ def serve(
                                         "(silent ones are closed after 10 s, slow bodies after 60 s); more get 503."),
     allowed_host: list[str] = typer.Option(None, "--allowed-host", help="Another host name browsers may reach "
                                            "the server by (repeatable; loopback names and --host always are)."),
+    workers: int = typer.Option(1, "--workers", min=1, max=64, help="Server processes, each with its model, "
+                                "sharing the CPUs (the connection and queue limits hold per process)."),
 ) -> None:
     """The JSON API (OpenAPI at /docs) for prediction and affective search."""
+    import json
+    from dataclasses import asdict
+
     import uvicorn
 
-    from .server import LOOPBACK_HOSTS, HeaderTimeoutH11, Limits, create_app
+    from .server import LOOPBACK_HOSTS, SETTINGS_VARIABLE, HeaderTimeoutH11, Limits, create_app
 
     if not math.isfinite(max_upload_mb):  # click's range check lets NaN through
         fail(f"--max-upload-mb must be a number of MiB, got {max_upload_mb}")
     hosts = (*LOOPBACK_HOSTS, *([host] if host not in ("0.0.0.0", "::") else []), *(allowed_host or []))
-    try:
+    limits = Limits(max_upload_bytes=int(max_upload_mb * 2**20), max_files=max_files)
+    try:  # with several workers too: a bad model or index is said here, once, not by each worker
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            api = create_app(model, db, Limits(max_upload_bytes=int(max_upload_mb * 2**20), max_files=max_files),
-                             allowed_hosts=hosts, device=device, precision=precision)
+            api = create_app(model, db, limits, allowed_hosts=hosts, device=device, precision=precision,
+                             workers=workers)
     except Exception as e:  # any failure to load the model or index means nothing can run
         fail(f"cannot start: {e}")
     for w in caught:  # e.g. int8 asked for and fp32 kept, with the reason
         err_console.print(f"[yellow]warning:[/] {w.message}", soft_wrap=True, highlight=False)
     raise_open_file_limit(max_connections + 256)
     # Connections beyond the limit get 503; idle keep-alive and silent new connections are closed.
-    uvicorn.run(api, host=host, port=port, http=HeaderTimeoutH11, limit_concurrency=max_connections,
-                timeout_keep_alive=5, backlog=2048, timeout_graceful_shutdown=10)
+    options = dict(host=host, port=port, http=HeaderTimeoutH11, limit_concurrency=max_connections,
+                   timeout_keep_alive=5, backlog=2048, timeout_graceful_shutdown=10)
+    if workers == 1:
+        uvicorn.run(api, **options)
+        return
+    del api  # each worker builds its own
+    os.environ[SETTINGS_VARIABLE] = json.dumps({
+        "model": None if model is None else os.path.abspath(model) if os.path.exists(model) else model,
+        "db": None if db is None else os.path.abspath(db), "limits": asdict(limits), "allowed_hosts": list(hosts),
+        "device": device, "precision": precision, "workers": workers})
+    uvicorn.run("emolens.server:app_from_environment", factory=True, workers=workers, **options)
 
 
 @app.command()

@@ -13,6 +13,7 @@ import ctypes
 import hashlib
 import importlib.util
 import io
+import json
 import mimetypes
 import os
 import threading
@@ -173,14 +174,16 @@ SQLITE_IDS = range(-(2**63), 2**63)
 
 def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | None = None,
                limits: Limits = Limits(), allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS, device: str = "cpu",
-               precision: str = "fp32"):
+               precision: str = "fp32", workers: int = 1):
     """The app; ``model`` and ``precision`` as for :class:`Predictor`, ``db`` an index folder made by
-    ``emolens index``; requests whose ``Host`` is not one of ``allowed_hosts`` are refused (``"*"`` allows any)."""
+    ``emolens index``; requests whose ``Host`` is not one of ``allowed_hosts`` are refused (``"*"`` allows any).
+    ``workers``: how many processes serve the app, which share the CPUs between their model calls."""
     from .retrieval.index import AffectFilter, AffectiveIndex, AffectiveIndexError
 
-    lanes = limits.model_lanes if device == "cpu" else 1
+    cpus = os.cpu_count() or 1
+    lanes = max(1, limits.model_lanes // workers) if device == "cpu" else 1
     predictor = Predictor(model, keep=("embedding",), max_pixels=limits.max_pixels, device=device, precision=precision,
-                          threads=max(1, (os.cpu_count() or 1) // lanes))
+                          threads=max(1, cpus // (lanes * workers)))
     batcher = PredictBatcher(predictor, max_queued=limits.max_queued_images, lanes=lanes)
     budget = PixelBudget(max(limits.pixel_budget, limits.max_pixels), limits.busy_wait)
     index = AffectiveIndex(db) if db is not None else None
@@ -423,6 +426,21 @@ class BodyLimit:
             await send(message)
 
         await self.app(scope, limited_receive, closing_send)
+
+
+#: Where `emolens serve --workers N` puts the app's settings for its worker processes (JSON).
+SETTINGS_VARIABLE = "EMOLENS_SERVE_SETTINGS"
+
+
+def app_from_environment():
+    """The app of one worker process of ``emolens serve --workers N``: its settings come from the
+    environment (:data:`SETTINGS_VARIABLE`), as the command wrote them."""
+    import warnings
+
+    settings = json.loads(os.environ[SETTINGS_VARIABLE])
+    warnings.simplefilter("ignore")  # the command said them once, before starting its workers
+    return create_app(settings["model"], settings["db"], Limits(**settings["limits"]), tuple(settings["allowed_hosts"]),
+                      settings["device"], settings["precision"], settings["workers"])
 
 
 class HeaderTimeoutH11(H11Protocol):

@@ -238,3 +238,47 @@ def test_slow_bodies_beyond_the_connection_limit_are_cut_and_health_is_answered(
     assert held == 0, f"{held} slow clients still held after {deadline + 3:g} s"
     late = [ok for t, ok in probes if t > deadline + 1]
     assert late and all(late), probes
+
+
+def test_serve_with_two_worker_processes_answers_as_one(tmp_path):
+    """`emolens serve --workers 2`: uvicorn's worker processes, each with the model, give `predict`'s answer."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from helpers import write_image
+    from emolens.predict import Predictor
+
+    photo = write_image(tmp_path / "a.jpg", seed=4, size=(80, 60))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "emolens", "serve", "--port", str(port), "--workers", "2",
+                               "--precision", "int8"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/models", timeout=2) as r:
+                    assert json.load(r)["precision"] == "int8"
+                break
+            except OSError:
+                time.sleep(0.3)
+        body = (b"--x\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.jpg\"\r\n\r\n" + photo.read_bytes()
+                + b"\r\n--x--\r\n")
+        answers = []
+        for _ in range(4):  # spread over the workers
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/api/predict", body,
+                                             {"Content-Type": "multipart/form-data; boundary=x"})
+            with urllib.request.urlopen(request, timeout=30) as r:
+                answers.append(json.load(r)["results"][0])
+        expected = Predictor(None, precision="int8").predict([photo])[0][0]
+        for answer in answers:
+            assert answer["emotion"] == expected.emotion
+            assert answer["distribution"] == pytest.approx(expected.distribution, abs=1e-6)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, log = server.communicate(timeout=60)
+    assert log.count("Application startup complete") == 2 and "Traceback" not in log
