@@ -80,6 +80,12 @@ def polarity_calibration(card: dict, outputs: list[str]) -> PolarityCalibration 
     return PolarityCalibration.from_dict(card["polarity_calibration"])
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Each row of ``logits`` as probabilities (float64), as every prediction reports them."""
+    shifted = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
 def positive_probabilities(taxonomy: Taxonomy, probs: np.ndarray, affect: np.ndarray | None,
                            calibration: PolarityCalibration | None) -> np.ndarray:
     """Each image's probability of being positive, as every path reports it: the calibration of the positive
@@ -222,8 +228,7 @@ class Predictor:
         logits = outputs["logits"]
         # A head is free to step outside the common scale; what a user reads stays on it.
         affect = np.clip(outputs["affect"], -1.0, 1.0).tolist() if "affect" in outputs else [(None, None)] * len(logits)
-        shifted = np.exp(logits.astype(np.float64) - logits.max(axis=1, keepdims=True))
-        probs = shifted / shifted.sum(axis=1, keepdims=True)
+        probs = softmax(logits)
         polar = positive_probabilities(tax, probs, outputs.get("affect"), self.calibration)
         out = []
         for src, p, pos, (valence, arousal) in zip(sources, probs.tolist(), polar.tolist(), affect):

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from .images import ImageLoadError, scan_images
-from .shards import Plan, claim_folder, complete_shards, file_system, shard_table, write_shard
+from .shards import Plan, claim_folder, complete_shards, file_system, is_uri, shard_table, write_shard
 
 DEFAULT_SHARD_SIZE = 10_000
 LIST_SUFFIXES = (".txt", ".lst", ".csv", ".parquet")
@@ -56,13 +56,13 @@ def list_sources(inputs: Sequence[str], column: str = "path") -> tuple[list[str]
     errors += scan.errors
     # real paths, so that actors on any working directory (or machine with the same mounts) find them, and an
     # index made from the shards stores the path it checks
-    return [os.path.realpath(f) for f in scan.files] + [s if "://" in s else os.path.realpath(s) for s in sources], errors
+    return [os.path.realpath(f) for f in scan.files] + [s if is_uri(s) else os.path.realpath(s) for s in sources], errors
 
 
 def _read_source(source: str, predictor, stamps: dict) -> np.ndarray:
     """One input as a model-ready array: a URI's bytes through its pyarrow file system, else the file, whose
     size and modification time go into ``stamps`` (an index made from the shard checks them before a hit)."""
-    if "://" not in source:
+    if not is_uri(source):
         try:
             st = os.stat(source)
             stamps[source] = (st.st_size, st.st_mtime_ns)
@@ -190,4 +190,4 @@ def score_with_ray(sources: Sequence[str], out: str, model: str | None = None, p
 
 
 def _absolute(where: str) -> str:
-    return where if "://" in where or where == "default" else os.path.abspath(where)
+    return where if is_uri(where) or where == "default" else os.path.abspath(where)

@@ -197,8 +197,7 @@ def packaged_default_int8() -> Path:
 PRECISIONS = ("fp32", "int8")
 
 
-def int8_model_for(source: str | os.PathLike | None, threads: int | None = None,
-                   providers: list | None = None) -> tuple[OnnxModel | None, str | None]:
+def int8_model_for(source: str | os.PathLike | None, threads: int | None = None) -> tuple[OnnxModel | None, str | None]:
     """``(model, None)``: the int8 version of the saved model ``source`` where it has one that passed its gate;
     else ``(None, why fp32 runs instead)``. The default model's ships with the package; another model's is
     made by ``emolens export --precision int8`` (an ``.onnx`` file runs at the precision it was made in)."""
@@ -207,7 +206,7 @@ def int8_model_for(source: str | os.PathLike | None, threads: int | None = None,
         meta = read_onnx_meta(source)
         if meta.get("precision", "fp32") != "int8":
             return None, f"{source} is an fp32 export (make an int8 one with `emolens export --precision int8`)"
-        return OnnxModel(source, meta, threads=threads, providers=providers), None
+        return OnnxModel(source, meta, threads=threads), None
     if str(source) != DEFAULT_MODEL:
         return None, (f"{source} has no int8 version; make one with `emolens export --model {source} --onnx "
                       "FILE.onnx --precision int8 --data KIND=ROOT` and run FILE.onnx")
@@ -218,7 +217,7 @@ def int8_model_for(source: str | os.PathLike | None, threads: int | None = None,
     gate = meta.get("int8_gate") or {}
     if not gate.get("passed"):
         return None, gate.get("reason") or "its int8 gate was never measured"
-    return OnnxModel(path, meta, threads=threads, providers=providers), None
+    return OnnxModel(path, meta, threads=threads), None
 
 
 def cached_onnx_path(weights: Path) -> Path:

@@ -23,13 +23,18 @@ SHARD_PATTERN = "part-{:06d}.parquet"
 PLAN_FILE = "_plan.json"
 
 
+def is_uri(where: str) -> bool:
+    """Whether ``where`` names a place on a pyarrow file system by URI (``s3://...``) rather than a local path."""
+    return "://" in str(where)
+
+
 def file_system(where: str):
     """``(pyarrow file system, path in it)`` for a local path or a URI (``s3://``, ``gs://``, ``file://``...)."""
     import os
 
     from pyarrow import fs
 
-    if "://" in where:
+    if is_uri(where):
         return fs.FileSystem.from_uri(where)
     return fs.LocalFileSystem(), os.path.abspath(where)
 

@@ -30,6 +30,7 @@ import numpy as np
 from ..identity import ModelIdentity
 from ..images import ImageLoadError, scan_images
 from ..predict import Prediction, PredictionError, Predictor
+from ..shards import is_uri
 from ..storage import atomic_write
 from .large import OutOfCoreVectors
 
@@ -84,11 +85,6 @@ IDENTITY = "device, inode, size, mtime_ns, ctime_ns"
 
 def file_identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
-
-def is_uri(path: str) -> bool:
-    """Whether an indexed path is a URI (from scored shards: ``s3://...``), which has no local file to check."""
-    return "://" in path
 
 
 def is_indexed_file(path: str, identity: Sequence) -> bool:
@@ -528,6 +524,7 @@ class AffectiveIndex:
         for i, score in zip(ids, scores):
             row = self.db.execute("SELECT id, path, emotion, probability, polarity, distribution, valence, arousal, "
                                   f"{IDENTITY} FROM images WHERE id = ?", (int(i),)).fetchone()
+            # a URI (from scored shards) has no local file to check
             if row and (is_uri(_from_db(row[1])) or is_indexed_file(_from_db(row[1]), row[8:])):
                 hits.append(Hit(row[0], _from_db(row[1]), float(score), row[2], row[3], row[4], json.loads(row[5]),
                                 row[6], row[7]))
