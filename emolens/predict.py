@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -57,9 +57,9 @@ class Prediction:
     outputs: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("outputs")
-        return d
+        """The fields but ``outputs``, as plain values (no deep copy of the kept arrays)."""
+        return {f.name: dict(self.distribution) if f.name == "distribution" else getattr(self, f.name)
+                for f in fields(self) if f.name != "outputs"}
 
 
 @dataclass
@@ -205,6 +205,8 @@ class Predictor:
         #: Whether the model rates valence and arousal (predictions then carry them).
         self.rates_affect = "affect" in self.runner.outputs
         self.batch_size = batch_size
+        #: Images the model takes per call at its best speed (ONNX Runtime's chunk; PyTorch: the batch size).
+        self.images_per_call: int = getattr(self.runner, "images_per_call", batch_size)
         self.workers = default_workers() if workers is None else workers
         self.max_pixels = max_pixels
         self.keep = tuple(keep)

@@ -135,6 +135,7 @@ class OnnxModel:
             digest = "onnx-" + hashlib.sha256(data).hexdigest()
         #: "fp32", or "int8" for a model made by :func:`emolens.quantize.quantize_onnx`.
         self.precision = meta.get("precision", "fp32")
+        self.images_per_call = RUNTIME_CHUNK[self.precision]
         name = spec_name(meta.get("spec"))
         self.identity = ModelIdentity(digest, name if self.precision == "fp32" else f"{name}, {self.precision}")
         options = ort.SessionOptions()
@@ -160,7 +161,7 @@ class OnnxModel:
         return self._lanes_pool
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        chunk = RUNTIME_CHUNK[self.precision]
+        chunk = self.images_per_call
         run = lambda i: self.session.run(self.outputs, {"image": images[i:i + chunk]})  # noqa: E731
         starts = range(0, len(images), chunk)
         if self.lanes > 1 and len(starts) > 1:  # ONNX Runtime sessions take concurrent calls

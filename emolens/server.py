@@ -17,7 +17,7 @@ import json
 import mimetypes
 import os
 import threading
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from functools import lru_cache
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -80,10 +80,11 @@ class PixelBudget:
             self._loop, self._changed = loop, asyncio.Condition()
         pixels = min(pixels, self.total)
         async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: self.free >= pixels), self.wait)
-            except asyncio.TimeoutError:
-                raise Busy("too many pixels being decoded") from None
+            if self.free < pixels:  # waiting costs a task: only where the budget is short
+                try:
+                    await asyncio.wait_for(self._changed.wait_for(lambda: self.free >= pixels), self.wait)
+                except asyncio.TimeoutError:
+                    raise Busy("too many pixels being decoded") from None
             self.free -= pixels
         try:
             yield
@@ -108,6 +109,17 @@ class PredictBatcher:
         self.queued = 0  # images waiting for or in a model call
         self._loop = self._queue = self._task = None
 
+    @contextmanager
+    def admitted(self, count: int):
+        """Holds ``count`` images' places in the queue; :class:`Busy` when it is full."""
+        if self.queued + count > self.max_queued:
+            raise Busy(f"{self.queued} images are waiting for the model")
+        self.queued += count
+        try:
+            yield
+        finally:
+            self.queued -= count
+
     def _start(self) -> None:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # a new event loop (a test client without lifespan, a restart)
@@ -117,17 +129,13 @@ class PredictBatcher:
     async def predict(self, inputs: list[np.ndarray]) -> list[Prediction]:
         """Predictions for model inputs made by ``Predictor.prepare``; :class:`Busy` when the queue is full."""
         self._start()
-        if self.queued + len(inputs) > self.max_queued:
-            raise Busy(f"{self.queued} images are waiting for the model")
-        self.queued += len(inputs)
-        try:
+        with self.admitted(len(inputs)):
             future = self._loop.create_future()
             await self._queue.put((inputs, future))
             return await future
-        finally:
-            self.queued -= len(inputs)
 
-    def _run(self, inputs: list[np.ndarray]) -> list[Prediction]:
+    def run(self, inputs: list[np.ndarray]) -> list[Prediction]:
+        """One model call on ``inputs``, in the calling thread (within :meth:`admitted`)."""
         self.calls += 1
         return self.predictor.predict_prepared([f"<upload {i}>" for i in range(len(inputs))], inputs)
 
@@ -150,7 +158,7 @@ class PredictBatcher:
 
     async def _answer(self, waiting: list, free: asyncio.Semaphore) -> None:
         try:
-            results = await run_in_threadpool(self._run, [img for images, _ in waiting for img in images])
+            results = await run_in_threadpool(self.run, [img for images, _ in waiting for img in images])
         except Exception as e:  # the failure belongs to every request in the batch
             for _, future in waiting:
                 future.set_exception(e)
@@ -237,8 +245,20 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
                 out.append(e)
         return out
 
-    async def read_images(files: list[UploadFile]) -> list[tuple[np.ndarray, Image.Image]]:
-        """Uploads decoded in a worker thread, never on the event loop, within the pixel budget."""
+    def decode_and_predict(data: list[bytes]) -> tuple[list, list[Prediction] | None]:
+        """:func:`decode`, then the model's call on the decoded images in the same thread (None if one failed)."""
+        decoded = decode(data)
+        if any(isinstance(d, ImageLoadError) for d in decoded):
+            return decoded, None
+        return decoded, batcher.run([array for array, _ in decoded])
+
+    # Where the model runs one image per call (int8 on a CPU) batching cannot help: a request decodes and runs
+    # the model in one worker thread, sparing the event loop two hand-offs per request (1.12x the requests/s).
+    direct = device == "cpu" and predictor.images_per_call == 1
+
+    async def read_and_predict(files: list[UploadFile]) -> tuple[list[tuple[np.ndarray, Image.Image]], list[Prediction]]:
+        """Uploads as (model input, model's view), decoded in a worker thread (never on the event loop) within
+        the pixel budget, and their predictions."""
         if not files:
             raise HTTPException(400, "no image given")
         if len(files) > limits.max_files:
@@ -259,14 +279,21 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
             return out
 
         pixels = await run_in_threadpool(sizes)
+        found = None
         async with budget.reserve(max(pixels)):
-            decoded = await run_in_threadpool(decode, data)
+            if direct:
+                with batcher.admitted(len(data)):
+                    decoded, found = await run_in_threadpool(decode_and_predict, data)
+            else:
+                decoded = await run_in_threadpool(decode, data)
         if max(pixels) >= LARGE_IMAGE_PIXELS:
             await run_in_threadpool(release_memory)
         for f, d in zip(files, decoded):
             if isinstance(d, ImageLoadError):
                 raise HTTPException(400, f"{f.filename}: {d.reason}")
-        return decoded
+        if found is None:
+            found = await batcher.predict([array for array, _ in decoded])
+        return decoded, found
 
     @app.get("/api/health")
     async def health() -> dict:
@@ -292,8 +319,7 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
     async def predict(files: list[UploadFile] = File(...), heatmaps: bool = Query(False)) -> dict:
         """Top emotion, polarity and distribution per image; with ``heatmaps``, a Grad-CAM overlay
         (PNG data URL of the model's view) each."""
-        images = await read_images(files)
-        found = await batcher.predict([array for array, _ in images])
+        images, found = await read_and_predict(files)
         results = [{"filename": f.filename, **_prediction(p)} for f, p in zip(files, found)]
         if heatmaps:
             for result, (_, view) in zip(results, images):
@@ -321,8 +347,7 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
         uploaded file itself, where the collection holds it, is left out (as `emolens search` leaves out its
         query)."""
         store, within = require_index(), ranges(valence, arousal)
-        (array, _), = await read_images([file])
-        query, = await batcher.predict([array])
+        _, (query,) = await read_and_predict([file])
         await file.seek(0)
         upload = hashlib.sha256(await file.read()).digest()
         try:  # index calls stay on the event loop: one at a time

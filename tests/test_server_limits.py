@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from helpers import png, tiny_model
 from emolens.cli import MIN_CONNECTIONS
+from emolens import runtime
 from emolens.runtime import export_onnx
 from emolens.server import HeaderTimeoutH11, Limits, create_app
 
@@ -21,6 +22,15 @@ def model(tmp_path_factory):
     path = tmp_path_factory.mktemp("limits") / "m.onnx"
     export_onnx(tiny_model().eval(), path)
     return path
+
+
+@pytest.fixture(params=["batched", "per request"])
+def model_calls(request, monkeypatch):
+    """Both ways the server reaches the model: requests' images batched into shared calls, or, where the model
+    runs an image per call (int8 on a CPU), each request's decode and model call in one worker thread."""
+    if request.param == "per request":
+        monkeypatch.setitem(runtime.RUNTIME_CHUNK, "fp32", 1)
+    return request.param
 
 
 @pytest.fixture
@@ -51,7 +61,7 @@ def slow_decoding(monkeypatch, seconds):
     monkeypatch.setattr(Preprocessing, "load", slow)
 
 
-def test_decoding_runs_off_the_event_loop(client_for, monkeypatch):
+def test_decoding_runs_off_the_event_loop(client_for, monkeypatch, model_calls):
     slow_decoding(monkeypatch, 1.5)
     client = client_for()
     with ThreadPoolExecutor(2) as pool:
@@ -75,7 +85,7 @@ def test_the_pixel_budget_makes_a_request_wait_then_503(client_for, monkeypatch)
     assert second.status_code == 503 and second.headers["retry-after"] == "1" and "busy" in second.json()["error"]
 
 
-def test_a_full_model_queue_answers_503_not_a_long_wait(client_for, monkeypatch):
+def test_a_full_model_queue_answers_503_not_a_long_wait(client_for, monkeypatch, model_calls):
     from emolens.predict import Predictor
 
     real = Predictor.predict_prepared
@@ -134,6 +144,28 @@ def request_head(port, head: bytes, body: bytes = b"", timeout: float = 5.0) -> 
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(head + body)
         return s.recv(65536)
+
+
+def test_a_model_that_runs_an_image_per_call_decodes_and_predicts_in_one_thread(client_for, model, monkeypatch,
+                                                                                 model_calls):
+    from emolens import server
+    from emolens.predict import Predictor
+
+    offline = Predictor(model)
+    expected = offline.predict_prepared(["a"], [offline.prepare(png(3))])[0]
+    hand_offs = []
+    real = server.run_in_threadpool
+
+    def counted(fn, *args):
+        hand_offs.append(fn.__name__)
+        return real(fn, *args)
+
+    monkeypatch.setattr(server, "run_in_threadpool", counted)
+    answer = client_for().post("/api/predict", files=[("files", ("a.png", png(3), "image/png"))])
+    assert answer.status_code == 200
+    # per request: the header read, then decode and model in one call; batched: a call each
+    assert len(hand_offs) == (2 if model_calls == "per request" else 3), hand_offs
+    assert answer.json()["results"][0]["distribution"] == pytest.approx(expected.distribution, abs=1e-6)
 
 
 def test_a_body_over_the_cap_gets_413_before_it_is_sent(live):
