@@ -256,7 +256,8 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
     # the model in one worker thread, sparing the event loop a hand-off and the queue (about 1.1x the requests/s).
     direct = device == "cpu" and predictor.images_per_call == 1
 
-    async def read_and_predict(files: list[UploadFile]) -> tuple[list[tuple[np.ndarray, Image.Image]], list[Prediction]]:
+    async def read_and_predict(files: list[UploadFile]
+                               ) -> tuple[list[tuple[np.ndarray, Image.Image]], list[Prediction]]:
         """Uploads as (model input, model's view), decoded in a worker thread (never on the event loop) within
         the pixel budget, and their predictions."""
         if not files:
