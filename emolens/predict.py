@@ -255,8 +255,10 @@ class Predictor:
                 results[i] = pred
         return results
 
-    def predict_prepared(self, names: Sequence[str], arrays: Sequence[np.ndarray]) -> list[Prediction]:
-        """Predictions for inputs already made by :meth:`prepare` (e.g. decoded elsewhere), in batches."""
+    def predict_prepared(self, names: Sequence[str], arrays: Sequence[np.ndarray | ImageLoadError]
+                         ) -> list[Prediction | PredictionError]:
+        """Predictions for inputs already made by :meth:`prepare` (e.g. decoded elsewhere), in batches; an
+        input that could not be made (its :class:`ImageLoadError`) gets its :class:`PredictionError`."""
         results = []
         for s in range(0, len(arrays), self.batch_size):
             results += self._batch_results(list(names[s:s + self.batch_size]), list(arrays[s:s + self.batch_size]))

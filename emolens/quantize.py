@@ -164,18 +164,19 @@ def task_figures(outputs: dict[str, np.ndarray], positive: np.ndarray, dataset, 
     ``affect@KIND`` head, else ``affect``), and polarity ROC AUC where its images have a polarity."""
     from sklearn.metrics import roc_auc_score
 
+    from .metrics import accuracy, affect_report
+
     kind, figures = dataset.kind, {}
     own = f"{dataset.taxonomy.name}.logits"
     head = own if own in outputs else ("logits" if dataset.taxonomy.classes == classes else None)
     if head is not None:
         labels = dataset.labels
-        figures[f"{kind} accuracy"] = np.mean([(outputs[head][f].argmax(1) == labels[f]).mean() for f in folds])
+        figures[f"{kind} accuracy"] = np.mean([accuracy(labels[f], outputs[head][f].argmax(1)) for f in folds])
     rating = f"affect@{kind}" if f"affect@{kind}" in outputs else "affect"
     if dataset.has_affect and rating in outputs:
-        target = dataset.affect
-        for d, name in enumerate(("valence", "arousal")):
-            figures[f"{kind} {name} r"] = np.mean([np.corrcoef(outputs[rating][f, d], target[f, d])[0, 1]
-                                                   for f in folds])
+        reports = [affect_report(dataset.affect[f], outputs[rating][f]) for f in folds]
+        for name in ("valence", "arousal"):
+            figures[f"{kind} {name} r"] = np.mean([r[f"{name}_pearson"] for r in reports])
     polar = dataset.polarities
     if (polar >= 0).any() and not np.isnan(positive).all():
         figures[f"{kind} polarity AUC"] = np.mean([roc_auc_score(polar[f][polar[f] >= 0], positive[f][polar[f] >= 0])

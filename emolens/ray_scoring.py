@@ -99,8 +99,6 @@ class ShardScorer:
             return e
 
     def __call__(self, batch: dict) -> dict:
-        from .predict import PredictionError
-
         done = {"shard": [], "rows": [], "errors": [], "seconds": []}
         for index, listed in zip(batch["shard"], batch["sources"]):
             t0 = time.perf_counter()
@@ -108,16 +106,13 @@ class ShardScorer:
             stamps: dict = {}
             with ThreadPoolExecutor(max(1, self.threads)) as pool:
                 decoded = list(pool.map(lambda source: self._decode(source, stamps), sources))
-            good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
-            results = {s: PredictionError(s, d.reason) for s, d in zip(sources, decoded) if not isinstance(d, np.ndarray)}
-            for p in self.predictor.predict_prepared([sources[i] for i in good], [decoded[i] for i in good]):
-                results[p.source] = p
+            results = {r.source: r for r in self.predictor.predict_prepared(sources, decoded)}
             table = shard_table(sources, results, stamps, self.classes, self.dim, self.predictor.identity.digest,
                                 self.predictor.precision, {"model": str(self.predictor.identity)})
             write_shard(table, self.out, int(index))
             done["shard"].append(int(index))
             done["rows"].append(len(sources))
-            done["errors"].append(len(sources) - len(good))
+            done["errors"].append(sum(isinstance(d, ImageLoadError) for d in decoded))
             done["seconds"].append(time.perf_counter() - t0)
         return {k: np.array(v) for k, v in done.items()}
 

@@ -130,6 +130,8 @@ def test_concurrent_requests_share_model_calls():
     from emolens.server import PredictBatcher
 
     class Counting:
+        images_per_call = 8
+
         def predict_prepared(self, names, inputs):
             return [f"result for {i}" for i in inputs]
 
