@@ -18,7 +18,7 @@ from PIL import Image
 
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError
 from .models import EmotionModel
-from .predict import polarity_calibration, polarity_of, positive_probabilities
+from .predict import polarity_calibration, predictions
 from .storage import OutputError, atomic_write, atomic_write_json
 
 METHODS = ("gradcam", "gradcam++", "scorecam")
@@ -129,10 +129,10 @@ class Explainer:
             outputs = self.model(batch)
         if self.numbers is not None:
             reported = self.numbers.predict_prepared([name], [self.preprocessing.normalise(view)])[0]
-            probs = torch.tensor([reported.distribution[c] for c in tax.classes])
         else:
-            probs = outputs["logits"].float().softmax(-1)[0].cpu()
-        index = int(probs.argmax()) if target is None else tax.index(target)
+            numbers = {k: outputs[k].float().cpu().numpy() for k in ("logits", "affect") if k in outputs}
+            reported = predictions(tax, polarity_calibration(self.card, list(numbers)), [name], numbers)[0]
+        index = tax.index(reported.emotion if target is None else target)
         size = self.preprocessing.size
         maps = {}
         for label, layer in self.model.cam_layers().items():
@@ -147,18 +147,9 @@ class Explainer:
             scores = outputs.get("box_scores")
             boxes = [(*map(float, b), float(scores[0][i]) if scores is not None else 1.0)
                      for i, b in enumerate(outputs["boxes"][0])]
-        if self.numbers is not None:
-            affect = None if reported.valence is None else (reported.valence, reported.arousal)
-            return Explanation(name, tax.classes[index], dict(zip(tax.classes, probs.tolist())), maps, view, boxes,
-                               affect, reported.polarity)
-        affect = None
-        rated = outputs["affect"].float().cpu().numpy() if "affect" in outputs else None
-        if rated is not None:  # clipped to the common scale as Predictor reports it
-            affect = tuple(float(v) for v in np.clip(rated[0], -1, 1))
-        calibration = polarity_calibration(self.card, ["affect"] if rated is not None else [])
-        positive = positive_probabilities(tax, probs.numpy()[None], rated, calibration)[0]
-        return Explanation(name, tax.classes[index], dict(zip(tax.classes, probs.tolist())), maps,
-                           view, boxes, affect, polarity_of(None if positive != positive else float(positive)))
+        affect = None if reported.valence is None else (reported.valence, reported.arousal)
+        return Explanation(name, tax.classes[index], reported.distribution, maps, view, boxes, affect,
+                           reported.polarity)
 
 
 def render(explanation: Explanation, taxonomy, path: str | os.PathLike) -> Path:

@@ -97,6 +97,25 @@ def positive_probabilities(taxonomy: Taxonomy, probs: np.ndarray, affect: np.nda
     return calibration(share, np.asarray(affect, np.float64)[:, 0].clip(-1, 1))
 
 
+def predictions(taxonomy: Taxonomy, calibration: PolarityCalibration | None, sources: Sequence[str],
+                outputs: dict[str, np.ndarray]) -> list[Prediction]:
+    """What a model's ``logits`` (and ``affect``, where it rates it) mean, row by row: the one place every
+    path (``predict``, ``explain``, the index, the server) turns outputs into what a user reads."""
+    logits = outputs["logits"]
+    # A head is free to step outside the common scale; what a user reads stays on it.
+    affect = np.clip(outputs["affect"], -1.0, 1.0).tolist() if "affect" in outputs else [(None, None)] * len(logits)
+    probs = softmax(logits)
+    polar = positive_probabilities(taxonomy, probs, outputs.get("affect"), calibration)
+    out = []
+    for src, p, pos, (valence, arousal) in zip(sources, probs.tolist(), polar.tolist(), affect):
+        top = max(range(len(p)), key=p.__getitem__)
+        positive = None if pos != pos else pos  # NaN: no polar mass at all
+        out.append(Prediction(source=src, emotion=taxonomy.classes[top], probability=p[top],
+                              polarity=polarity_of(positive), positive_probability=positive,
+                              distribution=dict(zip(taxonomy.classes, p)), valence=valence, arousal=arousal))
+    return out
+
+
 class TorchRunner:
     """Eager PyTorch behind the same array-in, arrays-out call as :class:`~emolens.runtime.OnnxModel`."""
 
@@ -225,22 +244,6 @@ class Predictor:
         except ImageLoadError as e:
             return e
 
-    def _results(self, sources: Sequence[str], outputs: dict[str, np.ndarray]) -> list[Prediction]:
-        tax = self.taxonomy
-        logits = outputs["logits"]
-        # A head is free to step outside the common scale; what a user reads stays on it.
-        affect = np.clip(outputs["affect"], -1.0, 1.0).tolist() if "affect" in outputs else [(None, None)] * len(logits)
-        probs = softmax(logits)
-        polar = positive_probabilities(tax, probs, outputs.get("affect"), self.calibration)
-        out = []
-        for src, p, pos, (valence, arousal) in zip(sources, probs.tolist(), polar.tolist(), affect):
-            top = max(range(len(p)), key=p.__getitem__)
-            positive = None if pos != pos else pos  # NaN: no polar mass at all
-            out.append(Prediction(source=src, emotion=tax.classes[top], probability=p[top],
-                                  polarity=polarity_of(positive), positive_probability=positive,
-                                  distribution=dict(zip(tax.classes, p)), valence=valence, arousal=arousal))
-        return out
-
     def _batch_results(self, names: list[str], decoded: list) -> list[Prediction | PredictionError]:
         good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
         results: list[Prediction | PredictionError | None] = [
@@ -250,7 +253,7 @@ class Predictor:
             missing = [k for k in self.keep if k not in outputs]
             if missing:
                 raise KeyError(f"the model has no output {', '.join(missing)}")
-            for row, (i, pred) in enumerate(zip(good, self._results([names[i] for i in good], outputs))):
+            for row, (i, pred) in enumerate(zip(good, predictions(self.taxonomy, self.calibration, [names[i] for i in good], outputs))):
                 pred.outputs = {k: outputs[k][row] for k in self.keep}
                 results[i] = pred
         return results
