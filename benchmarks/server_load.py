@@ -9,7 +9,9 @@ time and the server is stopped at the end.
 
 ``--throughput-only`` stops after the predict phases. Beside them, in the same run, the offline predictor
 (``Predictor``, same model and precision, its own process) scores the same uploads from files; each predict
-phase prints its images/s as a share of that rate.
+phase prints its images/s as a share of that rate, and the CPU the server's processes used (cores, and ms
+an image). The offline process also times 4 plain threads decoding the uploads and calling the model as the
+server's worker threads do, without HTTP: what the server's own machinery costs shows between the two.
 """
 
 from __future__ import annotations
@@ -121,19 +123,75 @@ def run_phase(port: int, concurrency: int, seconds: float, make_request) -> dict
             "p99": float(np.percentile(ms, 99)), "statuses": statuses}
 
 
-def offline_rate(root: Path, uploads: int, precision: str, repeat: int = 8) -> float:
-    """Images/s of the offline predictor on the upload photos (from files, ``repeat`` times over), in a process
-    of its own as the server is."""
-    code = ("import sys, time, glob; from emolens.predict import Predictor; "
-            f"p = Predictor(None, precision={precision!r}); paths = sorted(glob.glob(sys.argv[1] + '/q*.jpg')) * {repeat}; "
-            "p.predict(paths[:32]); t = time.perf_counter(); good, _ = p.predict(paths); "
-            "print(len(good) / (time.perf_counter() - t))")
+def offline_rate(root: Path, uploads: int, precision: str) -> dict:
+    """The offline predictor on the upload photos, from files, in a process of its own as the server is
+    (:func:`measure_offline`)."""
     folder = root / "uploads"
     folder.mkdir(exist_ok=True)
     for i in range(uploads):
         (folder / f"q{i}.jpg").write_bytes(photo(10_000 + i))
-    out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    out = subprocess.run([sys.executable, __file__, "--offline", str(folder), "--precision", precision],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_offline(folder: str, precision: str, repeat: int = 8, threads: int = 4, seconds: float = 8.0) -> dict:
+    """Images/s and CPU (cores, ms an image) of ``Predictor.predict`` on the photos in ``folder`` (``repeat``
+    times over); and of ``threads`` plain threads each decoding an upload's bytes and calling the model on it,
+    as the server's worker threads do, without HTTP."""
+    import glob
+    import resource
+
+    from emolens.predict import Predictor
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    paths = sorted(glob.glob(f"{folder}/q*.jpg"))
+    predictor = Predictor(None, precision=precision)
+    predictor.predict(paths[:32])
+    start, used = time.perf_counter(), cpu()
+    good, _ = predictor.predict(paths * repeat)
+    wall = time.perf_counter() - start
+    result = {"images_per_s": len(good) / wall, "cores": (cpu() - used) / wall,
+              "cpu_ms": 1000 * (cpu() - used) / len(good)}
+
+    single = Predictor(None, precision=precision, threads=1)  # as the server's calls run
+    data = [Path(p).read_bytes() for p in paths]
+    counts, stop = [0] * threads, time.perf_counter() + seconds
+
+    def loop(k: int) -> None:
+        while time.perf_counter() < stop:
+            single.predict_prepared(["upload"], [single.prepare(data[(k + counts[k]) % len(data)])])
+            counts[k] += 1  # each thread its own count
+
+    start, used = time.perf_counter(), cpu()
+    workers = [threading.Thread(target=loop, args=(k,)) for k in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    wall = time.perf_counter() - start
+    done = sum(counts)
+    result.update(threads_images_per_s=done / wall, threads_cores=(cpu() - used) / wall,
+                  threads_cpu_ms=1000 * (cpu() - used) / done)
+    return result
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds used so far by process ``pid`` and its child processes (server workers)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except (OSError, ValueError):
+            pass  # a process that ended meanwhile
+    return total
 
 
 def start_server(root: Path, port: int, precision: str = "fp32", workers: int = 1) -> subprocess.Popen:
@@ -310,7 +368,11 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", help="fp32 or int8, for the server and the offline predictor")
     ap.add_argument("--throughput-only", action="store_true", help="stop after the predict phases")
     ap.add_argument("--workers", type=int, default=1, help="server processes (serve --workers)")
+    ap.add_argument("--offline", metavar="FOLDER", help=argparse.SUPPRESS)  # measure_offline in its own process
     args = ap.parse_args()
+    if args.offline:
+        print(json.dumps(measure_offline(args.offline, args.precision)))
+        return
     levels = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -354,19 +416,26 @@ def main() -> None:
             print(f"emolens serve --workers {args.workers}, default model (ONNX Runtime, {args.precision}), index of "
                   f"{args.gallery} photos; "
                   f"{os.cpu_count()} CPUs shared by server and clients; {args.seconds:g} s per phase; cache {env_cache}")
-            print(f"offline predictor on the same 640x480 uploads from files, same run: {offline:.1f} images/s")
+            rate = offline["images_per_s"]
+            print(f"offline predictor on the same 640x480 uploads from files, same run: {rate:.1f} images/s, "
+                  f"{offline['cores']:.2f} cores, {offline['cpu_ms']:.2f} ms of CPU an image; 4 threads decoding "
+                  f"uploads and calling the model, without HTTP: {offline['threads_images_per_s']:.1f} images/s, "
+                  f"{offline['threads_cores']:.2f} cores, {offline['threads_cpu_ms']:.2f} ms an image")
             print(f"{'traffic':8} {'conc':>4} {'req/s':>7} {'img/s':>7} {'offline':>7} {'p50 ms':>8} {'p95 ms':>8} "
-                  f"{'p99 ms':>8} {'peak RSS':>9}  statuses")
+                  f"{'p99 ms':>8} {'peak RSS':>9}  statuses; server CPU")
             for name, make in (("predict", predict), ("mixed", mixed))[:1 if args.throughput_only else 2]:
                 for c in levels:
-                    used = os.times()
+                    used, served = os.times(), process_cpu_seconds(server.pid)
                     r = run_phase(port, c, args.seconds, make)
+                    wall = os.times().elapsed - used.elapsed
                     # the load generator's own share of the CPUs, which the offline predictor has to itself
-                    clients = (sum(os.times()[:2]) - sum(used[:2])) / (os.times().elapsed - used.elapsed) / os.cpu_count()
+                    clients = (sum(os.times()[:2]) - sum(used[:2])) / wall / os.cpu_count()
+                    cores = (process_cpu_seconds(server.pid) - served) / wall
+                    per_image = f", {1000 * cores / r['images_per_s']:.2f} ms an image" if r["images_per_s"] else ""
                     print(f"{name:8} {c:4d} {r['requests_per_s']:7.1f} {r['images_per_s']:7.1f} "
-                          f"{r['images_per_s'] / offline:6.2f}x {r['p50']:8.1f} {r['p95']:8.1f} {r['p99']:8.1f} "
-                          f"{peak_rss_mib(server.pid):7.0f} M  {dict(sorted(r['statuses'].items()))}; clients used "
-                          f"{clients:.0%} of the CPUs", flush=True)
+                          f"{r['images_per_s'] / rate:6.2f}x {r['p50']:8.1f} {r['p95']:8.1f} {r['p99']:8.1f} "
+                          f"{peak_rss_mib(server.pid):7.0f} M  {dict(sorted(r['statuses'].items()))}; server used "
+                          f"{cores:.2f} cores{per_image}; clients used {clients:.0%} of the CPUs", flush=True)
             if args.throughput_only:
                 return
 
