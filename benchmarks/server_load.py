@@ -92,6 +92,17 @@ def current_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def run_threads(target, count: int) -> float:
+    """``target(k)`` on ``count`` threads at once; the wall seconds until all return."""
+    started = time.perf_counter()
+    threads = [threading.Thread(target=target, args=(k,)) for k in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started
+
+
 def run_phase(port: int, concurrency: int, seconds: float, make_request) -> dict:
     """``concurrency`` client threads for ``seconds``; latency and outcome of every request."""
     latencies, statuses, images = [], {}, [0]
@@ -110,13 +121,7 @@ def run_phase(port: int, concurrency: int, seconds: float, make_request) -> dict
                 statuses[status] = statuses.get(status, 0) + 1
                 images[0] += count if status == 200 else 0
 
-    started = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
+    wall = run_threads(worker, concurrency)
     ms = np.array(latencies) * 1000
     return {"requests_per_s": len(ms) / wall, "images_per_s": images[0] / wall,
             "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
@@ -166,13 +171,8 @@ def measure_offline(folder: str, precision: str, repeat: int = 8, threads: int =
             single.predict_prepared(["upload"], [single.prepare(data[(k + counts[k]) % len(data)])])
             counts[k] += 1  # each thread its own count
 
-    start, used = time.perf_counter(), cpu()
-    workers = [threading.Thread(target=loop, args=(k,)) for k in range(threads)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
-    wall = time.perf_counter() - start
+    used = cpu()
+    wall = run_threads(loop, threads)
     done = sum(counts)
     result.update(threads_images_per_s=done / wall, threads_cores=(cpu() - used) / wall,
                   threads_cpu_ms=1000 * (cpu() - used) / done)
