@@ -457,12 +457,16 @@ def benchmark(
     for spec, r in results["models"].items():
         table.add_row(spec, *[f"{r['mean'][c]:.3f} ± {r['std'][c]:.3f}" for c in columns])
     if paper is not None:
-        table.add_row(f"paper {paper.paper}, reported", *[f"{paper.reported[c]:.3f}" if c in paper.reported else "-"
-                                                          for c in columns], style="italic")
+        rows = {"reported": paper.reported} if paper.reported else {}
+        for row, figures in {**rows, **paper.paper_table}.items():
+            table.add_row(f"paper {paper.paper}, {row}", *[f"{figures[c]:.3f}" if c in figures else "-" for c in columns],
+                          style="italic")
     wide.print(table)
     if paper is not None:
         console.print(f"{paper.title}: {paper.reproduces}" + (f". Not reproduced here: {paper.cannot}" if paper.cannot else ""),
                       highlight=False)
+        if paper.cpu_protocol:
+            console.print(f"This project's CPU protocol, not the paper's: {paper.cpu_protocol}", highlight=False)
     console.print(f"results: {out / 'results.json'}")
 
 

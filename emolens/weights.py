@@ -98,6 +98,8 @@ def init_from(model: EmotionModel, source: str | Path, parts: Sequence[str] | No
     may differ elsewhere."""
     state, meta = load_checkpoint(resolve_weights(source))
     ours = model.state_dict()
+    if parts and "backbone" in parts:
+        state = first_stream(state, ours)
     if parts:
         theirs, mine = meta.get("spec", {}).get("backbone"), model.spec.get("backbone")
         read_features = [p for p in parts if p != "backbone"]
@@ -119,6 +121,15 @@ def init_from(model: EmotionModel, source: str | Path, parts: Sequence[str] | No
     if unknown:
         raise CheckpointError(f"{source}: {len(unknown)} tensor(s) the model does not have, e.g. {unknown[0]}")
     load_into(_Subset(model, state.keys()), state, source=str(source))
+
+
+def first_stream(state: dict, ours: dict) -> dict:
+    """``state`` with a one-network backbone's tensors renamed onto the first stream of a model whose backbone is
+    several streams (multigap's first stream is the backbone its spec names); as it was otherwise."""
+    if not any(k.startswith("backbone.streams.0.") for k in ours) or any(k.startswith("backbone.streams.") for k in state):
+        return state
+    return {f"backbone.streams.0.{k.removeprefix('backbone.')}" if k.startswith("backbone.") else k: v
+            for k, v in state.items()}
 
 
 def bundled_in_both(key: str, meta: dict, model: EmotionModel) -> bool:

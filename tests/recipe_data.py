@@ -1,5 +1,5 @@
-"""Tiny datasets of the kinds the recipes name (FI, EmotionROI, Twitter I) and a detector file of torchvision's
-COCO layout: what the recipe tests run on."""
+"""Tiny datasets of the kinds the recipes name (FI, EmotionROI, Twitter I, and Flickr_LDL with OASIS for the
+affective pre-training) and a detector file of torchvision's COCO layout: what the recipe tests run on."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from helpers import write_image
+from helpers import make_ldl_dataset, make_oasis, write_image
 from emolens.taxonomy import EMOTIONROI, MIKELS
 
 
@@ -41,7 +41,13 @@ def make_twitter1(root: Path, n: int = 40) -> str:
     return f"twitter1={root}"
 
 
-MAKERS = {"fi": make_fi, "emotionroi": make_emotionroi, "twitter1": make_twitter1}
+MAKERS = {"fi": make_fi, "emotionroi": make_emotionroi, "twitter1": make_twitter1, "flickr_ldl": make_ldl_dataset,
+          "oasis": make_oasis}
+
+
+def data_args(dataset: str, data: dict[str, str]) -> list[str]:
+    """``--data`` for each kind of a recipe's dataset (``a+b``: a joint run)."""
+    return [arg for kind in dataset.split("+") for arg in ("--data", data[kind])]
 
 
 def coco_layout_file(path: Path, in_channels: list[int]) -> Path:

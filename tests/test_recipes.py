@@ -11,13 +11,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from recipe_data import MAKERS, coco_layout_file
+from recipe_data import MAKERS, coco_layout_file, data_args
 from emolens.backbones import create_backbone
 from emolens.cli import EXIT_ERROR, app
 from emolens.recipes import load_recipe, with_model_args
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.toml"))
 BACKBONE = "test_resnet"
+TUNABLE_BACKBONE = "test_efficientnet"  # --tune-stages tunes EfficientNet stages
 runner = CliRunner(env={"COLUMNS": "240"})
 
 
@@ -33,9 +34,12 @@ def inputs(tmp_path_factory):
 
 
 def smoke_args(recipe, inputs, out: Path) -> list[str]:
-    args = ["benchmark", "--recipe", str(recipe.path), "--data", inputs["data"][recipe.dataset], "--out", str(out),
-            "--limit", "40", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--backbone", BACKBONE,
+    backbone = TUNABLE_BACKBONE if recipe.settings.get("tune_stages") else BACKBONE
+    args = ["benchmark", "--recipe", str(recipe.path), *data_args(recipe.dataset, inputs["data"]), "--out", str(out),
+            "--limit", "40", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--backbone", backbone,
             "--backbone-weights", "none"]
+    if recipe.settings.get("protocol") == "kfold" and len(recipe.settings["models"].split(";")) > 1:
+        args += ["--folds", "2"]  # a table of many rows: each row on two folds
     if "model_arg.detector_weights" in recipe.requires:
         args += ["--model-arg", f"detector_weights={inputs['detector']}"]
     if "model_arg.stream_weights" in recipe.requires:
@@ -48,7 +52,7 @@ def smoke_args(recipe, inputs, out: Path) -> list[str]:
 def test_there_is_a_recipe_per_main_table_of_each_paper():
     papers = {load_recipe(p).paper for p in RECIPES}
     assert papers == {"001", "002", "003", "004"}
-    assert all(load_recipe(p).dataset in MAKERS for p in RECIPES)
+    assert all(kind in MAKERS for p in RECIPES for kind in load_recipe(p).dataset.split("+"))
 
 
 @pytest.mark.parametrize("path", [p for p in RECIPES if "init" not in load_recipe(p).requires], ids=lambda p: p.stem)
@@ -65,7 +69,7 @@ def test_each_recipe_runs_a_quick_check_and_prints_the_papers_figure(path, input
             assert config[name] == recipe.settings[name]
     if "lr_step_every" in recipe.settings:
         assert config["step_size"] == recipe.settings["lr_step_every"]
-    assert results["task"] == recipe.settings["task"]
+    assert results["task"] == recipe.settings.get("task", "joint" if "+" in recipe.dataset else "emotion")
     (fold,) = next(iter(results["models"].values()))["folds"][:1]
     assert fold["train_seconds"] > 0
     if recipe.reported:

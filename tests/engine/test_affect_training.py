@@ -10,28 +10,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from helpers import TINY_BACKBONE, make_ldl_dataset, tiny_model
+from helpers import TINY_BACKBONE, make_ldl_dataset, make_oasis, tiny_model
 from emolens.cli import EXIT_ERROR, app
 from emolens.data import load_dataset, make_protocol
 from emolens.engine import TrainConfig, evaluate, fit
 from emolens.taxonomy import AFFECT
 
 runner = CliRunner(env={"COLUMNS": "240"})
-
-
-def make_oasis(root, n: int = 30) -> str:
-    """OASIS-style set whose valence is the image's brightness and arousal its redness (1-7 scale)."""
-    rng = np.random.default_rng(0)
-    lines = [",Theme,Category,Source,Valence_mean,Valence_SD,Valence_N,Arousal_mean,Arousal_SD,Arousal_N"]
-    (root / "images").mkdir(parents=True)
-    for i in range(n):
-        bright, red = rng.uniform(0, 1, 2)
-        pixel = np.array([60 + 180 * red, 40 + 200 * bright, 40 + 200 * bright])
-        image = np.clip(pixel + rng.normal(0, 10, (32, 40, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(image).save(root / "images" / f"Theme {i}.jpg")
-        lines.append(f"I{i + 1},Theme {i},Object,Pixabay,{1 + 6 * bright:.3f},1,100,{1 + 6 * red:.3f},1,100")
-    (root / "OASIS.csv").write_bytes("\r".join(lines).encode())
-    return f"oasis={root}"
 
 
 def test_a_va_model_trains_and_reports_on_the_datasets_scale(tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY_BACKBONE, make_ldl_dataset
+from helpers import TINY_BACKBONE, make_ldl_dataset, make_oasis
 from emolens import create_model
 from emolens.data import load_dataset, make_protocol
 from emolens.data.joint import JointDataset, label_spaces
@@ -15,7 +15,6 @@ from emolens.engine import TrainConfig, evaluate, fit
 from emolens.engine.data import task_targets_arrays
 from emolens.losses import build_loss
 from emolens.weights import load_model
-from test_affect_training import make_oasis
 
 
 @pytest.fixture

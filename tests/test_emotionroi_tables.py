@@ -1,0 +1,50 @@
+"""benchmarks/emotionroi.py: a paper's EmotionROI table from its recipe, run from the backbone's own weights and
+from the affective pre-training (Flickr_LDL + OASIS), whose backbone every model of the second run starts from."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from helpers import make_ldl_dataset, make_oasis
+from recipe_data import make_emotionroi
+from emolens.recipes import load_recipe
+from emolens.weights import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "emotionroi_003_maiafa.toml"
+
+
+def backbone_tensors(run: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_model(run).state_dict().items() if k.startswith("backbone.")}
+
+
+def test_a_table_runs_both_starts_and_each_model_of_the_second_starts_from_the_pretrained_backbone(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    make_emotionroi(data / "emotion6")
+    make_ldl_dataset(data / "flickr_ldl", per_class=10)
+    make_oasis(data / "oasis", n=40)
+    quick = ["--epochs", "1", "--folds", "2", "--batch-size", "8", "--workers", "0", "--backbone", "test_efficientnet",
+             "--backbone-weights", "none"]
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "emotionroi.py"), "--recipe", str(RECIPE),
+                             "--data", str(data), "--out", str(out), "--", *quick],
+                            capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    recipe = load_recipe(RECIPE)
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + len(recipe.paper_table) + 2 * len(recipe.settings["models"].split(";"))
+    assert "| paper 003: MAI-AFA, FI pre-training (Table 7, Normal) | paper | 0.850 |" in result.stdout
+    assert sum("| affective pre-training |" in line for line in rows) == len(recipe.settings["models"].split(";"))
+    assert "pre-training" in result.stdout.split("\n- ")[-1]  # the gain per model is reported
+
+    (pretrained,) = (out / "pretraining").glob("*/fold0")
+    tuned = backbone_tensors(pretrained)
+    for run in sorted((out / recipe.name / "affective").glob("*/fold0")):
+        theirs = backbone_tensors(run)
+        assert all(torch.equal(theirs[k], v) for k, v in tuned.items()), run  # frozen: as pre-trained
+    for run in sorted((out / recipe.name / "imagenet").glob("*/fold0")):
+        theirs = backbone_tensors(run)
+        assert not all(torch.equal(theirs[k], v) for k, v in tuned.items()), run
