@@ -143,3 +143,20 @@ def test_another_model_starts_from_the_tuned_stages_of_a_run_over_bundled_weight
     other = create_model("maiafa:width=16,groups=2", taxonomy="emotionroi", task="polarity", backbone_weights=None)
     with pytest.raises(CheckpointError, match="part tensors missing"):  # random frozen stages: not the bundled ones
         init_from(other, tmp_path / "pre.safetensors", ["backbone"])
+
+
+def test_a_pretrained_backbone_starts_the_first_stream_of_a_multi_stream_model(tmp_path):
+    """multigap's first stream is the backbone its spec names: a one-backbone checkpoint's tensors land there, and
+    the other streams keep their own weights."""
+    from emolens.weights import init_from
+
+    source = create_model("global", taxonomy="mikels")
+    source.backbone.tune_last_stages(2)
+    with torch.no_grad():
+        source.backbone.net.blocks[6][0].conv_pwl.weight.mul_(2)
+    save_model(source, tmp_path / "pre.safetensors", include_backbone=[f"backbone.{p}" for p in source.backbone.tuned_parts(2)])
+    seed = create_model("multigap:streams=efficientnet_lite0", taxonomy="emotionroi", task="polarity")
+    second = {k: v.clone() for k, v in seed.backbone.streams[1].state_dict().items()}
+    init_from(seed, tmp_path / "pre.safetensors", ["backbone"])
+    torch.testing.assert_close(seed.backbone.streams[0].state_dict(), source.backbone.state_dict())
+    torch.testing.assert_close(seed.backbone.streams[1].state_dict(), second)
