@@ -21,9 +21,10 @@ from emolens.recipes import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 PRETRAINING = RECIPES / "emotionroi_pretraining.toml"
-#: Columns of the table, by the metric names of results.json: classification, then retrieval where run.
+#: Columns of the table, by the metric names of results.json: classification, retrieval where run, and the epoch
+#: each fold's validation images chose (early epochs: the head over-fits the training folds).
 COLUMNS = {"accuracy": "accuracy", "balanced_accuracy": "balanced acc.", "macro_f1": "macro-F1",
-           "map8": "mAP (classes)", "map2": "mAP2", "nn": "NN", "ft": "FT", "st": "ST"}
+           "map8": "mAP (classes)", "map2": "mAP2", "nn": "NN", "ft": "FT", "st": "ST", "best_epoch": "best epoch"}
 INITS = ("ImageNet", "affective pre-training")
 
 

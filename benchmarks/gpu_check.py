@@ -107,7 +107,9 @@ def main() -> None:
     args = parser.parse_args()
     _, world = init_distributed("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
     names = [n for n in args.recipes.split(",") if n]
-    recipes = [load_recipe(p) for p in sorted(RECIPES.glob("*.toml")) if not names or p.stem in names]
+    # the recipes of the papers' GPU protocols (those of this project's CPU protocol train on cached features)
+    recipes = [r for r in map(load_recipe, sorted(RECIPES.glob("*.toml"))) if not r.cpu_protocol
+               and (not names or r.name in names)]
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "CPU"
     rows = []
     for recipe in recipes:
