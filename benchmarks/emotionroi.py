@@ -28,20 +28,25 @@ COLUMNS = {"accuracy": "accuracy", "balanced_accuracy": "balanced acc.", "macro_
 INITS = ("ImageNet", "affective pre-training")
 
 
-def run(recipe: Path, data: list[str], out: Path, extra: list[str]) -> dict:
-    """``emolens benchmark --recipe`` into ``out`` (skipped when its results are there); its results.json."""
+def run(recipe: Path, data: list[str], out: Path, cache: Path, extra: list[str]) -> dict:
+    """``emolens benchmark --recipe`` into ``out`` (skipped when its results are there), its features cached in
+    ``cache``, which every run shares (each cache in it is keyed by images, weights, features and view); its
+    results.json."""
     results = out / "results.json"
     if not results.is_file():
-        command = [sys.executable, "-m", "emolens", "benchmark", "--recipe", str(recipe), "--out", str(out), *extra]
+        command = [sys.executable, "-m", "emolens", "benchmark", "--recipe", str(recipe), "--out", str(out),
+                   "--cache-dir", str(cache), *extra]
         for spec in data:
             command += ["--data", spec]
-        subprocess.run(command, check=True)
+        if subprocess.run(command).returncode:
+            sys.exit(f"emolens benchmark --recipe {recipe.name} stopped (its message is above); run again to resume")
     return json.loads(results.read_text())
 
 
-def pretrained_weights(data_root: Path, out: Path, extra: list[str]) -> Path:
+def pretrained_weights(data_root: Path, out: Path, cache: Path, extra: list[str]) -> Path:
     """The affective pre-training's checkpoint (its one model's run), trained first if it is not in ``out``."""
-    results = run(PRETRAINING, [f"flickr_ldl={data_root / 'flickr_ldl'}", f"oasis={data_root / 'oasis'}"], out, extra)
+    results = run(PRETRAINING, [f"flickr_ldl={data_root / 'flickr_ldl'}", f"oasis={data_root / 'oasis'}"], out, cache,
+                  extra)
     (checkpoint,) = (out / slug(spec) / "fold0" / "best.safetensors" for spec in results["models"])
     return checkpoint
 
@@ -96,10 +101,11 @@ def main() -> None:
     if recipe.dataset != "emotionroi":
         parser.error(f"{args.recipe} is a recipe for {recipe.dataset}, not EmotionROI")
     data = [f"emotionroi={args.data / 'emotion6'}"]
-    runs = {INITS[0]: run(recipe.path, data, args.out / recipe.name / "imagenet", args.extra)}
+    cache = args.out / "cache"
+    runs = {INITS[0]: run(recipe.path, data, args.out / recipe.name / "imagenet", cache, args.extra)}
     if not args.imagenet_only:
-        weights = pretrained_weights(args.data, args.out / "pretraining", args.extra)
-        runs[INITS[1]] = run(recipe.path, data, args.out / recipe.name / "affective",
+        weights = pretrained_weights(args.data, args.out / "pretraining", cache, args.extra)
+        runs[INITS[1]] = run(recipe.path, data, args.out / recipe.name / "affective", cache,
                              [*args.extra, "--init", str(weights), "--init-parts", "backbone"])
     metric = "map8" if recipe.settings.get("retrieval") else "accuracy"
     print(f"\n{recipe.title}: {recipe.reproduces}\nCPU protocol: {recipe.cpu_protocol}\n")

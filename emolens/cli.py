@@ -389,6 +389,9 @@ def benchmark(
     model_arg: list[str] = typer.Option(None, "--model-arg", help="KEY=VALUE set in every model spec, e.g. "
                                         "detector_weights=coco.pth (repeatable)."),
     out: Path = typer.Option(Path("results"), help="Folder for folds, runs, feature cache and results.json."),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="Folder of the frozen-backbone feature cache (default: "
+                                   "OUT/cache); benchmarks of the same images may share one, each cache being keyed "
+                                   "by the images, the backbone's weights, the features and the view."),
     task: str = TASK, folds: int = typer.Option(5, min=2, help="k of the k-fold cross-validation."),
     backbone: str = typer.Option(None, help="timm backbone for every model (default: each model's default)."),
     backbone_weights: str = typer.Option("imagenet", help="'imagenet' (bundled), a local weights file, or 'none'."),
@@ -439,7 +442,7 @@ def benchmark(
         results = run_benchmark(ds, specs, o["task"], out, o["folds"], o["seed"], config, o["backbone"], weights,
                                 progress=True, log=lambda m: err_console.print(m), retrieval=o["retrieval"],
                                 protocol=o["protocol"], retrieval_protocol=o["retrieval_protocol"],
-                                recipe=paper.about() if paper else None)
+                                recipe=paper.about() if paper else None, cache_dir=cache_dir)
     except typer.Exit:
         raise
     except (*CANNOT_RUN, RuntimeError) as e:
@@ -480,7 +483,7 @@ def recipe_options(ctx: typer.Context, recipe, options: dict) -> dict:
     given = {name for name in params if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
     out = dict(options)
     for name, value in recipe.settings.items():
-        if name not in params or name in ("data", "recipe", "out"):
+        if name not in params or name in ("data", "recipe", "out", "cache_dir"):
             raise ValueError(f"{recipe.path}: unknown setting {name!r}")
         if name not in given:
             try:

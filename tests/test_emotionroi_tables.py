@@ -40,6 +40,9 @@ def test_a_table_runs_both_starts_and_each_model_of_the_second_starts_from_the_p
     assert sum("| affective pre-training |" in line for line in rows) == len(recipe.settings["models"].split(";"))
     assert "pre-training" in result.stdout.split("\n- ")[-1]  # the gain per model is reported
 
+    caches = [p for p in out.rglob("cache") if p.is_dir()]
+    assert caches == [out / "cache"] and len(list(caches[0].iterdir())) > 1  # every run's features in one cache
+
     (pretrained,) = (out / "pretraining").glob("*/fold0")
     tuned = backbone_tensors(pretrained)
     for run in sorted((out / recipe.name / "affective").glob("*/fold0")):

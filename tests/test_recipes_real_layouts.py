@@ -59,6 +59,8 @@ def recipe_args(name: str, root: Path, data: dict, runs: dict) -> list[str]:
             "--limit", "24", "--epochs", "1", "--workers", "0", "--backbone-weights", weights]
     if recipe.settings["protocol"] == "kfold":
         args += ["--folds", "2"]
+    if recipe.settings.get("cache_views"):
+        args += ["--cache-views", "1"]  # each view is a pass of the real backbone; one shows the views work
     if "model_arg.detector_weights" in recipe.requires:
         args += ["--model-arg", f"detector_weights={root / 'fasterrcnn_resnet50_fpn_coco.pth'}"]
     if "model_arg.stream_weights" in recipe.requires:
