@@ -68,7 +68,9 @@ def table(recipe, runs: dict[str, dict]) -> list[str]:
                      + " | ".join(f"{figures[c]:.3f}" if c in figures else "-" for c in columns) + " |")
     for spec in measured["models"]:
         for start, results in runs.items():
-            lines.append(f"| `{spec}` | {start} | " + " | ".join(cell(results["models"][spec], c) for c in columns) + " |")
+            if spec in results["models"]:  # a run given fewer --models leaves the others out
+                lines.append(f"| `{spec}` | {start} | " + " | ".join(cell(results["models"][spec], c) for c in columns)
+                             + " |")
     return lines
 
 
