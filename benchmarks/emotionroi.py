@@ -5,7 +5,8 @@ a Markdown table beside the paper's own rows, with each row's difference to ``gl
     python benchmarks/emotionroi.py --recipe recipes/emotionroi_003_maiafa.toml --out results/emotionroi
 
 Every run is the command a user types (``emolens benchmark --recipe ...``); options after ``--`` go to each of
-them (e.g. ``-- --limit 60 --epochs 1`` for a quick look). A finished run is read back, not run again.
+them (e.g. ``-- --limit 60 --epochs 1`` for a quick look, ``-- --models "global; maiafa:width=32"`` for some rows).
+A run whose results hold every model asked for is read back, not run again.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from emolens.cli import split_model_list
 from emolens.engine.benchmark import slug
 from emolens.recipes import load_recipe
 
@@ -29,11 +31,12 @@ INITS = ("ImageNet", "affective pre-training")
 
 
 def run(recipe: Path, data: list[str], out: Path, cache: Path, extra: list[str]) -> dict:
-    """``emolens benchmark --recipe`` into ``out`` (skipped when its results are there), its features cached in
-    ``cache``, which every run shares (each cache in it is keyed by images, weights, features and view); its
-    results.json."""
+    """``emolens benchmark --recipe`` into ``out`` (skipped when its results hold every model asked for; a stopped
+    run resumes), its features cached in ``cache``, which every run shares (each cache in it is keyed by images,
+    weights, features and view); its results.json."""
     results = out / "results.json"
-    if not results.is_file():
+    models = extra[extra.index("--models") + 1] if "--models" in extra else load_recipe(recipe).settings["models"]
+    if not results.is_file() or set(split_model_list(models)) - set(json.loads(results.read_text())["models"]):
         command = [sys.executable, "-m", "emolens", "benchmark", "--recipe", str(recipe), "--out", str(out),
                    "--cache-dir", str(cache), *extra]
         for spec in data:
@@ -106,7 +109,9 @@ def main() -> None:
     cache = args.out / "cache"
     runs = {INITS[0]: run(recipe.path, data, args.out / recipe.name / "imagenet", cache, args.extra)}
     if not args.imagenet_only:
-        weights = pretrained_weights(args.data, args.out / "pretraining", cache, args.extra)
+        rows = args.extra.index("--models") if "--models" in args.extra else len(args.extra)
+        weights = pretrained_weights(args.data, args.out / "pretraining", cache,
+                                     args.extra[:rows] + args.extra[rows + 2:])  # the table's rows are not its model
         runs[INITS[1]] = run(recipe.path, data, args.out / recipe.name / "affective", cache,
                              [*args.extra, "--init", str(weights), "--init-parts", "backbone"])
     metric = "map8" if recipe.settings.get("retrieval") else "accuracy"
