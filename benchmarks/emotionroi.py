@@ -56,7 +56,8 @@ def pretrained_weights(data_root: Path, out: Path, cache: Path, extra: list[str]
 
 def cell(figures: dict, metric: str) -> str:
     mean, std = figures["mean"].get(metric), figures["std"].get(metric)
-    return "-" if mean is None else f"{mean:.3f} ± {std:.3f}"
+    digits = 1 if metric == "best_epoch" else 3
+    return "-" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def table(recipe, runs: dict[str, dict]) -> list[str]:
