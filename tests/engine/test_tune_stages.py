@@ -10,7 +10,7 @@ from emolens.backbones import Backbone
 from emolens.engine import TrainConfig, evaluate, fit
 from emolens.engine.trainer import feature_cache
 from emolens.checkpoints import CheckpointError
-from emolens.weights import load_model, save_model
+from emolens.weights import init_from, load_model, save_model
 
 
 def config(**kw):
@@ -127,16 +127,21 @@ def test_a_checkpoint_over_bundled_weights_keeps_only_the_tuned_stages(tmp_path)
         torch.testing.assert_close(loaded.state_dict()[key], value, msg=key)
 
 
-def test_another_model_starts_from_the_tuned_stages_of_a_run_over_bundled_weights(tmp_path):
-    """An affective pre-training with the last stages tuned saves only those stages; a seed model built on the same
-    bundled backbone takes them with --init-parts backbone (the frozen stages are the bundled ones in both)."""
-    from emolens.weights import init_from
-
+def pretrained(path):
+    """A model over the bundled Lite0 whose last two stages were tuned (one weight changed), saved as a run over
+    bundled weights saves: only the tuned stages of its backbone."""
     source = create_model("global", taxonomy="mikels")
     source.backbone.tune_last_stages(2)
     with torch.no_grad():
         source.backbone.net.blocks[6][0].conv_pwl.weight.mul_(2)
-    save_model(source, tmp_path / "pre.safetensors", include_backbone=[f"backbone.{p}" for p in source.backbone.tuned_parts(2)])
+    save_model(source, path, include_backbone=[f"backbone.{p}" for p in source.backbone.tuned_parts(2)])
+    return source
+
+
+def test_another_model_starts_from_the_tuned_stages_of_a_run_over_bundled_weights(tmp_path):
+    """An affective pre-training with the last stages tuned saves only those stages; a seed model built on the same
+    bundled backbone takes them with --init-parts backbone (the frozen stages are the bundled ones in both)."""
+    source = pretrained(tmp_path / "pre.safetensors")
     seed = create_model("maiafa:width=16,groups=2", taxonomy="emotionroi", task="polarity")
     init_from(seed, tmp_path / "pre.safetensors", ["backbone"])
     torch.testing.assert_close(seed.backbone.state_dict(), source.backbone.state_dict())
@@ -148,13 +153,7 @@ def test_another_model_starts_from_the_tuned_stages_of_a_run_over_bundled_weight
 def test_a_pretrained_backbone_starts_the_first_stream_of_a_multi_stream_model(tmp_path):
     """multigap's first stream is the backbone its spec names: a one-backbone checkpoint's tensors land there, and
     the other streams keep their own weights."""
-    from emolens.weights import init_from
-
-    source = create_model("global", taxonomy="mikels")
-    source.backbone.tune_last_stages(2)
-    with torch.no_grad():
-        source.backbone.net.blocks[6][0].conv_pwl.weight.mul_(2)
-    save_model(source, tmp_path / "pre.safetensors", include_backbone=[f"backbone.{p}" for p in source.backbone.tuned_parts(2)])
+    source = pretrained(tmp_path / "pre.safetensors")
     seed = create_model("multigap:streams=efficientnet_lite0", taxonomy="emotionroi", task="polarity")
     second = {k: v.clone() for k, v in seed.backbone.streams[1].state_dict().items()}
     init_from(seed, tmp_path / "pre.safetensors", ["backbone"])
