@@ -5,8 +5,8 @@ a Markdown table beside the paper's own rows, with each row's difference to ``gl
     python benchmarks/emotionroi.py --recipe recipes/emotionroi_003_maiafa.toml --out results/emotionroi
 
 Every run is the command a user types (``emolens benchmark --recipe ...``); options after ``--`` go to each of
-them (e.g. ``-- --limit 60 --epochs 1`` for a quick look, ``-- --models "global; maiafa:width=32"`` for some rows).
-A run whose results hold every model asked for is read back, not run again.
+them (e.g. ``-- --limit 60 --epochs 1`` for a quick look); ``--models "global; maiafa:width=32"`` runs some rows of
+the table only. A run whose results hold every model asked for is read back, not run again.
 """
 
 from __future__ import annotations
@@ -30,15 +30,15 @@ COLUMNS = {"accuracy": "accuracy", "balanced_accuracy": "balanced acc.", "macro_
 INITS = ("ImageNet", "affective pre-training")
 
 
-def run(recipe: Path, data: list[str], out: Path, cache: Path, extra: list[str]) -> dict:
-    """``emolens benchmark --recipe`` into ``out`` (skipped when its results hold every model asked for; a stopped
-    run resumes), its features cached in ``cache``, which every run shares (each cache in it is keyed by images,
-    weights, features and view); its results.json."""
+def run(recipe: Path, data: list[str], out: Path, cache: Path, extra: list[str], models: str | None = None) -> dict:
+    """``emolens benchmark --recipe`` into ``out`` for ``models`` (default: the recipe's), skipped when its results
+    hold every one of them (a stopped run resumes), its features cached in ``cache``, which every run shares (each
+    cache in it is keyed by images, weights, features and view); its results.json."""
     results = out / "results.json"
-    models = extra[extra.index("--models") + 1] if "--models" in extra else load_recipe(recipe).settings["models"]
-    if not results.is_file() or set(split_model_list(models)) - set(json.loads(results.read_text())["models"]):
+    specs = split_model_list(models or load_recipe(recipe).settings["models"])
+    if not results.is_file() or set(specs) - set(json.loads(results.read_text())["models"]):
         command = [sys.executable, "-m", "emolens", "benchmark", "--recipe", str(recipe), "--out", str(out),
-                   "--cache-dir", str(cache), *extra]
+                   "--cache-dir", str(cache), *extra, *(["--models", models] if models else [])]
         for spec in data:
             command += ["--data", spec]
         if subprocess.run(command).returncode:
@@ -101,6 +101,7 @@ def main() -> None:
                         help="the folder holding emotion6/ (EmotionROI's images), flickr_ldl/ and oasis/")
     parser.add_argument("--out", type=Path, default=Path("results/emotionroi"))
     parser.add_argument("--imagenet-only", action="store_true", help="skip the affective pre-training's rows")
+    parser.add_argument("--models", default=None, help="the table's rows, if not every model of the recipe")
     parser.add_argument("extra", nargs="*", help="after --: options for every emolens benchmark run")
     args = parser.parse_args()
     recipe = load_recipe(args.recipe)
@@ -108,13 +109,11 @@ def main() -> None:
         parser.error(f"{args.recipe} is a recipe for {recipe.dataset}, not EmotionROI")
     data = [f"emotionroi={args.data / 'emotion6'}"]
     cache = args.out / "cache"
-    runs = {INITS[0]: run(recipe.path, data, args.out / recipe.name / "imagenet", cache, args.extra)}
+    runs = {INITS[0]: run(recipe.path, data, args.out / recipe.name / "imagenet", cache, args.extra, args.models)}
     if not args.imagenet_only:
-        rows = args.extra.index("--models") if "--models" in args.extra else len(args.extra)
-        weights = pretrained_weights(args.data, args.out / "pretraining", cache,
-                                     args.extra[:rows] + args.extra[rows + 2:])  # the table's rows are not its model
+        weights = pretrained_weights(args.data, args.out / "pretraining", cache, args.extra)
         runs[INITS[1]] = run(recipe.path, data, args.out / recipe.name / "affective", cache,
-                             [*args.extra, "--init", str(weights), "--init-parts", "backbone"])
+                             [*args.extra, "--init", str(weights), "--init-parts", "backbone"], args.models)
     metric = "map8" if recipe.settings.get("retrieval") else "accuracy"
     print(f"\n{recipe.title}: {recipe.reproduces}\nCPU protocol: {recipe.cpu_protocol}\n")
     print("\n".join(table(recipe, runs)))

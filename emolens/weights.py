@@ -99,7 +99,7 @@ def init_from(model: EmotionModel, source: str | Path, parts: Sequence[str] | No
     state, meta = load_checkpoint(resolve_weights(source))
     ours = model.state_dict()
     if parts and "backbone" in parts:
-        state = first_stream(state, ours)
+        state = onto_named_backbone(state, model.named_backbone)
     if parts:
         theirs, mine = meta.get("spec", {}).get("backbone"), model.spec.get("backbone")
         read_features = [p for p in parts if p != "backbone"]
@@ -123,13 +123,13 @@ def init_from(model: EmotionModel, source: str | Path, parts: Sequence[str] | No
     load_into(_Subset(model, state.keys()), state, source=str(source))
 
 
-def first_stream(state: dict, ours: dict) -> dict:
-    """``state`` with a one-network backbone's tensors renamed onto the first stream of a model whose backbone is
-    several streams (multigap's first stream is the backbone its spec names); as it was otherwise."""
-    if not any(k.startswith("backbone.streams.0.") for k in ours) or any(k.startswith("backbone.streams.") for k in state):
+def onto_named_backbone(state: dict, named_backbone: str) -> dict:
+    """``state`` with a one-network checkpoint's ``backbone.*`` tensors renamed to where the model keeps the network
+    its spec names (``named_backbone``, e.g. multigap's first stream); as it was when the two agree."""
+    prefix = f"{named_backbone}."
+    if prefix == "backbone." or any(k.startswith(prefix) for k in state):
         return state
-    return {f"backbone.streams.0.{k.removeprefix('backbone.')}" if k.startswith("backbone.") else k: v
-            for k, v in state.items()}
+    return {prefix + k.removeprefix("backbone.") if k.startswith("backbone.") else k: v for k, v in state.items()}
 
 
 def bundled_in_both(key: str, meta: dict, model: EmotionModel) -> bool:

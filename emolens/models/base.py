@@ -46,6 +46,9 @@ class EmotionModel(nn.Module):
     #: Arguments naming a weights file read when the model is first built; a saved model holds those tensors,
     #: so it is rebuilt with :data:`WEIGHTS_IN_CHECKPOINT` there instead of reading the file again.
     weight_file_args: tuple[str, ...] = ()
+    #: Where this model keeps the network its ``backbone`` spec names (a model of several streams: the first),
+    #: so that ``--init-parts backbone`` from a one-network checkpoint lands there.
+    named_backbone: str = "backbone"
 
     def __init__(
         self,

@@ -47,6 +47,7 @@ class JointModel(EmotionModel):
         self.trunk = built
         self.feature_keys, self.extra_keys = built.feature_keys, built.extra_keys
         self.random_crops, self.onnx_unsupported = built.random_crops, built.onnx_unsupported
+        self.named_backbone = built.named_backbone
         with eval_mode(self), torch.no_grad():
             width = self.trunk.head(self.backbone(blank_image(self.backbone)))["embedding"].shape[1]
         self.spaces = names

@@ -124,6 +124,7 @@ class MultiGap(EmotionModel):
     ``attention``, ``fusion`` (``early``/``late``), ``anp`` (ANP vector size, 0 = none)."""
 
     feature_keys = ("block_means",)
+    named_backbone = "backbone.streams.0"  # the first stream is the spec's backbone
 
     def __init__(self, *args, streams: str = "", stream_weights: str = "", stream_input: str = "rgb",
                  stream_mean: str = "", depth: int = 0, width: int = 64,
