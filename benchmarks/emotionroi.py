@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from emolens.cli import split_model_list
+from emolens.data.joint import JointDataset, joint_spec, open_datasets
 from emolens.engine.benchmark import slug
 from emolens.recipes import load_recipe
 
@@ -36,7 +37,7 @@ def run(recipe: Path, data: list[str], out: Path, cache: Path, extra: list[str],
     cache in it is keyed by images, weights, features and view); its results.json."""
     results = out / "results.json"
     specs = split_model_list(models or load_recipe(recipe).settings["models"])
-    if not results.is_file() or set(specs) - set(json.loads(results.read_text())["models"]):
+    if not results.is_file() or set(result_names(specs, data)) - set(json.loads(results.read_text())["models"]):
         command = [sys.executable, "-m", "emolens", "benchmark", "--recipe", str(recipe), "--out", str(out),
                    "--cache-dir", str(cache), *extra, *(["--models", models] if models else [])]
         for spec in data:
@@ -44,6 +45,12 @@ def run(recipe: Path, data: list[str], out: Path, cache: Path, extra: list[str],
         if subprocess.run(command).returncode:
             sys.exit(f"emolens benchmark --recipe {recipe.name} stopped (its message is above); run again to resume")
     return json.loads(results.read_text())
+
+
+def result_names(specs: list[str], data: list[str]) -> list[str]:
+    """The names ``emolens benchmark`` gives ``specs`` in its results: on several datasets, joint models'."""
+    dataset = open_datasets(data)
+    return [joint_spec(s, dataset) for s in specs] if isinstance(dataset, JointDataset) else specs
 
 
 def pretrained_weights(data_root: Path, out: Path, cache: Path, extra: list[str]) -> Path:

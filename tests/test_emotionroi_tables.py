@@ -29,9 +29,9 @@ def test_a_table_runs_both_starts_and_each_model_of_the_second_starts_from_the_p
     make_oasis(data / "oasis", n=40)
     quick = ["--epochs", "1", "--folds", "2", "--batch-size", "8", "--workers", "0", "--backbone", "test_efficientnet",
              "--backbone-weights", "none"]
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "emotionroi.py"), "--recipe", str(RECIPE),
-                             "--data", str(data), "--out", str(out), "--", *quick],
-                            capture_output=True, text=True, cwd=ROOT, timeout=900)
+    command = [sys.executable, str(ROOT / "benchmarks" / "emotionroi.py"), "--recipe", str(RECIPE), "--data", str(data),
+               "--out", str(out), "--", *quick]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     recipe = load_recipe(RECIPE)
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
@@ -51,3 +51,9 @@ def test_a_table_runs_both_starts_and_each_model_of_the_second_starts_from_the_p
     for run in sorted((out / recipe.name / "imagenet").glob("*/fold0")):
         theirs = backbone_tensors(run)
         assert not all(torch.equal(theirs[k], v) for k, v in tuned.items()), run
+
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("results.json")}
+    assert len(written) == 3  # the pre-training's (a joint model: named unlike its recipe's spec) and both starts'
+    again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert again.returncode == 0 and result.stdout.endswith(again.stdout), again.stderr[-3000:]  # the same table
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("results.json")} == written  # read back, not run again
