@@ -3,6 +3,7 @@ from the affective pre-training (Flickr_LDL + OASIS), whose backbone every model
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,20 @@ def test_a_table_runs_both_starts_and_each_model_of_the_second_starts_from_the_p
     again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert again.returncode == 0 and result.stdout.endswith(again.stdout), again.stderr[-3000:]  # the same table
     assert {p: p.stat().st_mtime_ns for p in out.rglob("results.json")} == written  # read back, not run again
+
+
+    # the figures behind the README's reasons: MAI-AFA's region map D and level weights, trained and untrained
+    full, no_interaction = (out / recipe.name / "affective" / f / "fold0"
+                            for f in ("maiafa_width=32", "maiafa_width=32_interaction=false"))
+    spread = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "map_spread.py"), str(full), str(no_interaction),
+                             "--images", "6", "--untrained", "--json", str(tmp_path / "spread.json")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert spread.returncode == 0, spread.stderr[-3000:]
+    reports = json.loads((tmp_path / "spread.json").read_text())
+    assert [(Path(r["run"]), r["untrained"]) for r in reports] == [
+        (full, False), (full, True), (no_interaction, False), (no_interaction, True)]
+    assert all(set(r["maps"]) == {"region map D"} and 0 < r["maps"]["region map D"]["effective_share"] <= 1 + 1e-6
+               for r in reports[:2])
+    assert not reports[2]["maps"] and all(len(r["level_weights"]["mean"]) == 4 for r in reports)
+    assert reports[0]["level_weights"] != reports[1]["level_weights"]  # trained ψ, not a fresh model's
+    assert "region map D: mean" in spread.stdout
