@@ -25,8 +25,9 @@ def test_constant_one_hot_and_half_maps():
     one_hot = torch.zeros(1, 4, 4)
     one_hot[0, 1, 2] = 1
     assert spread(one_hot)["effective_share"] == pytest.approx(1 / 16)
-    half = torch.zeros(3, 2, 4)
-    half[:, 0] = 0.8
+    half = torch.zeros(3, 2, 4)  # each image lit on its top half, at its own level
+    half[:, 0] = torch.tensor([0.8, 0.4, 0.2]).view(3, 1)
     figures = spread(half)
     assert figures["effective_share"] == pytest.approx(0.5) and figures["min_effective_share"] == pytest.approx(0.5)
-    assert figures["mean"] == pytest.approx(0.4) and figures["spatial_std"] == pytest.approx(float(half[0].std()))
+    stds = [float(image.std()) for image in half]  # 0.8, 0.4 and 0.2 times the std of eight 0s and 1s
+    assert figures["mean"] == pytest.approx(0.7 / 3 / 2) and figures["spatial_std"] == pytest.approx(sum(stds) / 3)
