@@ -30,4 +30,4 @@ def test_constant_one_hot_and_half_maps():
     figures = spread(half)
     assert figures["effective_share"] == pytest.approx(0.5) and figures["min_effective_share"] == pytest.approx(0.5)
     stds = [float(image.std()) for image in half]  # 0.8, 0.4 and 0.2 times the std of eight 0s and 1s
-    assert figures["mean"] == pytest.approx(0.7 / 3 / 2) and figures["spatial_std"] == pytest.approx(sum(stds) / 3)
+    assert figures["mean"] == pytest.approx((0.8 + 0.4 + 0.2) / 3 / 2) and figures["spatial_std"] == pytest.approx(sum(stds) / 3)
