@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -597,11 +598,21 @@ def saved_backbone(model: EmotionModel, config: TrainConfig) -> bool | list[str]
 RUN_ENVIRONMENT = ("workers", "device", "cache_budget", "compile_backend")
 
 
+#: Settings that name a file: the same file reached by another path (a symlink, a relative path) is the same setting.
+FILE_SETTINGS = ("init",)
+
+
+def same_setting(name: str, saved, now) -> bool:
+    if name in FILE_SETTINGS and isinstance(saved, str) and isinstance(now, str):
+        return os.path.realpath(saved) == os.path.realpath(now)
+    return saved == now
+
+
 def changed_settings(saved: dict, config: TrainConfig) -> list[str]:
     """``"name saved -> now"`` for each training setting of ``config`` that differs from a run's ``saved`` one."""
     now = json.loads(json.dumps(asdict(config)))  # as the checkpoint's JSON holds it (tuples as lists)
-    return [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items()
-            if k not in RUN_ENVIRONMENT and k in saved and saved[k] != v]  # a setting newer than the run: its default
+    return [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items()  # a setting newer than the run: its default
+            if k not in RUN_ENVIRONMENT and k in saved and not same_setting(k, saved[k], v)]
 
 
 def freeze_unreached(model: nn.Module, training_loss: Callable[[], torch.Tensor]) -> list[str]:

@@ -107,6 +107,20 @@ def test_resume_refuses_other_training_settings_and_names_them(tiny, tmp_path):
         fit(tiny_model(), ds, fold, tmp_path / "r", config(epochs=3), resume=True, progress=False)
 
 
+def test_resume_takes_the_same_init_file_by_another_path_and_refuses_another_file(tiny, tmp_path):
+    ds, fold = tiny
+    for source in ("a", "b"):
+        fit(tiny_model(), ds, fold, tmp_path / source, config(epochs=1), progress=False)
+    (tmp_path / "link").symlink_to(tmp_path / "a")  # e.g. an output folder reached through a symlink
+    fit(tiny_model(), ds, fold, tmp_path / "r", config(epochs=1, init=str(tmp_path / "a")), progress=False)
+    resumed = fit(tiny_model(), ds, fold, tmp_path / "r", config(epochs=1, init=str(tmp_path / "link")),
+                  resume=True, progress=False)
+    assert [h["epoch"] for h in resumed.history] == [1]  # the finished run read back
+    with pytest.raises(CheckpointError, match=r"\(init '\S*a' -> '\S*b'\)"):
+        fit(tiny_model(), ds, fold, tmp_path / "r", config(epochs=1, init=str(tmp_path / "b")), resume=True,
+            progress=False)
+
+
 def test_frozen_backbone_trains_only_the_head_from_cached_features(tiny, tmp_path):
     ds, fold = tiny
     model = tiny_model("global")
