@@ -588,8 +588,9 @@ def split_backbone(model: EmotionModel, count: int) -> Backbone:
 
 def saved_backbone(model: EmotionModel, config: TrainConfig) -> bool | list[str]:
     """What of the backbone a checkpoint keeps: nothing of bundled weights left frozen, only the tuned stages of
-    bundled weights, else all of it."""
-    if model.spec.get("backbone_weights") != "imagenet" or not config.caches_features:
+    bundled weights, else all of it (a backbone that ``init`` loaded is not the bundled one)."""
+    backbone_from_init = config.init is not None and (not config.init_parts or "backbone" in config.init_parts)
+    if model.spec.get("backbone_weights") != "imagenet" or not config.caches_features or backbone_from_init:
         return True
     return [f"backbone.{part}" for part in model.backbone.tuned_parts(config.tune_stages)] if config.tune_stages else False
 

@@ -159,3 +159,19 @@ def test_a_pretrained_backbone_starts_the_first_stream_of_a_multi_stream_model(t
     init_from(seed, tmp_path / "pre.safetensors", ["backbone"])
     torch.testing.assert_close(seed.backbone.streams[0].state_dict(), source.backbone.state_dict())
     torch.testing.assert_close(seed.backbone.streams[1].state_dict(), second)
+
+
+def test_a_frozen_run_from_the_pretrained_stages_saves_that_backbone_not_the_bundled_one(tmp_path):
+    """The EmotionROI tables' affective rows: a frozen, cached run over bundled Lite0 that --init put the pre-trained
+    stages into keeps them in its checkpoint, so the model read back (and tested) is the model trained."""
+    from recipe_data import make_emotionroi
+    from emolens.data import load_dataset, make_protocol
+
+    source = pretrained(tmp_path / "pre.safetensors")
+    dataset = load_dataset(make_emotionroi(tmp_path / "emotion6", per_class=2))
+    fold = make_protocol(dataset, "split", seed=0, fractions=(0.5, 0.25, 0.25)).folds[0]
+    seed = create_model("global", taxonomy=dataset.taxonomy, task="polarity")
+    fit(seed, dataset, fold, tmp_path / "run", config(epochs=1, tune_stages=0, freeze_backbone=True,
+                                                       init=str(tmp_path / "pre.safetensors"), init_parts=("backbone",)),
+        progress=False)
+    torch.testing.assert_close(load_model(tmp_path / "run").backbone.state_dict(), source.backbone.state_dict())
