@@ -22,7 +22,8 @@ Choices where the text is open:
 ``attention=none`` gives the paper's baselines (last level, GAP, linear, L2 norm; "SO" in its Table 2),
 ``attention=single`` the emotion-specific module only ("SA"), ``bilinear=0`` concatenation instead
 of CLB. The emotion confidences C serve as the model's class scores (``logits = log C``); without
-attention, a linear probe on the detached embedding gives them, so it never shapes the embedding.
+attention, a linear layer on the embedding gives them: ``loss=ce`` trains the embedding through it (the
+paper's softmax feature), while a metric loss trains it as a probe on the detached embedding.
 """
 
 from __future__ import annotations
@@ -135,8 +136,10 @@ class Apse(EmotionModel):
             pooled = high.mean((2, 3))
         embedding = F.normalize(self.embed(pooled), dim=1)
         if self.probe is not None:
-            logits = self.probe(embedding.detach())
-            out["probe_logits"] = logits
+            # a softmax loss (loss=ce) trains the embedding through these logits; a metric loss adds the probe's
+            # cross-entropy on the detached embedding, so the probe never shapes the embedding it measures
+            logits = self.probe(embedding)
+            out["probe_logits"] = self.probe(embedding.detach())
         else:
             logits = out["emotion_confidence"].clamp_min(1e-12).log()
         return {**out, "embedding": embedding, "logits": logits, "distribution": logits.softmax(-1)}

@@ -184,3 +184,22 @@ def test_attention_spreads_over_real_photos_and_embeddings_differ(shared_data):
         embedding = model(images)["embedding"]
     distances = torch.cdist(embedding, embedding) + 10 * torch.eye(len(paths))
     assert float(distances.min()) > 1e-3
+
+
+def test_the_softmax_feature_is_trained_by_its_loss_and_a_metric_loss_alone_shapes_its_embedding():
+    """Paper 002's softmax row: cross-entropy reaches the embedding layer; beside N-pair, EP or WEP the linear
+    probe's cross-entropy does not (only the metric does)."""
+    x = inputs(tiny_model("apse"), 8)
+    labels = torch.tensor([0, 0, 1, 1, 4, 4, 5, 5])
+    softmax = tiny_model("apse:attention=none,loss=ce")
+    build_loss("ce", MIKELS)(softmax(x), {"label": labels}).backward()
+    assert softmax.embed.weight.grad.abs().sum() > 0 and softmax.probe.weight.grad.abs().sum() > 0
+    for name in ("npair", "ep"):
+        metric = tiny_model(f"apse:attention=none,loss={name}")
+        out = metric(x)
+        build_loss(name, MIKELS).loss.metric(out, labels).sum().backward(retain_graph=True)
+        from_metric = metric.embed.weight.grad.clone()
+        metric.zero_grad()
+        build_loss(name, MIKELS)(out, {"label": labels}).backward()
+        torch.testing.assert_close(metric.embed.weight.grad, from_metric)  # the probe's term adds nothing to it
+        assert metric.probe.weight.grad.abs().sum() > 0
