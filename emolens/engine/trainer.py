@@ -317,8 +317,9 @@ def feature_cache(model: EmotionModel, dataset: EmotionDataset, cache_dir: Path,
                           "the frozen backbone runs on the fly")
         return None
     if is_main():
-        if progress:
-            console.print(f"caching backbone features: {size} in {plan.folder}")
+        if progress:  # one cache per view, each built in turn: say which, beside the size of them all
+            which = "evaluation view" if view is None else f"random view {view + 1} of {config.cache_views}"
+            console.print(f"caching backbone features, {which} ({size} in all): {plan.folder}")
         cache = build_cache(plan, source, paths, config.batch_size, config.workers, progress, placement, view)
     barrier()
     return cache if cache is not None else open_cache(plan)

@@ -18,14 +18,18 @@ def config(**kw):
                                  freeze_backbone=True), **kw})
 
 
-def test_the_cache_is_memory_mapped_and_its_size_said_first(tiny, tmp_path, capsys):
+def test_the_cache_is_memory_mapped_and_each_view_says_which_it_is_and_the_size_of_all(tiny, tmp_path, capsys):
     ds, _ = tiny
     model = tiny_model("maiafa:width=16,groups=2")
-    cache = feature_cache(model, ds, tmp_path / "cache", config(), progress=True)
+    cache = feature_cache(model, ds, tmp_path / "cache", config(cache_views=2), progress=True)
     arrays = [a for value in cache.features.values() for a in (value if isinstance(value, list) else [value])]
     assert arrays and all(isinstance(a, np.memmap) for a in arrays)
     said = " ".join(capsys.readouterr().err.split())
-    assert f"caching backbone features: {len(ds)} images x" in said and "GiB" in said
+    assert f"caching backbone features, evaluation view ({len(ds)} images x" in said and "x 3 views" in said
+    assert "GiB in all)" in said
+    feature_cache(model, ds, tmp_path / "cache", config(cache_views=2), progress=True, view=1)
+    said = " ".join(capsys.readouterr().err.split())
+    assert "caching backbone features, random view 2 of 2 (" in said
 
 
 def test_above_the_budget_the_backbone_runs_on_the_fly_with_the_same_head_outputs(tiny, tmp_path):
