@@ -1,5 +1,6 @@
 """How much a trained run's own maps (MAI-AFA's region map D, APSE's attention, MLR-CNN's class activation) vary
-over each image, and how its level weights (MAI-AFA's psi) vary between images, on its fold's test images.
+over each image, how its level weights (MAI-AFA's psi) vary between images, and how MLR-CNN's region scores
+spread and how often its top class survives without its regions, on its fold's test images.
 
     python benchmarks/map_spread.py results/emotionroi/emotionroi_003_maiafa/imagenet/maiafa_width=32/fold0
 
@@ -33,6 +34,23 @@ def spread(maps: torch.Tensor) -> dict[str, float]:
             "effective_share": float(effective.mean()), "min_effective_share": float(effective.min())}
 
 
+def region_score_spread(scores: list[torch.Tensor]) -> dict[str, float]:
+    """MLR-CNN's region scores S_emo (one tensor of its top regions per image): their mean, their spread between
+    the regions of an image, and the spread of an image's mean score between images."""
+    means = torch.stack([s.float().mean() for s in scores])
+    return {"mean": float(torch.cat(scores).float().mean()),
+            "std_within_image": float(torch.stack([s.float().std() for s in scores]).mean()),
+            "std_between_images": float(means.std())}
+
+
+def regions_zeroed_agreement(model, outputs: dict) -> torch.Tensor:
+    """Per image, whether MLR-CNN's top class stays the same with its region features zeroed in the classifier's
+    input (global features first, then the regions'): how much its decision leans on the regions."""
+    embedding = outputs["embedding"].clone()
+    embedding[:, model.backbone.num_features:] = 0
+    return model.classifier(embedding).argmax(1) == outputs["logits"].argmax(1)
+
+
 def untrained_like(model: torch.nn.Module) -> torch.nn.Module:
     """``model``'s spec freshly initialised around ``model``'s backbone, its own batch norms on batch statistics."""
     fresh = model_from_meta(model.meta)
@@ -54,7 +72,7 @@ def run_spread(run: Path, images: int, untrained: bool = False, batch_size: int 
         model = untrained_like(model)
     view = eval_transform(model.preprocessing)
     maps: dict[str, list[torch.Tensor]] = {}
-    weights = []
+    weights, region_scores, kept = [], [], []
     test = card["split"]["test"][:images]
     with torch.no_grad():
         for start in range(0, len(test), batch_size):
@@ -65,11 +83,19 @@ def run_spread(run: Path, images: int, untrained: bool = False, batch_size: int 
                 maps.setdefault(name, []).append(values)
             if "level_weights" in outputs:
                 weights.append(outputs["level_weights"])
+            if "box_scores" in outputs:
+                region_scores += outputs["box_scores"]
+                if model.features == "both":
+                    kept.append(regions_zeroed_agreement(model, outputs))
     report: dict = {"run": str(run), "untrained": untrained, "images": len(test),
                     "maps": {name: spread(torch.cat(v)) for name, v in maps.items()}}
     if weights:
         psi = torch.cat(weights)
         report["level_weights"] = {"mean": psi.mean(0).tolist(), "std_over_images": psi.std(0).tolist()}
+    if region_scores:
+        report["region_scores"] = region_score_spread(region_scores)
+    if kept:
+        report["top_class_kept_without_regions"] = float(torch.cat(kept).float().mean())
     return report
 
 
@@ -97,6 +123,12 @@ def main() -> None:
             lw = report["level_weights"]
             print("  level weights, coarse to fine: mean " + " ".join(f"{v:+.3f}" for v in lw["mean"])
                   + "; std over images " + " ".join(f"{v:.3f}" for v in lw["std_over_images"]))
+        if "region_scores" in report:
+            rs = report["region_scores"]
+            print(f"  region scores S_emo: mean {rs['mean']:.3f}, std within an image {rs['std_within_image']:.3f}, "
+                  f"std of an image's mean between images {rs['std_between_images']:.3f}")
+        if "top_class_kept_without_regions" in report:
+            print(f"  top class kept with the regions zeroed: {report['top_class_kept_without_regions']:.3f} of images")
         if not report["maps"] and "level_weights" not in report:
             print("  the model draws no maps and weighs no levels")
     if args.json:

@@ -319,7 +319,7 @@ def build_cache(plan: CachePlan, backbone, paths: Sequence[Path], batch_size: in
     todo = [k for k in range(plan.shards) if k not in state["done"]]
     shard_rows = {k: range(k * plan.shard_size, min(len(paths), (k + 1) * plan.shard_size)) for k in todo}
     with eval_mode(backbone), Progress(transient=True, disable=not progress) as bar:
-        task = bar.add_task("caching backbone features" + (f" (view {view})" if view is not None else ""),
+        task = bar.add_task("caching backbone features" + (f" (random view {view + 1})" if view is not None else ""),
                             total=len(paths), completed=len(paths) - sum(map(len, shard_rows.values())))
         pre = backbone.preprocessing
         for shard, rows in shard_rows.items():
