@@ -8,6 +8,7 @@ from helpers import make_ldl_dataset, tiny_model
 from emolens import create_model
 from emolens.data import load_dataset, make_protocol
 from emolens.engine import TrainConfig, fit
+from emolens.engine.trainer import feature_cache
 from emolens.models.mlrcnn import MLRCNN, cam_pseudo_boxes, emotion_score, top_regions
 from emolens.runtime import ExportError, export_onnx
 from emolens.taxonomy import EMOTIONROI
@@ -119,6 +120,18 @@ def test_table_1_rows():
         assert regions_only(inputs(regions_only))["embedding"].shape == (2, 4 * 32)
     with pytest.raises(ValueError, match="features"):
         tiny_model("mlrcnn:features=local")
+
+
+def test_the_global_row_shares_global_s_feature_cache_which_holds_no_levels(tmp_path):
+    ds = load_dataset(make_ldl_dataset(tmp_path / "data", per_class=2, size=(48, 40)))
+    config = TrainConfig(freeze_backbone=True, cache_views=0, workers=0)
+    caches = {}
+    for spec in ("global", "mlrcnn:features=global", SPEC):
+        torch.manual_seed(0)  # one backbone's weights for all three
+        caches[spec] = feature_cache(tiny_model(spec), ds, tmp_path / "cache", config, progress=False)
+    assert set(caches["mlrcnn:features=global"].features) == {"pooled"}
+    assert "levels" in caches[SPEC].features
+    assert len(list((tmp_path / "cache").glob("features-*"))) == 2  # global's, shared, and the region row's
 
 
 def test_export_is_refused_with_the_reason():
