@@ -229,6 +229,8 @@ PRECISION_INFER = typer.Option("fp32", "--precision", help="fp32, or int8 (ONNX 
                                "faster) where the model's int8 version passed its gate against fp32; else fp32 runs "
                                "and says why. Part of the model's identity: an index answers the precision it was "
                                "built with.")
+INDEX_PRECISION = typer.Option(None, "--precision", help="fp32 or int8, as for `predict` (default: the precision "
+                               "the --db index was built with; fp32 for a new one).")
 INFER_DEVICE = typer.Option("cpu", help="cpu (the default: ONNX Runtime where the model exports), or auto, cuda, "
                             "cuda:N, mps to run the PyTorch model there.")
 WEIGHT_DECAY = typer.Option(5e-4, "--weight-decay", help="Weight decay of the optimizer.")
@@ -524,6 +526,16 @@ def prediction_table(predictions, classes: list[str], width: int) -> Table:
                         left=("emotion", "polarity", "then"))
 
 
+def index_precision(precision: str | None, db: Path | None) -> str:
+    """``--precision`` as given, else the precision the index in ``db`` was built with (fp32 where none is)."""
+    if precision is not None:
+        return precision
+    from .retrieval.index import built_with
+
+    built = built_with(db) if db is not None else None
+    return built.precision if built is not None else "fp32"
+
+
 def open_predictor(model: str | None, **options):
     """A :class:`Predictor`, saying on stderr what takes time (the first ONNX export of a model) and what
     went wrong on the way (one line each), so that stdout carries results alone."""
@@ -733,7 +745,7 @@ def index(
     batch_size: int = BATCH,
     backend: str = typer.Option("auto", help="auto, onnx or torch."),
     device: str = INFER_DEVICE,
-    precision: str = PRECISION_INFER,
+    precision: str = INDEX_PRECISION,
 ) -> None:
     """Embed a folder tree into a persistent affective index; re-running adds, updates and drops files.
     A killed run resumes without re-embedding what it finished."""
@@ -749,7 +761,7 @@ def index(
 
     try:
         predictor = open_predictor(model, batch_size=batch_size, backend=backend, keep=("embedding",), device=device,
-                                   precision=precision)
+                                   precision=index_precision(precision, db))
         store = AffectiveIndex(db, create=True)
     except Exception as e:  # any failure to build the model or open the index means nothing can run
         fail(f"cannot index: {e}")
@@ -815,7 +827,7 @@ def search(
     arousal: str = typer.Option(None, help="Keep to images whose arousal lies in LOW:HIGH (-1 calm to 1 excited)."),
     k: int = typer.Option(10, "-k", min=1, max=MAX_HITS, help="How many results."),
     model: str = typer.Option(None, help="The model the index was built with (default: the embedded model)."),
-    precision: str = typer.Option("fp32", "--precision", help="The precision the index was built with (fp32 or int8)."),
+    precision: str = INDEX_PRECISION,
     fmt: str = typer.Option("table", "--format", help="table or json."),
     out: Path = typer.Option(None, "--out", help="Write the results to this file instead of standard output."),
 ) -> None:
@@ -840,7 +852,7 @@ def search(
         if emotion is not None:
             hits, title = store.search_emotion(emotion, k, within), f"images most likely to evoke {emotion}"
         elif query is not None:
-            predictor = open_predictor(model, keep=("embedding",), precision=precision)
+            predictor = open_predictor(model, keep=("embedding",), precision=index_precision(precision, db))
             found, hits = store.search_image(query, predictor, k, within)
             title = f"feels like {query} ({found.emotion} {found.probability:.2f})"
         else:
@@ -898,7 +910,7 @@ def serve(
     max_upload_mb: float = typer.Option(20, min=0.01, max=1024, help="Largest accepted upload per file, MiB."),
     max_files: int = typer.Option(16, min=1, max=1024, help="Most images per request."),
     device: str = INFER_DEVICE,
-    precision: str = PRECISION_INFER,
+    precision: str = INDEX_PRECISION,
     max_connections: int = typer.Option(2048, min=MIN_CONNECTIONS, max=1_000_000, help="Connections open at once "
                                         "(silent ones are closed after 10 s, slow bodies after 60 s); more get 503."),
     allowed_host: list[str] = typer.Option(None, "--allowed-host", help="Another host name browsers may reach "
@@ -918,6 +930,7 @@ def serve(
         fail(f"--max-upload-mb must be a number of MiB, got {max_upload_mb}")
     hosts = (*LOOPBACK_HOSTS, *([host] if host not in ("0.0.0.0", "::") else []), *(allowed_host or []))
     limits = Limits(max_upload_bytes=int(max_upload_mb * 2**20), max_files=max_files)
+    precision = index_precision(precision, db)
     try:  # with several workers too: a bad model or index is said here, once, not by each worker
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -14,10 +14,19 @@ from pathlib import Path
 from typing import Mapping
 
 
+#: An int8 model's digest: its fp32 model's, with this suffix (:func:`emolens.quantize.int8_meta`).
+INT8_SUFFIX = "-int8"
+
+
 @dataclass(frozen=True)
 class ModelIdentity:
     digest: str  # sha256 of the weights' content
     name: str  # the spec, for messages
+
+    @property
+    def precision(self) -> str:
+        """"int8" for a quantised model, else "fp32"."""
+        return "int8" if self.digest.endswith(INT8_SUFFIX) else "fp32"
 
     def __str__(self) -> str:
         return f"{self.name} (weights {self.digest[:12]})"

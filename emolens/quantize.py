@@ -24,6 +24,8 @@ from typing import Collection, Sequence
 
 import numpy as np
 
+from .identity import INT8_SUFFIX
+
 #: The most int8 may lose on a task figure (accuracy, Pearson r, ROC AUC), and the least share of images
 #: whose top emotion it must keep.
 MAX_LOSS = 0.01
@@ -148,7 +150,7 @@ def _channel_means(model, tensors: list[str], images: np.ndarray, clipped: set[s
 
 def int8_meta(fp32_meta: dict, calibrated_on: str, gate: GateReport) -> dict:
     """The metadata of the int8 model: the fp32 model's, its own identity, how it was made, and its gate."""
-    return {**fp32_meta, "precision": "int8", "model_id": f"{fp32_meta['model_id']}-int8",
+    return {**fp32_meta, "precision": "int8", "model_id": fp32_meta["model_id"] + INT8_SUFFIX,
             "fp32_model_id": fp32_meta["model_id"],
             "quantization": {"format": "QDQ", "weights": "int8 per channel", "activations": "uint8 per tensor",
                              "calibration": calibrated_on, "ops": QUANTISED_OPS, "heads": "fp32",

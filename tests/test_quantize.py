@@ -60,16 +60,31 @@ def test_int8_is_refused_where_it_cannot_run():
         Predictor(None, precision="fp16")
 
 
-def test_an_index_answers_only_the_precision_it_was_built_with(tmp_path):
+def test_an_index_answers_only_the_precision_it_was_built_with_which_its_commands_follow(tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
     for i in range(3):
         write_image(tmp_path / "photos" / f"{i}.jpg", seed=i, size=(64, 48))
-    built = runner.invoke(app, ["index", str(tmp_path / "photos"), "--db", str(tmp_path / "db"), "--precision", "int8"])
+    db = str(tmp_path / "db")
+    built = runner.invoke(app, ["index", str(tmp_path / "photos"), "--db", db, "--precision", "int8"])
     assert built.exit_code == 0, built.output
     query = str(tmp_path / "photos" / "0.jpg")
-    same = runner.invoke(app, ["search", query, "--db", str(tmp_path / "db"), "--precision", "int8", "--format", "json"])
+    same = runner.invoke(app, ["search", query, "--db", db, "--precision", "int8", "--format", "json"])
     assert same.exit_code == 0 and len(json.loads(same.stdout)["hits"]) == 2
-    other = runner.invoke(app, ["search", query, "--db", str(tmp_path / "db")])
+    followed = runner.invoke(app, ["search", query, "--db", db, "--format", "json"])  # no --precision: the index's
+    assert followed.exit_code == 0 and json.loads(followed.stdout) == json.loads(same.stdout)
+    other = runner.invoke(app, ["search", query, "--db", db, "--precision", "fp32"])
     assert other.exit_code == 2 and "int8" in other.output
+    again = runner.invoke(app, ["index", str(tmp_path / "photos"), "--db", db], env={"COLUMNS": "200"})
+    assert again.exit_code == 0 and "3 unchanged" in again.output, again.output
+    served = []
+    monkeypatch.setattr("uvicorn.run", lambda api, **options: served.append(api))
+    assert runner.invoke(app, ["serve", "--db", db]).exit_code == 0
+    with TestClient(served[0], base_url="http://127.0.0.1") as client:
+        assert client.get("/api/models").json()["precision"] == "int8"
+    fresh = runner.invoke(app, ["index", str(tmp_path / "photos"), "--db", str(tmp_path / "new")])
+    assert fresh.exit_code == 0 and "fp32" not in fresh.output
+    assert runner.invoke(app, ["search", query, "--db", str(tmp_path / "new"), "--precision", "int8"]).exit_code == 2
 
 
 def test_explain_reports_the_numbers_predict_runs(tmp_path):

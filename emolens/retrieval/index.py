@@ -196,6 +196,18 @@ class ShardReport:
     total: int = 0
 
 
+def built_with(folder: str | os.PathLike) -> ModelIdentity | None:
+    """The model the index in ``folder`` was built with; None where there is no index yet or it records none."""
+    try:
+        store = AffectiveIndex(folder)
+    except AffectiveIndexError:
+        return None
+    try:
+        return store.model
+    finally:
+        store.close()
+
+
 class AffectiveIndex:
     """``AffectiveIndex(folder)``: ``update(paths, predictor)`` embeds, ``search(...)`` ranks."""
 
