@@ -1,0 +1,43 @@
+"""benchmarks/linear_probe.py on a run of `emolens train`: the probe fits what the features hold."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from typer.testing import CliRunner
+
+from helpers import TINY_BACKBONE, make_ldl_dataset
+from emolens.cli import app
+from emolens.data import load_dataset
+from emolens.predict import Predictor
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "linear_probe.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("linear_probe", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_probe_fits_features_that_tell_the_classes_apart_and_scores_the_run_s_own_classifier(tmp_path):
+    spec = make_ldl_dataset(tmp_path / "data", per_class=12)  # four classes, each its own colour
+    trained = CliRunner().invoke(app, ["train", "--model", "global", "--data", spec, "--out", str(tmp_path / "run"),
+                                       "--epochs", "1", "--backbone", TINY_BACKBONE, "--backbone-weights", "none",
+                                       "--workers", "0", "--batch-size", "8"])
+    assert trained.exit_code == 0, trained.output
+    report = load_script().probe(tmp_path / "run")
+    assert report["C"] in load_script().C_GRID and report["dimensions"] > 0
+    assert report["probe"]["train"] >= 0.9  # colour is in the pooled feature of even an untrained backbone
+    card = json.loads((tmp_path / "run" / "best.json").read_text())
+    dataset = load_dataset(card["dataset"])
+    predictor = Predictor(tmp_path / "run", backend="torch")  # the run's classifier as `emolens predict` runs it
+    for part, rows in card["split"].items():
+        good, _ = predictor.predict([dataset.samples[i].path for i in rows])
+        right = [p.emotion == dataset.taxonomy.classes[dataset.labels[i]] for p, i in zip(good, rows)]
+        assert report["classifier"][part] == pytest.approx(sum(right) / len(rows)), part
