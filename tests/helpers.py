@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,14 @@ def write_image(path: Path, color=(200, 30, 30), size=(16, 12), seed: int | None
         img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
     img.save(path)
     return path
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/NAME.py`` as a module (benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 TINY_BACKBONE = "test_efficientnet"

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
 from typer.testing import CliRunner
 
-from helpers import TINY_BACKBONE, make_ldl_dataset
+from helpers import TINY_BACKBONE, load_benchmark, make_ldl_dataset
 from emolens.cli import app
 from emolens.data import load_dataset
 from emolens.predict import Predictor
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "linear_probe.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("linear_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_probe_fits_features_that_tell_the_classes_apart_and_scores_the_run_s_own_classifier(tmp_path):
@@ -31,8 +19,9 @@ def test_the_probe_fits_features_that_tell_the_classes_apart_and_scores_the_run_
                                        "--epochs", "1", "--backbone", TINY_BACKBONE, "--backbone-weights", "none",
                                        "--workers", "0", "--batch-size", "8"])
     assert trained.exit_code == 0, trained.output
-    report = load_script().probe(tmp_path / "run")
-    assert report["C"] in load_script().C_GRID and report["dimensions"] > 0
+    script = load_benchmark("linear_probe")
+    report = script.probe(tmp_path / "run")
+    assert report["C"] in script.C_GRID and report["dimensions"] > 0
     assert report["probe"]["train"] >= 0.9  # colour is in the pooled feature of even an untrained backbone
     card = json.loads((tmp_path / "run" / "best.json").read_text())
     dataset = load_dataset(card["dataset"])

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "map_spread.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("map_spread", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_benchmark
 
 
 def test_constant_one_hot_and_half_maps():
-    spread = load_script().spread
+    spread = load_benchmark("map_spread").spread
     constant = spread(torch.full((2, 4, 4), 0.47))
     assert constant["spatial_std"] == pytest.approx(0) and constant["effective_share"] == pytest.approx(1)
     one_hot = torch.zeros(1, 4, 4)
@@ -34,7 +24,8 @@ def test_constant_one_hot_and_half_maps():
 
 
 def test_region_scores_spread_within_and_between_images_by_hand():
-    figures = load_script().region_score_spread([torch.tensor([0.2, 0.4]), torch.tensor([0.6, 0.6, 0.9])])
+    spread = load_benchmark("map_spread").region_score_spread
+    figures = spread([torch.tensor([0.2, 0.4]), torch.tensor([0.6, 0.6, 0.9])])
     assert figures["mean"] == pytest.approx((0.2 + 0.4 + 0.6 + 0.6 + 0.9) / 5)
     within = (torch.tensor([0.2, 0.4]).std() + torch.tensor([0.6, 0.6, 0.9]).std()) / 2
     assert figures["std_within_image"] == pytest.approx(float(within))
@@ -52,5 +43,5 @@ def test_zeroing_the_regions_flips_only_the_images_whose_regions_decide():
                               [1.0, 1.0, 1.0],    # class 1 from its regions, class 0 without
                               [0.0, 0.0, 0.0]])   # a tie either way: argmax 0 both times
     outputs = {"embedding": embedding, "logits": classifier(embedding)}
-    kept = load_script().regions_zeroed_agreement(model, outputs)
+    kept = load_benchmark("map_spread").regions_zeroed_agreement(model, outputs)
     assert kept.tolist() == [True, False, True]
