@@ -230,7 +230,7 @@ PRECISION_INFER = typer.Option("fp32", "--precision", help="fp32, or int8 (ONNX 
                                "and says why. Part of the model's identity: an index answers the precision it was "
                                "built with.")
 INDEX_PRECISION = typer.Option(None, "--precision", help="fp32 or int8, as for `predict` (default: the precision "
-                               "the --db index was built with; fp32 for a new one).")
+                               "the --db index was built with, else fp32).")
 INFER_DEVICE = typer.Option("cpu", help="cpu (the default: ONNX Runtime where the model exports), or auto, cuda, "
                             "cuda:N, mps to run the PyTorch model there.")
 WEIGHT_DECAY = typer.Option(5e-4, "--weight-decay", help="Weight decay of the optimizer.")
