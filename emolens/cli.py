@@ -18,6 +18,7 @@ from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
 
+from .identity import ModelIdentity
 from .images import ImageLoadError, load_image
 from .storage import CheckpointError, output_folder, writable_target
 from .terminal import MIN_PATH_WIDTH, display_path, fitted_table, result_table, room_for_paths, shortened
@@ -526,13 +527,10 @@ def prediction_table(predictions, classes: list[str], width: int) -> Table:
                         left=("emotion", "polarity", "then"))
 
 
-def index_precision(precision: str | None, db: Path | None) -> str:
-    """``--precision`` as given, else the precision the index in ``db`` was built with (fp32 where none is)."""
+def index_precision(precision: str | None, built: ModelIdentity | None) -> str:
+    """``--precision`` as given, else the precision of ``built``, the model an index was built with (fp32 without one)."""
     if precision is not None:
         return precision
-    from .retrieval.index import built_with
-
-    built = built_with(db) if db is not None else None
     return built.precision if built is not None else "fp32"
 
 
@@ -749,7 +747,7 @@ def index(
 ) -> None:
     """Embed a folder tree into a persistent affective index; re-running adds, updates and drops files.
     A killed run resumes without re-embedding what it finished."""
-    from .retrieval.index import AffectiveIndex, AffectiveIndexError
+    from .retrieval.index import AffectiveIndex, AffectiveIndexError, built_with
 
     if shards is not None:
         if paths:
@@ -761,7 +759,7 @@ def index(
 
     try:
         predictor = open_predictor(model, batch_size=batch_size, backend=backend, keep=("embedding",), device=device,
-                                   precision=index_precision(precision, db))
+                                   precision=index_precision(precision, built_with(db)))
         store = AffectiveIndex(db, create=True)
     except Exception as e:  # any failure to build the model or open the index means nothing can run
         fail(f"cannot index: {e}")
@@ -852,7 +850,7 @@ def search(
         if emotion is not None:
             hits, title = store.search_emotion(emotion, k, within), f"images most likely to evoke {emotion}"
         elif query is not None:
-            predictor = open_predictor(model, keep=("embedding",), precision=index_precision(precision, db))
+            predictor = open_predictor(model, keep=("embedding",), precision=index_precision(precision, store.model))
             found, hits = store.search_image(query, predictor, k, within)
             title = f"feels like {query} ({found.emotion} {found.probability:.2f})"
         else:
@@ -924,13 +922,14 @@ def serve(
 
     import uvicorn
 
+    from .retrieval.index import built_with
     from .server import LOOPBACK_HOSTS, SETTINGS_VARIABLE, HeaderTimeoutH11, Limits, create_app
 
     if not math.isfinite(max_upload_mb):  # click's range check lets NaN through
         fail(f"--max-upload-mb must be a number of MiB, got {max_upload_mb}")
     hosts = (*LOOPBACK_HOSTS, *([host] if host not in ("0.0.0.0", "::") else []), *(allowed_host or []))
     limits = Limits(max_upload_bytes=int(max_upload_mb * 2**20), max_files=max_files)
-    precision = index_precision(precision, db)
+    precision = index_precision(precision, built_with(db) if db is not None else None)
     try:  # with several workers too: a bad model or index is said here, once, not by each worker
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
