@@ -20,9 +20,12 @@ def test_the_probe_fits_features_that_tell_the_classes_apart_and_scores_the_run_
                                        "--workers", "0", "--batch-size", "8"])
     assert trained.exit_code == 0, trained.output
     script = load_benchmark("linear_probe")
-    report = script.probe(tmp_path / "run")
+    report = script.probe(tmp_path / "run", views=2)
     assert report["C"] in script.C_GRID and report["dimensions"] > 0
     assert report["probe"]["train"] >= 0.9  # colour is in the pooled feature of even an untrained backbone
+    # A crop of a one-colour image keeps its colour: it moves the feature less than another image would
+    assert 0 < report["view_shift"] < 0.5, report["view_shift"]
+    assert report["probe_on_views"]["train"] >= 0.9
     card = json.loads((tmp_path / "run" / "best.json").read_text())
     dataset = load_dataset(card["dataset"])
     predictor = Predictor(tmp_path / "run", backend="torch")  # the run's classifier as `emolens predict` runs it
