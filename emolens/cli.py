@@ -48,6 +48,17 @@ def fail(message: str) -> None:
     raise typer.Exit(EXIT_ERROR)
 
 
+def output_format(fmt: str | None, out: Path | None, formats: tuple[str, ...]) -> str:
+    """``--format`` as given, else the one ``--out``'s suffix names (``.json``, ``.csv``), else a table;
+    exits with a message for a format not in ``formats``."""
+    if fmt is None:
+        suffix = out.suffix.lower().lstrip(".") if out is not None else ""
+        fmt = suffix if suffix in formats else "table"
+    if fmt not in formats:
+        fail(f"unknown format {fmt!r}; use {', '.join(formats[:-1])} or {formats[-1]}")
+    return fmt
+
+
 def report_bad_files(errors: list[ImageLoadError]) -> None:
     if not errors:
         return
@@ -564,7 +575,8 @@ def split_model_list(models: str) -> list[str]:
 def predict(
     paths: list[str] = typer.Argument(None, help="Image files or folders (recursive); '-' reads a list from stdin."),
     model: str = typer.Option(None, help="Run folder, .safetensors or .onnx file (default: the embedded model)."),
-    fmt: str = typer.Option("table", "--format", help="table, json or csv."),
+    fmt: str = typer.Option(None, "--format", help="table, json or csv (default: as --out's suffix "
+                            "names it, .json or .csv; else table)."),
     out: Path = typer.Option(None, "--out", help="Write the results to this file instead of standard output."),
     batch_size: int = BATCH,
     workers: int = typer.Option(None, min=0, max=MAX_WORKERS,
@@ -591,8 +603,7 @@ def predict(
     from .images import scan_images
     from .predict import Prediction, PredictionError
 
-    if fmt not in ("table", "json", "csv"):
-        fail(f"unknown format {fmt!r}; use table, json or csv")
+    fmt = output_format(fmt, out, ("table", "json", "csv"))
     if engine not in ("local", "ray"):
         fail(f"unknown engine {engine!r}; use local or ray")
     inputs = list(paths or [])
@@ -826,7 +837,7 @@ def search(
     k: int = typer.Option(10, "-k", min=1, max=MAX_HITS, help="How many results."),
     model: str = typer.Option(None, help="The model the index was built with (default: the embedded model)."),
     precision: str = INDEX_PRECISION,
-    fmt: str = typer.Option("table", "--format", help="table or json."),
+    fmt: str = typer.Option(None, "--format", help="table or json (default: json where --out ends in .json)."),
     out: Path = typer.Option(None, "--out", help="Write the results to this file instead of standard output."),
 ) -> None:
     """Affective search: by example image, by emotion, or by valence and arousal; ranges narrow any of them."""
@@ -834,8 +845,7 @@ def search(
 
     from .retrieval.index import AffectFilter, AffectiveIndex, AffectiveIndexError
 
-    if fmt not in ("table", "json"):
-        fail(f"unknown format {fmt!r}; use table or json")
+    fmt = output_format(fmt, out, ("table", "json"))
     try:
         within = AffectFilter.parse(valence, arousal)
         if out is not None:

@@ -170,3 +170,21 @@ def test_results_that_cannot_reach_standard_output_are_exit_2(setup, monkeypatch
         cli.main()
     assert stopped.value.code == EXIT_ERROR
     assert "No space left on device" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_results_file_takes_the_format_its_name_says_unless_format_says_otherwise(setup, tmp_path):
+    photos, onnx, db = setup / "photos", setup / "m.onnx", setup / "db"
+    predict = ["predict", photos, "--model", onnx, "--out"]
+    invoke([*predict, tmp_path / "scores.csv"])
+    rows = (tmp_path / "scores.csv").read_text().splitlines()
+    assert rows[0].startswith("source,emotion,probability,") and len(rows) == 3
+    invoke([*predict, tmp_path / "scores.JSON"])
+    assert len(json.loads((tmp_path / "scores.JSON").read_text())["predictions"]) == 2
+    invoke([*predict, tmp_path / "scores.txt"])
+    assert "emotion" in (tmp_path / "scores.txt").read_text().splitlines()[1]  # the table, as on a terminal
+    invoke([*predict, tmp_path / "chosen.csv", "--format", "json"])
+    assert len(json.loads((tmp_path / "chosen.csv").read_text())["predictions"]) == 2
+    invoke(["search", "--emotion", "awe", "--db", db, "--out", tmp_path / "hits.json"])
+    assert "hits" in json.loads((tmp_path / "hits.json").read_text())
+    result, said = invoke(["search", "--emotion", "awe", "--db", db, "--out", tmp_path / "hits.csv"])
+    assert result.exit_code == 0 and not (tmp_path / "hits.csv").read_text().lstrip().startswith("{")
