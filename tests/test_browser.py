@@ -143,6 +143,30 @@ def test_upload_see_bars_toggle_overlay_and_search(server):
         assert page.evaluate("document.documentElement.scrollWidth") <= 390
 
 
+def test_a_tall_upload_keeps_its_shape_and_a_search_by_emotion_leads_each_caption_with_that_emotion(server):
+    import httpx
+
+    url, folder = server
+    strip = folder / "strip.png"
+    Image.new("RGB", (30, 1500), (200, 40, 40)).save(strip)  # 1:50, as a scanned receipt or a long screenshot
+    with page_at(url) as page:
+        page.wait_for_selector("#chips .chip")
+        page.set_input_files("#picker", str(strip))
+        page.wait_for_selector(".card .bars")
+        page.wait_for_function("document.querySelector('.card img').complete")
+        box = page.locator(".card img").bounding_box()
+        assert box["height"] <= 420 and box["width"] <= 280
+        page.click("#chips .chip >> text=sadness")
+        page.wait_for_selector("#grid figure")
+        captions = page.locator("#grid figcaption .top").all_inner_texts()
+        assert len(captions) == 8 and all(c.startswith("sadness ") for c in captions), captions
+        hits = {h["name"]: h for h in httpx.get(f"{url}/api/search", params={"emotion": "sadness", "k": 8}).json()["hits"]}
+        for name, caption in zip(page.locator("#grid figcaption .name").all_inner_texts(), captions):
+            hit = hits[name]
+            assert caption.startswith(f"sadness {hit['distribution']['sadness']:.2f}")
+            assert (f"(top: {hit['emotion']} {hit['probability']:.2f})" in caption) == (hit["emotion"] != "sadness")
+
+
 def test_the_page_places_the_image_on_the_valence_arousal_plane_and_searches_by_feeling(rated_server):
     import httpx
 

@@ -84,7 +84,9 @@ async function api(url, options) {
   return body;
 }
 
-function showGrid(title, hits) {
+// emotion: the emotion searched for, whose probability each caption leads with (the top one follows where
+// it is another).
+function showGrid(title, hits, emotion) {
   $("grid-title").hidden = false;
   $("grid-title").textContent = title;
   const grid = $("grid");
@@ -97,7 +99,9 @@ function showGrid(title, hits) {
     fig.querySelector("img").src = h.url;
     fig.querySelector("img").alt = h.name;
     fig.querySelector(".name").textContent = h.name;
-    fig.querySelector(".top").textContent = `${h.emotion} ${h.probability.toFixed(2)}${affectText(h)}`;
+    const top = `${h.emotion} ${h.probability.toFixed(2)}`;
+    fig.querySelector(".top").textContent = (!emotion || emotion === h.emotion ? top
+      : `${emotion} ${h.distribution[emotion].toFixed(2)} (top: ${top})`) + affectText(h);
     fig.onclick = () => openViewer(h);
     fig.onkeydown = (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); openViewer(h); } };
     grid.appendChild(fig);
@@ -188,7 +192,7 @@ async function start() {
       const chip = document.createElement("button");
       chip.className = `chip ${polarityClass(name)}`;
       chip.textContent = name;
-      chip.onclick = async () => showGrid(`Most ${name}`, (await api(`/api/search?emotion=${encodeURIComponent(name)}&k=24`)).hits);
+      chip.onclick = async () => showGrid(`Most ${name}`, (await api(`/api/search?emotion=${encodeURIComponent(name)}&k=24`)).hits, name);
       $("chips").appendChild(chip);
     }
     if (model.affect) {
