@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=0, help="random training views of each training image for "
                         "the view shift and a probe fitted on them (0: neither)")
     args = parser.parse_args()
+    if args.views < 0:
+        parser.error(f"--views must be 0 or more, got {args.views}")
     for run in args.runs:
         if not (run / "best.json").is_file():
             parser.error(f"{run} holds no best.json: give a fold folder of a finished run")
