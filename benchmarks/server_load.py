@@ -8,9 +8,10 @@ time and the server is stopped at the end.
     python benchmarks/server_load.py [--seconds 8] [--concurrency 1,4,16,64,256] [--precision int8]
 
 ``--throughput-only`` stops after the predict phases. Beside them, in the same run, the offline predictor
-(``Predictor``, same model and precision, its own process) scores the same uploads from files; each predict
-phase prints its images/s as a share of that rate, and the CPU the server's processes used (cores, and ms
-an image). The offline process also times 4 plain threads decoding the uploads and calling the model as the
+(``Predictor``, same model and precision, its own process) scores the same uploads from files, before the
+server starts and again after the load phases; each phase prints its images/s as a share of the mean of the
+two rates, the CPU the server's processes used (cores, and ms an image) and, with ``--workers``, how many
+of the clients' connections each server process holds. The offline process also times 4 plain threads decoding the uploads and calling the model as the
 server's worker threads do, without HTTP: what the server's own machinery costs shows between the two.
 """
 
@@ -103,11 +104,16 @@ def run_threads(target, count: int) -> float:
     return time.perf_counter() - started
 
 
-def run_phase(port: int, concurrency: int, seconds: float, make_request) -> dict:
-    """``concurrency`` client threads for ``seconds``; latency and outcome of every request."""
+def run_phase(port: int, concurrency: int, seconds: float, make_request, server_pid: int | None = None) -> dict:
+    """``concurrency`` client threads for ``seconds``; latency and outcome of every request, and halfway
+    through, how the server's processes share the clients' connections."""
     latencies, statuses, images = [], {}, [0]
     lock = threading.Lock()
     stop = time.perf_counter() + seconds
+    split = []
+    if server_pid is not None:
+        watch = threading.Timer(seconds / 2, lambda: split.extend(connections_per_process(server_pid, port)))
+        watch.start()
 
     def worker(k: int) -> None:
         client, rng = Client(port), random.Random(k)
@@ -125,7 +131,7 @@ def run_phase(port: int, concurrency: int, seconds: float, make_request) -> dict
     ms = np.array(latencies) * 1000
     return {"requests_per_s": len(ms) / wall, "images_per_s": images[0] / wall,
             "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
-            "p99": float(np.percentile(ms, 99)), "statuses": statuses}
+            "p99": float(np.percentile(ms, 99)), "statuses": statuses, "split": split}
 
 
 def offline_rate(root: Path, uploads: int, precision: str) -> dict:
@@ -179,19 +185,51 @@ def measure_offline(folder: str, precision: str, repeat: int = 8, threads: int =
     return result
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """CPU seconds used so far by process ``pid`` and its child processes (server workers)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total, todo = 0.0, [pid]
+def server_processes(pid: int) -> list[int]:
+    """Process ``pid`` and its descendants (the server's workers)."""
+    found, todo = [], [pid]
     while todo:
         p = todo.pop()
+        found.append(p)
         try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks
             todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
         except (OSError, ValueError):
             pass  # a process that ended meanwhile
+    return found
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds used so far by process ``pid`` and its child processes (server workers)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in server_processes(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+        except (OSError, ValueError):
+            pass
     return total
+
+
+def connections_per_process(pid: int, port: int) -> list[int]:
+    """Established connections on ``port`` that each server process holds (most first): which worker the
+    kernel handed each client's connection to."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # 01: ESTABLISHED
+                inodes.add(fields[9])
+    counts = []
+    for p in server_processes(pid):
+        try:
+            links = [os.readlink(f"/proc/{p}/fd/{fd}") for fd in os.listdir(f"/proc/{p}/fd")]
+        except OSError:
+            continue
+        held = sum(link[8:-1] in inodes for link in links if link.startswith("socket:["))
+        if held:
+            counts.append(held)
+    return sorted(counts, reverse=True)
 
 
 def start_server(root: Path, port: int, precision: str = "fp32", workers: int = 1) -> subprocess.Popen:
@@ -416,26 +454,37 @@ def main() -> None:
             print(f"emolens serve --workers {args.workers}, default model (ONNX Runtime, {args.precision}), index of "
                   f"{args.gallery} photos; "
                   f"{os.cpu_count()} CPUs shared by server and clients; {args.seconds:g} s per phase; cache {env_cache}")
-            rate = offline["images_per_s"]
-            print(f"offline predictor on the same 640x480 uploads from files, same run: {rate:.1f} images/s, "
-                  f"{offline['cores']:.2f} cores, {offline['cpu_ms']:.2f} ms of CPU an image; 4 threads decoding "
-                  f"uploads and calling the model, without HTTP: {offline['threads_images_per_s']:.1f} images/s, "
-                  f"{offline['threads_cores']:.2f} cores, {offline['threads_cpu_ms']:.2f} ms an image")
-            print(f"{'traffic':8} {'conc':>4} {'req/s':>7} {'img/s':>7} {'offline':>7} {'p50 ms':>8} {'p95 ms':>8} "
-                  f"{'p99 ms':>8} {'peak RSS':>9}  statuses; server CPU")
+            phases = []
             for name, make in (("predict", predict), ("mixed", mixed))[:1 if args.throughput_only else 2]:
                 for c in levels:
                     used, served = os.times(), process_cpu_seconds(server.pid)
-                    r = run_phase(port, c, args.seconds, make)
+                    r = run_phase(port, c, args.seconds, make, server.pid)
                     wall = os.times().elapsed - used.elapsed
                     # the load generator's own share of the CPUs, which the offline predictor has to itself
-                    clients = (sum(os.times()[:2]) - sum(used[:2])) / wall / os.cpu_count()
-                    cores = (process_cpu_seconds(server.pid) - served) / wall
-                    per_image = f", {1000 * cores / r['images_per_s']:.2f} ms an image" if r["images_per_s"] else ""
-                    print(f"{name:8} {c:4d} {r['requests_per_s']:7.1f} {r['images_per_s']:7.1f} "
-                          f"{r['images_per_s'] / rate:6.2f}x {r['p50']:8.1f} {r['p95']:8.1f} {r['p99']:8.1f} "
-                          f"{peak_rss_mib(server.pid):7.0f} M  {dict(sorted(r['statuses'].items()))}; server used "
-                          f"{cores:.2f} cores{per_image}; clients used {clients:.0%} of the CPUs", flush=True)
+                    r["clients"] = (sum(os.times()[:2]) - sum(used[:2])) / wall / os.cpu_count()
+                    r["cores"] = (process_cpu_seconds(server.pid) - served) / wall
+                    r["peak_rss"] = peak_rss_mib(server.pid)
+                    phases.append((name, c, r))
+            # the baseline again, the server idle: a machine that drifted during the phases shows as two rates
+            offline_after = offline_rate(root, 32, args.precision)
+            for when, o in (("before", offline), ("after", offline_after)):
+                print(f"offline predictor {when} the server's phases, on the same 640x480 uploads from files: "
+                      f"{o['images_per_s']:.1f} images/s, {o['cores']:.2f} cores, {o['cpu_ms']:.2f} ms of CPU an "
+                      f"image; 4 threads decoding uploads and calling the model, without HTTP: "
+                      f"{o['threads_images_per_s']:.1f} images/s, {o['threads_cores']:.2f} cores, "
+                      f"{o['threads_cpu_ms']:.2f} ms an image")
+            rate = (offline["images_per_s"] + offline_after["images_per_s"]) / 2
+            print(f"'offline': a phase's images/s as a share of the offline predictor's mean rate, {rate:.1f} images/s")
+            print(f"{'traffic':8} {'conc':>4} {'req/s':>7} {'img/s':>7} {'offline':>7} {'p50 ms':>8} {'p95 ms':>8} "
+                  f"{'p99 ms':>8} {'peak RSS':>9}  statuses; server CPU")
+            for name, c, r in phases:
+                per_image = f", {1000 * r['cores'] / r['images_per_s']:.2f} ms an image" if r["images_per_s"] else ""
+                split = f"; connections per process {'+'.join(map(str, r['split']))}" if args.workers > 1 else ""
+                print(f"{name:8} {c:4d} {r['requests_per_s']:7.1f} {r['images_per_s']:7.1f} "
+                      f"{r['images_per_s'] / rate:6.2f}x {r['p50']:8.1f} {r['p95']:8.1f} {r['p99']:8.1f} "
+                      f"{r['peak_rss']:7.0f} M  {dict(sorted(r['statuses'].items()))}; server used "
+                      f"{r['cores']:.2f} cores{per_image}; clients used {r['clients']:.0%} of the CPUs{split}",
+                      flush=True)
             if args.throughput_only:
                 return
 
