@@ -11,8 +11,9 @@ time and the server is stopped at the end.
 (``Predictor``, same model and precision, its own process) scores the same uploads from files, before the
 server starts and again after the load phases; each phase prints its images/s as a share of the mean of the
 two rates, the CPU the server's processes used (cores, and ms an image) and, with ``--workers``, how many
-of the clients' connections each server process holds. The offline process also times 4 plain threads decoding the uploads and calling the model as the
-server's worker threads do, without HTTP: what the server's own machinery costs shows between the two.
+of the clients' connections each server process holds. The offline process also times 4 plain threads
+decoding the uploads and calling the model as the server's worker threads do, without HTTP: what the
+server's own machinery costs shows between the two.
 """
 
 from __future__ import annotations
@@ -111,8 +112,8 @@ def run_phase(port: int, concurrency: int, seconds: float, make_request, server_
     lock = threading.Lock()
     stop = time.perf_counter() + seconds
     split = []
+    watch = threading.Timer(seconds / 2, lambda: split.extend(connections_per_process(server_pid, port)))
     if server_pid is not None:
-        watch = threading.Timer(seconds / 2, lambda: split.extend(connections_per_process(server_pid, port)))
         watch.start()
 
     def worker(k: int) -> None:
@@ -128,6 +129,8 @@ def run_phase(port: int, concurrency: int, seconds: float, make_request, server_
                 images[0] += count if status == 200 else 0
 
     wall = run_threads(worker, concurrency)
+    if server_pid is not None:
+        watch.join()  # the split is read before the phase's figures are
     ms = np.array(latencies) * 1000
     return {"requests_per_s": len(ms) / wall, "images_per_s": images[0] / wall,
             "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),

@@ -247,7 +247,7 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
     def decode_and_predict(names: list[str], data: list[bytes]) -> tuple[list, list[Prediction] | None]:
         """Each upload's header checked, then, within the pixel budget, the uploads decoded (:func:`decode`)
         and, where the model runs an image per call, its call on them, all in one worker thread: every hand-off
-        between the event loop and a thread costs about 0.25 ms of CPU a request. The predictions are None
+        between the event loop and a thread costs about 0.2 ms of CPU a request. The predictions are None
         where the batcher is to make them or an upload failed to decode."""
         pixels = []
         for name, blob in zip(names, data):
