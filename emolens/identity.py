@@ -28,6 +28,11 @@ class ModelIdentity:
         """"int8" for a quantised model, else "fp32"."""
         return "int8" if self.digest.endswith(INT8_SUFFIX) else "fp32"
 
+    @property
+    def fp32_digest(self) -> str:
+        """The digest of the fp32 weights this model was made from (its own, for an fp32 model)."""
+        return self.digest.removesuffix(INT8_SUFFIX)
+
     def __str__(self) -> str:
         return f"{self.name} (weights {self.digest[:12]})"
 

@@ -214,8 +214,8 @@ def create_app(model: str | os.PathLike | None = None, db: str | os.PathLike | N
                     raise HTTPException(501, f"heat maps need PyTorch, which this install leaves out ({e.name} is "
                                              "missing): pip install 'emolens[torch]'") from None
 
-                explaining = load_model(model or "default")
-                if model_identity(explaining).digest != predictor.identity.digest:
+                explaining = load_model(model or "default")  # for int8 too: the maps come from its fp32 weights
+                if model_identity(explaining).digest != predictor.identity.fp32_digest:
                     raise HTTPException(409, "the weights changed on disk since the server started; restart it")
                 explainers.append(Explainer(explaining, max_pixels=limits.max_pixels, device=device))
         return overlay_data_url(explainers[0].explain_view(view))  # Explainer serialises calls on its model

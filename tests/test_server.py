@@ -123,6 +123,26 @@ def test_heatmaps_need_a_pytorch_model(served, tmp_path):
     assert torch_client.get("/api/health").json()["index"] is None
     assert torch_client.get("/api/search", params={"emotion": "awe"}).status_code == 404
 
+    save_model(tiny_model(), tmp_path / "other.safetensors")
+    changed = TestClient(create_app(tmp_path / "other.safetensors"), base_url="http://localhost",
+                         raise_server_exceptions=False)
+    save_model(tiny_model(), tmp_path / "other.safetensors")  # new random weights under the served name
+    r = changed.post("/api/predict?heatmaps=true", files=[("files", ("a.png", png(1), "image/png"))])
+    assert r.status_code == 409 and "restart" in r.json()["error"]
+
+
+def test_an_int8_server_draws_heat_maps_from_the_fp32_weights_beside_its_int8_numbers(tmp_path):
+    from helpers import write_image
+
+    photo = write_image(tmp_path / "a.jpg", seed=3, size=(120, 90))
+    client = TestClient(create_app(None, precision="int8"), base_url="http://127.0.0.1", raise_server_exceptions=False)
+    r = client.post("/api/predict?heatmaps=true", files=[("files", ("a.jpg", photo.read_bytes(), "image/jpeg"))])
+    assert r.status_code == 200, r.text
+    answer = r.json()["results"][0]
+    assert answer["heatmap"].startswith("data:image/png;base64,")
+    expected = Predictor(None, precision="int8").predict([photo])[0][0]
+    assert answer["distribution"] == pytest.approx(expected.distribution, abs=1e-6)
+
 
 def test_concurrent_requests_share_model_calls():
     import asyncio
