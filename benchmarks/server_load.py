@@ -7,13 +7,14 @@ time and the server is stopped at the end.
 
     python benchmarks/server_load.py [--seconds 8] [--concurrency 1,4,16,64,256] [--precision int8]
 
-``--throughput-only`` stops after the predict phases. Beside them, in the same run, the offline predictor
-(``Predictor``, same model and precision, its own process) scores the same uploads from files, before the
-server starts and again after the load phases; each phase prints its images/s as a share of the mean of the
-two rates, the CPU the server's processes used (cores, and ms an image) and, with ``--workers``, how many
-of the clients' connections each server process holds. The offline process also times 4 plain threads
-decoding the uploads and calling the model as the server's worker threads do, without HTTP: what the
-server's own machinery costs shows between the two.
+``--throughput-only`` stops after the predict phases. Between them, in the same run, the offline predictor
+(``Predictor``, same model and precision, its own process) scores the same uploads from files for as long as
+a phase lasts: before the first predict phase and after each one, the server idle. Each phase prints its
+images/s as a share of the mean of the offline rates just before and just after it (this host's speed drifts
+by up to a fifth within minutes), the CPU the server's processes used (cores, and ms an image) and, with
+``--workers``, how many of the clients' connections each server process holds. The first offline process
+also times 4 plain threads decoding the uploads and calling the model as the server's worker threads do,
+without HTTP: what the server's own machinery costs shows between the two.
 """
 
 from __future__ import annotations
@@ -137,22 +138,19 @@ def run_phase(port: int, concurrency: int, seconds: float, make_request, server_
             "p99": float(np.percentile(ms, 99)), "statuses": statuses, "split": split}
 
 
-def offline_rate(root: Path, uploads: int, precision: str) -> dict:
-    """The offline predictor on the upload photos, from files, in a process of its own as the server is
-    (:func:`measure_offline`)."""
-    folder = root / "uploads"
-    folder.mkdir(exist_ok=True)
-    for i in range(uploads):
-        (folder / f"q{i}.jpg").write_bytes(photo(10_000 + i))
-    out = subprocess.run([sys.executable, __file__, "--offline", str(folder), "--precision", precision],
+def offline_rate(folder: Path, precision: str, seconds: float, plain_threads: bool = False) -> dict:
+    """The offline predictor on the upload photos in ``folder``, from files, in a process of its own as the
+    server is (:func:`measure_offline`)."""
+    out = subprocess.run([sys.executable, __file__, "--offline", str(folder), "--precision", precision, "--seconds",
+                          str(seconds), *(["--plain-threads"] if plain_threads else [])],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure_offline(folder: str, precision: str, repeat: int = 8, threads: int = 4, seconds: float = 8.0) -> dict:
-    """Images/s and CPU (cores, ms an image) of ``Predictor.predict`` on the photos in ``folder`` (``repeat``
-    times over); and of ``threads`` plain threads each decoding an upload's bytes and calling the model on it,
-    as the server's worker threads do, without HTTP."""
+def measure_offline(folder: str, precision: str, seconds: float, plain_threads: bool, threads: int = 4) -> dict:
+    """Images/s and CPU (cores, ms an image) of ``Predictor.predict`` on the photos in ``folder``, over and over
+    for ``seconds``; with ``plain_threads``, also of ``threads`` plain threads each decoding an upload's bytes
+    and calling the model on it, as the server's worker threads do, without HTTP."""
     import glob
     import resource
 
@@ -164,12 +162,14 @@ def measure_offline(folder: str, precision: str, repeat: int = 8, threads: int =
 
     paths = sorted(glob.glob(f"{folder}/q*.jpg"))
     predictor = Predictor(None, precision=precision)
-    predictor.predict(paths[:32])
-    start, used = time.perf_counter(), cpu()
-    good, _ = predictor.predict(paths * repeat)
+    predictor.predict(paths)
+    start, used, done = time.perf_counter(), cpu(), 0
+    while time.perf_counter() - start < seconds:
+        done += len(predictor.predict(paths * 4)[0])
     wall = time.perf_counter() - start
-    result = {"images_per_s": len(good) / wall, "cores": (cpu() - used) / wall,
-              "cpu_ms": 1000 * (cpu() - used) / len(good)}
+    result = {"images_per_s": done / wall, "cores": (cpu() - used) / wall, "cpu_ms": 1000 * (cpu() - used) / done}
+    if not plain_threads:
+        return result
 
     single = Predictor(None, precision=precision, threads=1)  # as the server's calls run
     data = [Path(p).read_bytes() for p in paths]
@@ -403,16 +403,17 @@ def slow_bodies(port: int, clients: int, pause: float = 20.0, watch: float = 75.
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=8.0, help="length of each load phase")
+    ap.add_argument("--seconds", type=float, default=8.0, help="length of each load phase and of each offline measurement")
     ap.add_argument("--concurrency", default="1,4,16,64,256")
     ap.add_argument("--gallery", type=int, default=200, help="synthetic photos in the index")
     ap.add_argument("--precision", default="fp32", help="fp32 or int8, for the server and the offline predictor")
     ap.add_argument("--throughput-only", action="store_true", help="stop after the predict phases")
     ap.add_argument("--workers", type=int, default=1, help="server processes (serve --workers)")
     ap.add_argument("--offline", metavar="FOLDER", help=argparse.SUPPRESS)  # measure_offline in its own process
+    ap.add_argument("--plain-threads", action="store_true", help=argparse.SUPPRESS)  # with --offline
     args = ap.parse_args()
     if args.offline:
-        print(json.dumps(measure_offline(args.offline, args.precision)))
+        print(json.dumps(measure_offline(args.offline, args.precision, args.seconds, args.plain_threads)))
         return
     levels = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -432,7 +433,9 @@ def main() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        offline = offline_rate(root, 32, args.precision)
+        (root / "uploads").mkdir()
+        for i in range(32):
+            (root / "uploads" / f"q{i}.jpg").write_bytes(photo(10_000 + i))
         server = start_server(root, port, args.precision, args.workers)
         try:
             uploads = [multipart([(f"q{i}.jpg", photo(10_000 + i))]) for i in range(32)]
@@ -458,6 +461,7 @@ def main() -> None:
                   f"{args.gallery} photos; "
                   f"{os.cpu_count()} CPUs shared by server and clients; {args.seconds:g} s per phase; cache {env_cache}")
             phases = []
+            offline = [offline_rate(root / "uploads", args.precision, args.seconds, plain_threads=True)]
             for name, make in (("predict", predict), ("mixed", mixed))[:1 if args.throughput_only else 2]:
                 for c in levels:
                     used, served = os.times(), process_cpu_seconds(server.pid)
@@ -467,24 +471,30 @@ def main() -> None:
                     r["clients"] = (sum(os.times()[:2]) - sum(used[:2])) / wall / os.cpu_count()
                     r["cores"] = (process_cpu_seconds(server.pid) - served) / wall
                     r["peak_rss"] = peak_rss_mib(server.pid)
+                    if name == "predict":  # its baseline again, the server idle: the host's speed drifts
+                        offline.append(offline_rate(root / "uploads", args.precision, args.seconds))
+                        r["offline"] = (offline[-2]["images_per_s"] + offline[-1]["images_per_s"]) / 2
                     phases.append((name, c, r))
-            # the baseline again, the server idle: a machine that drifted during the phases shows as two rates
-            offline_after = offline_rate(root, 32, args.precision)
-            for when, o in (("before", offline), ("after", offline_after)):
-                print(f"offline predictor {when} the server's phases, on the same 640x480 uploads from files: "
-                      f"{o['images_per_s']:.1f} images/s, {o['cores']:.2f} cores, {o['cpu_ms']:.2f} ms of CPU an "
-                      f"image; 4 threads decoding uploads and calling the model, without HTTP: "
-                      f"{o['threads_images_per_s']:.1f} images/s, {o['threads_cores']:.2f} cores, "
-                      f"{o['threads_cpu_ms']:.2f} ms an image")
-            rate = (offline["images_per_s"] + offline_after["images_per_s"]) / 2
-            print(f"'offline': a phase's images/s as a share of the offline predictor's mean rate, {rate:.1f} images/s")
-            print(f"{'traffic':8} {'conc':>4} {'req/s':>7} {'img/s':>7} {'offline':>7} {'p50 ms':>8} {'p95 ms':>8} "
+            first = offline[0]
+            rates = " / ".join(f"{o['images_per_s']:.1f}" for o in offline)
+            cpu_ms = " / ".join(f"{o['cpu_ms']:.2f}" for o in offline)
+            cores = sorted(o["cores"] for o in offline)
+            print(f"offline predictor on the same 640x480 uploads from files, {args.seconds:g} s before the first "
+                  f"predict phase and after each: {rates} images/s, {cpu_ms} ms of CPU an image, "
+                  f"{cores[0]:.2f}-{cores[-1]:.2f} cores; "
+                  f"4 threads decoding uploads and calling the model, without HTTP (once, at first): "
+                  f"{first['threads_images_per_s']:.1f} images/s, {first['threads_cores']:.2f} cores, "
+                  f"{first['threads_cpu_ms']:.2f} ms an image")
+            print("'offline': a predict phase's images/s as a share of the mean of the offline rates just before "
+                  "and after it (that mean in brackets)")
+            print(f"{'traffic':8} {'conc':>4} {'req/s':>7} {'img/s':>7} {'offline':>16} {'p50 ms':>8} {'p95 ms':>8} "
                   f"{'p99 ms':>8} {'peak RSS':>9}  statuses; server CPU")
             for name, c, r in phases:
                 per_image = f", {1000 * r['cores'] / r['images_per_s']:.2f} ms an image" if r["images_per_s"] else ""
+                share = f"{r['images_per_s'] / r['offline']:.2f}x ({r['offline']:.1f})" if "offline" in r else "-"
                 split = f"; connections per process {'+'.join(map(str, r['split']))}" if args.workers > 1 else ""
                 print(f"{name:8} {c:4d} {r['requests_per_s']:7.1f} {r['images_per_s']:7.1f} "
-                      f"{r['images_per_s'] / rate:6.2f}x {r['p50']:8.1f} {r['p95']:8.1f} {r['p99']:8.1f} "
+                      f"{share:>16} {r['p50']:8.1f} {r['p95']:8.1f} {r['p99']:8.1f} "
                       f"{r['peak_rss']:7.0f} M  {dict(sorted(r['statuses'].items()))}; server used "
                       f"{r['cores']:.2f} cores{per_image}; clients used {r['clients']:.0%} of the CPUs{split}",
                       flush=True)
