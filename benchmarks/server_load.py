@@ -403,7 +403,8 @@ def slow_bodies(port: int, clients: int, pause: float = 20.0, watch: float = 75.
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=8.0, help="length of each load phase and of each offline measurement")
+    ap.add_argument("--seconds", type=float, default=8.0,
+                    help="length of each load phase and of each offline measurement")
     ap.add_argument("--concurrency", default="1,4,16,64,256")
     ap.add_argument("--gallery", type=int, default=200, help="synthetic photos in the index")
     ap.add_argument("--precision", default="fp32", help="fp32 or int8, for the server and the offline predictor")
@@ -434,11 +435,12 @@ def main() -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         (root / "uploads").mkdir()
-        for i in range(32):
-            (root / "uploads" / f"q{i}.jpg").write_bytes(photo(10_000 + i))
+        upload_photos = [photo(10_000 + i) for i in range(32)]  # the offline predictor reads them from files
+        for i, data in enumerate(upload_photos):
+            (root / "uploads" / f"q{i}.jpg").write_bytes(data)
         server = start_server(root, port, args.precision, args.workers)
         try:
-            uploads = [multipart([(f"q{i}.jpg", photo(10_000 + i))]) for i in range(32)]
+            uploads = [multipart([(f"q{i}.jpg", data)]) for i, data in enumerate(upload_photos)]
             emotions = ["amusement", "awe", "contentment", "excitement", "anger", "disgust", "fear", "sadness"]
 
             def predict(rng):

@@ -123,6 +123,10 @@ def test_heatmaps_need_a_pytorch_model(served, tmp_path):
     assert torch_client.get("/api/health").json()["index"] is None
     assert torch_client.get("/api/search", params={"emotion": "awe"}).status_code == 404
 
+
+def test_a_server_whose_weights_file_changed_refuses_heat_maps(tmp_path):
+    from emolens.weights import save_model
+
     save_model(tiny_model(), tmp_path / "other.safetensors")
     changed = TestClient(create_app(tmp_path / "other.safetensors"), base_url="http://localhost",
                          raise_server_exceptions=False)
